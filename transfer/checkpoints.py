@@ -152,7 +152,7 @@ def _text_config(d: dict) -> clip.TextConfig:
 
 def _load_dir(path: str, name: str, dtype) -> Pretrained:
   cfg, kind = _read_config(path)
-  flat = _read_weights(path)  # '/'-joined linen paths → float32 arrays
+  flat = _read_weights(path, kind)  # '/'-joined linen paths → float32 arrays
   has_projection = 'visual_projection/kernel' in flat
   if kind == 'clip':
     vision = _vision_config(cfg.get('vision_config') or {})
@@ -170,7 +170,7 @@ def _load_dir(path: str, name: str, dtype) -> Pretrained:
                     PreprocessConfig.from_dir(path, vision.image_size), name)
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
+def _read_weights(path: str, kind: str) -> dict[str, np.ndarray]:
   st = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
   msgpack = os.path.join(path, 'flax_model.msgpack')
@@ -180,7 +180,7 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(st):
       with open(index) as fh:
         files = sorted({os.path.join(path, f) for f in json.load(fh)['weight_map'].values()})
-    return _from_pytorch_names(_read_safetensors(files))
+    return _from_pytorch_names(_read_safetensors(files), kind)
   if os.path.exists(msgpack):
     with open(msgpack, 'rb') as fh:
       tree = flax.serialization.msgpack_restore(fh.read())
@@ -194,7 +194,7 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
           f'{pt} needs PyTorch to read; install it (pip install torch==2.13.0) or re-save '
           'the model with safe_serialization=True (model.safetensors)') from None
     state = torch.load(pt, map_location='cpu', weights_only=True)
-    return _from_pytorch_names({k: v.float().numpy() for k, v in state.items()})
+    return _from_pytorch_names({k: v.float().numpy() for k, v in state.items()}, kind)
   raise ModelLoadError(f'{path} has no weights: expected one of {", ".join(WEIGHT_FILES)}')
 
 
@@ -210,7 +210,7 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
   return out
 
 
-def _from_pytorch_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _from_pytorch_names(state: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
   """PyTorch CLIP names/layouts → linen '/'-paths/layouts."""
   flat = {}
   for key, value in state.items():
@@ -219,6 +219,9 @@ def _from_pytorch_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       continue
     if parts[0] == 'clip':  # wrappers such as CLIPForImageClassification
       parts = parts[1:]
+    if kind == 'clip_vision_model' and parts[0] not in ('vision_model', 'visual_projection'):
+      # transformers 5 saves CLIPVisionModel without the 'vision_model.' prefix; 4.x kept it.
+      parts = ['vision_model'] + parts
     mod, leaf = parts[:-1], parts[-1]
     if leaf == 'weight':
       if value.ndim == 4:  # conv (out, in, kh, kw) → (kh, kw, in, out)

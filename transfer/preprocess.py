@@ -123,10 +123,14 @@ def decode(data: bytes) -> np.ndarray:
 def to_rgb(image) -> np.ndarray:
   """PIL image or array (HW, HW1, HW3, HW4) → HWC uint8 RGB.
 
-  Grayscale is repeated to 3 channels; alpha is dropped (as PIL's
-  ``convert('RGB')`` and transformers' ``convert_rgb`` do).
+  Grayscale is repeated to 3 channels; transparency is composited onto white,
+  as transformers' ``convert_to_rgb`` does.
   """
   if isinstance(image, Image.Image):
+    if 'A' in image.getbands() or image.info.get('transparency') is not None:
+      image = image.convert('RGBA')
+      white = Image.new('RGBA', image.size, (255, 255, 255, 255))
+      image = Image.alpha_composite(white, image)
     if image.mode != 'RGB':
       image = image.convert('RGB')
     return np.asarray(image, dtype=np.uint8)
@@ -141,7 +145,10 @@ def to_rgb(image) -> np.ndarray:
     raise ImageError(f'empty image of shape {a.shape}')
   if a.shape[-1] == 1:
     a = np.repeat(a, 3, axis=-1)
-  return np.ascontiguousarray(a[..., :3])
+  elif a.shape[-1] == 4:  # composite onto white, rounding as transformers does
+    alpha = a[..., 3:4] / 255
+    a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+  return np.ascontiguousarray(a)
 
 
 def _resize_shape(h: int, w: int, size: int) -> tuple[int, int]:

@@ -1,0 +1,262 @@
+"""The embedding dataset: the contract between the embed, probe and fine-tune stages.
+
+A TFDS-format directory that ``tfds.builder_from_directory(DIR).as_data_source()``
+opens: ArrayRecord shards per split plus ``features.json``, ``metadata.json``
+and ``dataset_info.json``. Features: ``embedding`` Tensor((D,), float32),
+``label`` ClassLabel, ``id`` Text, optionally ``projected`` Tensor((P,), float32).
+
+Every byte goes through Beam's ``FileSystems``, so ``gs://`` outputs work on
+Dataflow. ``dataset_info.json`` is written last: a directory without it is an
+incomplete run that TFDS (and ``read_split``) refuses to read.
+
+The Beam sink (``pipelines.embed``) and ``write_dataset`` share ``Encoder``,
+``shard_index``, ``write_shard`` and ``finalize``: same inputs, same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from transfer.errors import UserError
+
+DATASET_NAME = 'clip_embeddings'
+VERSION = '1.0.0'
+FILE_FORMAT = 'array_record'
+INFO_FILE = 'dataset_info.json'  # written last: its presence marks a complete run
+METADATA_FILE = 'metadata.json'
+EXAMPLES_PER_SHARD = 10_000  # ~30 MB of 768-d float32 per shard
+# Same options as TFDS' own ArrayRecord writer: group_size:1 for fast random access.
+ARRAY_RECORD_OPTIONS = 'group_size:1'
+REQUIRED_FEATURES = ('embedding', 'label', 'id')
+
+
+def _fs():
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  return FileSystems
+
+
+def features(dim: int, class_names: Sequence[str], projected_dim: Optional[int] = None):
+  """The tfds FeaturesDict of an embedding dataset."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  f = {
+      'embedding': tfds.features.Tensor(shape=(dim,), dtype=np.float32),
+      'label': tfds.features.ClassLabel(names=list(class_names)),
+      'id': tfds.features.Text(),
+  }
+  if projected_dim:
+    f['projected'] = tfds.features.Tensor(shape=(projected_dim,), dtype=np.float32)
+  return tfds.features.FeaturesDict(f)
+
+
+class Encoder:
+  """(id, embedding, label[, projected]) → serialized tf.train.Example bytes."""
+
+  def __init__(self, dim: int, class_names: Sequence[str], projected_dim: Optional[int] = None):
+    from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+
+    self.features = features(dim, class_names, projected_dim)
+    self._serializer = example_serializer.ExampleSerializer(
+        self.features.get_serialized_info())
+    self.projected_dim = projected_dim
+
+  def encode(self, ex_id: str, embedding, label: int, projected=None) -> bytes:
+    ex = {'embedding': np.asarray(embedding, np.float32), 'label': int(label), 'id': ex_id}
+    if self.projected_dim:
+      ex['projected'] = np.asarray(projected, np.float32)
+    proto = self._serializer.get_tf_example(self.features.encode_example(ex))
+    # deterministic=True: map fields in key order, so equal inputs ⇒ equal bytes.
+    return proto.SerializeToString(deterministic=True)
+
+
+def shard_index(ex_id: str, num_shards: int) -> int:
+  """Stable shard of an id (sha256, not Python's salted hash)."""
+  return int.from_bytes(hashlib.sha256(ex_id.encode()).digest()[:8], 'big') % num_shards
+
+
+def num_shards_for(num_examples: Optional[int], per_shard: int = EXAMPLES_PER_SHARD) -> int:
+  return max(1, math.ceil((num_examples or 0) / per_shard))
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f'{DATASET_NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{num_shards:05d}'
+
+
+def _copy_to(local: str, dest: str) -> None:
+  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
+
+  with open(local, 'rb') as src, _fs().create(
+      dest, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def write_shard(out_dir: str, split: str, index: int, num_shards: int,
+                records: Iterable[tuple[str, bytes]]) -> tuple[int, int]:
+  """Sorts (id, bytes) by id and writes one shard; returns (count, num_bytes).
+
+  array_record writes local files only, so the shard is built in a local temp
+  file and copied to ``out_dir`` through FileSystems (gs://, …).
+  """
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+
+  records = sorted(records, key=lambda r: r[0])
+  for a, b in zip(records, records[1:]):
+    if a[0] == b[0]:
+      raise ValueError(f'duplicate id {a[0]!r} in split {split!r}')
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, 'shard')
+    writer = ArrayRecordWriter(local, ARRAY_RECORD_OPTIONS)
+    for _, data in records:
+      writer.write(data)
+    writer.close()
+    _copy_to(local, _fs().join(out_dir, shard_name(split, index, num_shards)))
+    return len(records), os.path.getsize(local)
+
+
+def finalize(out_dir: str, shards: dict[str, dict[int, tuple[int, int]]],
+             num_shards: dict[str, int], dim: int, class_names: Sequence[str],
+             metadata: dict[str, Any], projected_dim: Optional[int] = None) -> None:
+  """Writes missing (empty) shards, then the TFDS metadata; dataset_info.json last."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
+
+  split_infos = []
+  for split, n in sorted(num_shards.items()):
+    written = dict(shards.get(split, {}))
+    for i in range(n):
+      if i not in written:  # a shard no id hashed to: TFDS still expects the file
+        written[i] = write_shard(out_dir, split, i, n, [])
+    template = naming.ShardedFileTemplate(
+        data_dir=out_dir, dataset_name=DATASET_NAME, split=split, filetype_suffix=FILE_FORMAT)
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=[written[i][0] for i in range(n)],
+        num_bytes=sum(written[i][1] for i in range(n)), filename_template=template))
+  identity = tfds.core.dataset_info.DatasetIdentity(
+      name=DATASET_NAME, version=tfds.core.Version(VERSION), data_dir=out_dir, module_name='')
+  info = tfds.core.DatasetInfo(
+      builder=identity, features=features(dim, class_names, projected_dim),
+      supervised_keys=('embedding', 'label'),
+      description='CLIP image embeddings written by clip-transfer (pipelines.embed).',
+      metadata=tfds.core.MetadataDict(metadata))
+  info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD)
+  info.set_splits(tfds.core.SplitDict(split_infos))
+  # TFDS writes metadata with epath (local, or gs:// through TF); we write a
+  # local copy and move it with FileSystems so any Beam filesystem works.
+  with tempfile.TemporaryDirectory() as tmp:
+    info.write_to_directory(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: (n == INFO_FILE, n))
+    for name in names:
+      _copy_to(os.path.join(tmp, name), _fs().join(out_dir, name))
+
+
+def is_complete(out_dir: str) -> bool:
+  return _fs().exists(_fs().join(out_dir, INFO_FILE))
+
+
+def prepare_output(out_dir: str, overwrite: bool) -> None:
+  """Refuses an existing dataset unless ``overwrite``; then clears the directory."""
+  fs = _fs()
+  complete = is_complete(out_dir)
+  existing = [m.path for m in fs.match([fs.join(out_dir, '*')])[0].metadata_list]
+  if existing and not overwrite:
+    what = 'an embedding dataset' if complete else 'files (an incomplete run?)'
+    raise UserError(f'{out_dir} already holds {what}; pass --overwrite to replace it, '
+                    'or choose another --output_dir')
+  if existing:
+    # The completeness marker goes first, so an interrupted delete is never "complete".
+    if complete:
+      fs.delete([fs.join(out_dir, INFO_FILE)])
+    rest = [p for p in existing if os.path.basename(p) != INFO_FILE]
+    if rest:
+      fs.delete(rest)
+  if '://' not in out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def write_dataset(out_dir: str, splits: dict[str, Iterable[tuple]], class_names: Sequence[str],
+                  metadata: dict[str, Any], overwrite: bool = False,
+                  examples_per_shard: int = EXAMPLES_PER_SHARD) -> None:
+  """Non-Beam writer for small jobs and tests: same encoding and sharding as the sink.
+
+  ``splits``: {split: iterable of (id, embedding, label) or (id, embedding,
+  label, projected)}. Holds one split in memory.
+  """
+  prepare_output(out_dir, overwrite)
+  encoder, dim, projected_dim = None, None, None
+  shards, num_shards, counts = {}, {}, {}
+  for split, rows in splits.items():
+    rows = list(rows)
+    if not rows:
+      raise UserError(f'split {split!r} is empty')
+    if encoder is None:
+      dim = int(np.asarray(rows[0][1]).shape[-1])
+      projected_dim = int(np.asarray(rows[0][3]).shape[-1]) if len(rows[0]) > 3 else None
+      encoder = Encoder(dim, class_names, projected_dim)
+    n = num_shards_for(len(rows), examples_per_shard)
+    groups: dict[int, list] = {i: [] for i in range(n)}
+    for row in rows:
+      groups[shard_index(row[0], n)].append((row[0], encoder.encode(*row)))
+    shards[split] = {i: write_shard(out_dir, split, i, n, g) for i, g in groups.items()}
+    num_shards[split] = n
+    counts[split] = len(rows)
+  meta = {'counts': {s: {'written': c, 'dead_lettered': 0} for s, c in counts.items()},
+          **metadata}
+  finalize(out_dir, shards, num_shards, dim, class_names, meta, projected_dim)
+
+
+def _open(out_dir: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if not is_complete(out_dir):
+    raise UserError(f'{out_dir} is not an embedding dataset (no {INFO_FILE}: wrong path, or an '
+                    'incomplete embed run; re-run pipelines.embed with --overwrite)')
+  try:
+    builder = tfds.builder_from_directory(out_dir)
+  except Exception as e:  # corrupt or foreign metadata
+    raise UserError(f'{out_dir}: cannot open as a TFDS dataset: {str(e).splitlines()[0]}') from None
+  missing = [f for f in REQUIRED_FEATURES if f not in builder.info.features]
+  if missing:
+    raise UserError(f'{out_dir} is a TFDS dataset but not an embedding dataset '
+                    f'(no {", ".join(missing)} feature)')
+  return builder
+
+
+def read_metadata(out_dir: str) -> dict[str, Any]:
+  """The metadata recorded by the writer (model, preprocessing, source, counts, …)."""
+  _open(out_dir)
+  with _fs().open(_fs().join(out_dir, METADATA_FILE)) as fh:
+    return json.loads(fh.read().decode())
+
+
+def class_names(out_dir: str) -> list[str]:
+  return list(_open(out_dir).info.features['label'].names)
+
+
+def read_split(out_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(embeddings float32 (N, D), labels int64 (N,), ids) of one split, in one pass."""
+  builder = _open(out_dir)
+  if split not in builder.info.splits:
+    raise UserError(f'{out_dir} has no split {split!r}; available: '
+                    f'{", ".join(sorted(builder.info.splits))}')
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  dim = builder.info.features['embedding'].shape[0]
+  embeddings = np.empty((n, dim), np.float32)
+  labels = np.empty((n,), np.int64)
+  ids: list[str] = []
+  step = 1024
+  for start in range(0, n, step):
+    rows = source.__getitems__(list(range(start, min(n, start + step))))
+    for i, row in enumerate(rows, start):
+      embeddings[i] = row['embedding']
+      labels[i] = row['label']
+      ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
+  return embeddings, labels, ids
