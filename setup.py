@@ -28,7 +28,7 @@ setuptools.setup(
     name='clip-transfer',
     version='0.1.0',
     description='CLIP transfer learning: embed once with Beam, probe in seconds, fine-tune to compare.',
-    packages=setuptools.find_packages(include=['transfer*', 'pipelines*', 'probe*', 'finetune*']),
+    packages=setuptools.find_packages(include=['transfer*', 'pipelines*', 'probe*', 'finetune*', 'report*']),
     python_requires='>=3.11,<3.12',
     install_requires=INSTALL_REQUIRES,
     extras_require={

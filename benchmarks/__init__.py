@@ -1,0 +1,1 @@
+"""Throughput benchmarks: ratios measured side by side in one process (not tests)."""

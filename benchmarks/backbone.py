@@ -1,0 +1,100 @@
+"""Our jitted Flax vision tower vs transformers' PyTorch CLIPVisionModel, same weights.
+
+    python -m benchmarks.backbone [--batch_size 32 --iters 5]
+
+Random ViT-B/32 weights are made in PyTorch, saved with save_pretrained and
+loaded with transfer.clip.load_model, so both sides run the same network.
+Both take float32 NCHW/NHWC pixels already normalised (preprocessing excluded).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transfer import clip
+
+GMACS_PER_IMAGE = 4.4  # ViT-B/32 vision tower forward
+
+
+def _time(fn, iters):
+  fn()  # warm-up (and compile)
+  fn()
+  t = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - t) / iters
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--iters', type=int, default=5)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='compute and weights dtype, both sides (bfloat16 for GPUs)')
+  parser.add_argument('--peak_tflops', type=float, default=None,
+                      help="the device's peak for --dtype, to print model FLOPs utilisation")
+  parser.add_argument('--json', action='store_true', help='print one JSON line at the end')
+  args = parser.parse_args(argv)
+
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  ref = transformers.CLIPVisionModel(transformers.CLIPVisionConfig()).eval()  # ViT-B/32 shapes
+  with tempfile.TemporaryDirectory() as d:
+    ref.save_pretrained(d)
+    module, variables = clip.load_model(d)
+  dtype = jnp.dtype(args.dtype)
+  module = module.clone(dtype=dtype)
+  backbone, bvars = module.bind(variables).vision_model.unbind()
+  bvars = jax.tree_util.tree_map(lambda a: a.astype(dtype), bvars)  # inference: weights too
+  b = args.batch_size
+  x = np.random.RandomState(0).randn(b, 224, 224, 3).astype(np.float32)
+
+  forward = jax.jit(lambda v, x: backbone.apply(v, x.astype(dtype)).pooler_output)
+  xj = jnp.asarray(x)
+  t_jax = _time(lambda: forward(bvars, xj).block_until_ready(), args.iters)
+
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
+  ref = ref.to(device=device, dtype=tdtype)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device=device, dtype=tdtype)
+
+  def torch_forward():
+    with torch.inference_mode():
+      out = ref(pixel_values=xt).pooler_output
+    if device == 'cuda':
+      torch.cuda.synchronize()
+    return out
+
+  t_torch = _time(torch_forward, args.iters)
+  err = float(np.abs(np.asarray(forward(bvars, xj), np.float32)
+                     - torch_forward().float().cpu().numpy()).max())
+
+  jax_ips, torch_ips = b / t_jax, b / t_torch
+  gflops = lambda ips: 2 * GMACS_PER_IMAGE * ips
+  result = dict(batch_size=b, jax_images_per_s=round(jax_ips, 2),
+                torch_images_per_s=round(torch_ips, 2), ratio=round(jax_ips / torch_ips, 3),
+                jax_gflops=round(gflops(jax_ips), 1), torch_gflops=round(gflops(torch_ips), 1),
+                max_abs_diff=err, dtype=args.dtype, jax_device=str(jax.devices()[0].device_kind),
+                torch_device=device, torch_threads=torch.get_num_threads())
+  if args.peak_tflops:
+    result['jax_mfu'] = round(gflops(jax_ips) / 1e3 / args.peak_tflops, 4)
+    result['torch_mfu'] = round(gflops(torch_ips) / 1e3 / args.peak_tflops, 4)
+  print(f'backbone ViT-B/32 {args.dtype}, batch {b}: flax {jax_ips:.2f} img/s '
+        f'({gflops(jax_ips):.0f} GFLOP/s), torch {torch_ips:.2f} img/s '
+        f'({gflops(torch_ips):.0f} GFLOP/s), ratio {jax_ips / torch_ips:.3f}x, '
+        f'max |diff| {err:.2e}', file=sys.stderr)
+  if args.json:
+    print(json.dumps(result))
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,1 @@
+"""The comparison report: probe vs fine-tune, one table and one plot."""
