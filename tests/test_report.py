@@ -51,11 +51,12 @@ def test_table_and_plot(tmp_path):
   assert p.returncode == 0, p.stderr
   md = (run / 'report.md').read_text()
   assert md == p.stdout.rstrip('\n') + '\n'
-  lines = {l.split('|')[1].strip(): l for l in md.splitlines() if l.startswith('| ')}
+  main_table = md.split('## Few-shot')[0]
+  lines = {l.split('|')[1].strip(): l for l in main_table.splitlines() if l.startswith('| ')}
   assert '0.9100' in lines['probe:jax'] and '12.50' in lines['probe:jax']  # 0.5 s + 12 s embed
   assert '105,000' in lines['finetune:full'] and '90.0' in lines['finetune:full']
   assert '60.00' in lines['finetune:full']
-  assert '0.6000 ± 0.0500' in md  # few-shot table
+  assert '| probe:jax | 1 | 3 | 0.6000 ± 0.0500 |' in md  # few-shot table
   png = (run / 'report.png').read_bytes()
   assert png.startswith(b'\x89PNG') and len(png) > 5000
 
