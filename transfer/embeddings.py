@@ -128,30 +128,32 @@ def finalize(out_dir: str, shards: dict[str, dict[int, tuple[int, int]]],
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
 
-  split_infos = []
-  for split, n in sorted(num_shards.items()):
-    written = dict(shards.get(split, {}))
-    for i in range(n):
-      if i not in written:  # a shard no id hashed to: TFDS still expects the file
-        written[i] = write_shard(out_dir, split, i, n, [])
-    template = naming.ShardedFileTemplate(
-        data_dir=out_dir, dataset_name=DATASET_NAME, split=split, filetype_suffix=FILE_FORMAT)
-    split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=[written[i][0] for i in range(n)],
-        num_bytes=sum(written[i][1] for i in range(n)), filename_template=template))
-  identity = tfds.core.dataset_info.DatasetIdentity(
-      name=DATASET_NAME, version=tfds.core.Version(VERSION), data_dir=out_dir, module_name='')
-  info = tfds.core.DatasetInfo(
-      builder=identity, features=features(dim, class_names, projected_dim),
-      supervised_keys=('embedding', 'label'),
-      description='CLIP image embeddings written by clip-transfer (pipelines.embed).',
-      metadata=tfds.core.MetadataDict(metadata))
-  info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD)
-  info.set_splits(tfds.core.SplitDict(split_infos))
-  # TFDS writes metadata with epath (local, or gs:// through TF); we write a
-  # local copy and move it with FileSystems so any Beam filesystem works.
+  # TFDS builds its metadata with epath, which knows local paths (and gs://
+  # through TF) but not every Beam filesystem: build it in a local temp dir
+  # (TFDS stores no absolute path in it) and copy the files with FileSystems.
   with tempfile.TemporaryDirectory() as tmp:
+    split_infos = []
+    for split, n in sorted(num_shards.items()):
+      written = dict(shards.get(split, {}))
+      for i in range(n):
+        if i not in written:  # a shard no id hashed to: TFDS still expects the file
+          written[i] = write_shard(out_dir, split, i, n, [])
+      template = naming.ShardedFileTemplate(
+          data_dir=tmp, dataset_name=DATASET_NAME, split=split, filetype_suffix=FILE_FORMAT)
+      split_infos.append(tfds.core.SplitInfo(
+          name=split, shard_lengths=[written[i][0] for i in range(n)],
+          num_bytes=sum(written[i][1] for i in range(n)), filename_template=template))
+    identity = tfds.core.dataset_info.DatasetIdentity(
+        name=DATASET_NAME, version=tfds.core.Version(VERSION), data_dir=tmp, module_name='')
+    info = tfds.core.DatasetInfo(
+        builder=identity, features=features(dim, class_names, projected_dim),
+        supervised_keys=('embedding', 'label'),
+        description='CLIP image embeddings written by clip-transfer (pipelines.embed).',
+        metadata=tfds.core.MetadataDict(metadata))
+    info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD)
+    info.set_splits(tfds.core.SplitDict(split_infos))
     info.write_to_directory(tmp)
+    # dataset_info.json last: its presence is what makes the directory complete.
     names = sorted(os.listdir(tmp), key=lambda n: (n == INFO_FILE, n))
     for name in names:
       _copy_to(os.path.join(tmp, name), _fs().join(out_dir, name))
@@ -212,12 +214,16 @@ def write_dataset(out_dir: str, splits: dict[str, Iterable[tuple]], class_names:
   finalize(out_dir, shards, num_shards, dim, class_names, meta, projected_dim)
 
 
-def _open(out_dir: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+def _require_complete(out_dir: str) -> None:
   if not is_complete(out_dir):
     raise UserError(f'{out_dir} is not an embedding dataset (no {INFO_FILE}: wrong path, or an '
                     'incomplete embed run; re-run pipelines.embed with --overwrite)')
+
+
+def _open(out_dir: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  _require_complete(out_dir)
   try:
     builder = tfds.builder_from_directory(out_dir)
   except Exception as e:  # corrupt or foreign metadata
@@ -231,7 +237,8 @@ def _open(out_dir: str):
 
 def read_metadata(out_dir: str) -> dict[str, Any]:
   """The metadata recorded by the writer (model, preprocessing, source, counts, …)."""
-  _open(out_dir)
+  # FileSystems only (no TFDS): works on any Beam filesystem, gs:// included.
+  _require_complete(out_dir)
   with _fs().open(_fs().join(out_dir, METADATA_FILE)) as fh:
     return json.loads(fh.read().decode())
 

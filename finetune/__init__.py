@@ -1,0 +1,1 @@
+"""python -m finetune.train: the whole network trained the Flax transfer-learning guide way."""

@@ -1,0 +1,80 @@
+"""The Flax transfer-learning guide's model: Classifier(backbone, head) + pretrained weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from transfer.checkpoints import Pretrained
+from transfer.clip import Classifier
+from transfer.errors import UserError
+
+
+class TransferError(UserError):
+  """Pretrained variables that do not fit the initialised classifier."""
+
+
+def backbone_of(pretrained: Pretrained):
+  """The stand-alone vision tower and its variables, exactly as the guide extracts them."""
+  vision_model, vision_vars = pretrained.module.bind(pretrained.variables).vision_model.unbind()
+  return vision_model, vision_vars
+
+
+def create(pretrained: Pretrained, num_classes: int, seed: int = 0):
+  """Returns ``(Classifier, variables)`` with the pretrained backbone transferred in."""
+  backbone, backbone_vars = backbone_of(pretrained)
+  model = Classifier(num_classes=num_classes, backbone=backbone)
+  h, w, c = pretrained.preprocess.output_shape
+  # jit: initialising op by op is slow for a ViT-B; the head is zeros anyway.
+  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, c), jnp.float32))
+  variables = transfer(variables, backbone_vars)
+  return model, variables
+
+
+def transfer(variables, backbone_vars, name: str = 'backbone'):
+  """Puts ``backbone_vars`` (all collections) under ``variables[col][name]``.
+
+  Checks that the pretrained tree matches the initialised one leaf for leaf
+  (paths and shapes) and raises TransferError naming the first mismatch.
+  Accepts and returns dicts or FrozenDicts (the output has the input's type).
+  """
+  frozen = isinstance(variables, flax.core.FrozenDict)
+  out = flax.core.unfreeze(variables)
+  src = flax.core.unfreeze(backbone_vars)
+  for col in src:
+    if col not in out or name not in out[col]:
+      raise TransferError(f'pretrained collection {col!r} has no place in the classifier '
+                          f'(it has {sorted(out)})')
+    out[col][name] = _checked(out[col][name], src[col], f'{col}/{name}')
+  for col in out:  # e.g. batch_stats the backbone defines but the checkpoint lacks
+    if name in out[col] and col not in src:
+      raise TransferError(f'pretrained variables lack the collection {col!r} the backbone uses')
+  return flax.core.freeze(out) if frozen else out
+
+
+def _checked(target, source, where: str):
+  t = traverse_util.flatten_dict(target, sep='/')
+  s = traverse_util.flatten_dict(source, sep='/')
+  for path, leaf in t.items():  # tree order: the first mismatch is the shallowest one
+    if path not in s:
+      raise TransferError(f'pretrained weights lack {where}/{path} '
+                          f'(shape {tuple(leaf.shape)}); is it the same architecture?')
+    if tuple(s[path].shape) != tuple(leaf.shape):
+      raise TransferError(f'{where}/{path}: pretrained shape {tuple(s[path].shape)} != '
+                          f'initialised shape {tuple(leaf.shape)}')
+  extra = [p for p in s if p not in t]
+  if extra:
+    more = f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''
+    raise TransferError(f'pretrained weights have {where}/{extra[0]}{more}, which the '
+                        'classifier does not')
+  # Copies: training donates its buffers, and the pretrained ones must outlive it.
+  return traverse_util.unflatten_dict(
+      {tuple(p.split('/')): jnp.array(s[p], t[p].dtype, copy=True) for p in t})
+
+
+def param_count(tree: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))

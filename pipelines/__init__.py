@@ -1,0 +1,1 @@
+"""Beam pipelines: `python -m pipelines.embed`."""

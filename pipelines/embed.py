@@ -1,0 +1,373 @@
+r"""Embeds a dataset with the CLIP vision tower into a TFDS-format embedding dataset.
+
+  python -m pipelines.embed --dataset=digits --model=random:tiny \
+      --output_dir=runs/demo/embeddings
+
+Reads ``digits``, ``folder:PATH`` or a TFDS catalog name, decodes and
+preprocesses on the host (uint8), runs the jitted vision tower through
+RunInference with fixed-size batches, and writes ArrayRecord shards through
+Beam's FileSystems (local or gs://). Inputs that fail to load, decode or
+preprocess go to ``dead_letters.<split>.jsonl`` (id + reason) and are counted.
+Any Beam option (``--runner=DataflowRunner``, ``--project``, …) is passed on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any, Optional
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+import transfer
+from pipelines import jax_handler
+from pipelines.jax_handler import ClipVisionModelHandler
+from transfer import embeddings as emb_lib
+from transfer import sources as sources_lib
+from transfer.errors import UserError, cli_main
+
+NAMESPACE = 'embed'
+DEAD = 'dead'
+READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--dataset', required=True,
+                 help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>) or a TFDS name")
+  p.add_argument('--data_dir', default=None, help='TFDS data_dir for catalog datasets / digits')
+  p.add_argument('--splits', default='train,test', help='comma-separated splits to embed')
+  p.add_argument('--model', default='openai/clip-vit-base-patch32',
+                 help='hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+  p.add_argument('--output_dir', required=True, help='local path or any Beam filesystem (gs://…)')
+  p.add_argument('--batch_size', type=int, default=32,
+                 help='fixed device batch (the last batch is padded: one compilation)')
+  p.add_argument('--projected', action='store_true',
+                 help='also store the visual_projection output as feature `projected`')
+  p.add_argument('--examples_per_shard', type=int, default=emb_lib.EXAMPLES_PER_SHARD,
+                 help='sets the number of ArrayRecord shards per split')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an existing dataset in --output_dir')
+  args, beam_args = p.parse_known_args(argv)
+  if args.batch_size < 1:
+    raise UserError(f'--batch_size must be >= 1, got {args.batch_size}')
+  if args.examples_per_shard < 1:
+    raise UserError(f'--examples_per_shard must be >= 1, got {args.examples_per_shard}')
+  args.splits = [s.strip() for s in args.splits.split(',') if s.strip()]
+  if not args.splits:
+    raise UserError('--splits is empty')
+  return args, beam_args
+
+
+# --------------------------------------------------------------------------
+# DoFns
+# --------------------------------------------------------------------------
+
+
+class ReadRange(beam.DoFn):
+  """(start, stop) of a split of a TFDS source → (id, label, image) (a process-wide open)."""
+
+  def __init__(self, spec: str, data_dir: Optional[str], split: str):
+    self._spec, self._data_dir, self._split = spec, data_dir, split
+    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
+
+  def setup(self):
+    self._source = sources_lib.open_source(self._spec, self._data_dir)
+
+  def process(self, bounds):
+    for ex in self._source.iter_examples(self._split, *bounds):
+      self._read.inc()
+      yield ex.id, ex.label, ex.image
+
+
+class LoadFile(beam.DoFn):
+  """A matched image file → (id, label, bytes); unreadable or stray files are dead letters."""
+
+  def __init__(self, root: str, class_names: list[str], split: str):
+    self._source_root, self._class_names, self._split = root, class_names, split
+    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
+    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+
+  def process(self, readable: fileio.ReadableFile):
+    path = readable.metadata.path
+    parts = _relative(self._source_root, path).split('/')
+    if parts[-1].startswith('.'):
+      return []  # hidden files (.DS_Store): not inputs, not counted
+    self._read.inc()
+    ex_id = '/'.join(parts)
+    if len(parts) != 3 or parts[1] not in self._class_names:
+      return self._dead_letter(ex_id, f'not in a known class folder: {path}')
+    try:
+      data = readable.read()
+    except Exception as e:  # permissions, vanished file, network
+      return self._dead_letter(ex_id, f'cannot read: {type(e).__name__}: {e}')
+    return [(ex_id, self._class_names.index(parts[1]), data)]
+
+  def _dead_letter(self, ex_id, reason):
+    self._dead.inc()
+    return [beam.pvalue.TaggedOutput(DEAD, (ex_id, reason))]
+
+
+def _relative(root: str, path: str) -> str:
+  return (path[len(root):] if path.startswith(root) else path).replace('\\', '/').lstrip('/')
+
+
+class Preprocess(beam.DoFn):
+  """(id, label, image) → ((split, id, label), uint8 HWC); failures are dead letters."""
+
+  def __init__(self, preprocess_json: dict, split: str):
+    self._cfg_json, self._split = preprocess_json, split
+    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+
+  def setup(self):
+    from transfer.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top
+    self._cfg = PreprocessConfig.from_json(self._cfg_json)
+
+  def process(self, element):
+    from transfer.preprocess import prepare  # pylint: disable=g-import-not-at-top
+
+    ex_id, label, image = element
+    try:
+      pixels = prepare(image, self._cfg)
+    except Exception as e:  # ImageError, and anything else PIL raises on odd inputs
+      self._dead.inc()
+      return [beam.pvalue.TaggedOutput(DEAD, (ex_id, f'{type(e).__name__}: {e}'))]
+    return [((self._split, ex_id, label), pixels)]
+
+
+class Encode(beam.DoFn):
+  """((split, id, label), PredictionResult) → ((split, shard), (id, serialized example))."""
+
+  def __init__(self, dim: int, class_names: list[str], projected_dim: Optional[int],
+               num_shards: dict[str, int]):
+    self._args = (dim, class_names, projected_dim)
+    self._num_shards = num_shards
+    self._written = Metrics.counter(NAMESPACE, 'written')
+
+  def setup(self):
+    self._encoder = emb_lib.Encoder(*self._args)
+
+  def process(self, element):
+    (split, ex_id, label), result = element
+    pooled, projected = result.inference
+    self._written.inc()
+    yield ((split, emb_lib.shard_index(ex_id, self._num_shards[split])),
+           (ex_id, self._encoder.encode(ex_id, pooled, label, projected)))
+
+
+class Progress(beam.DoFn):
+  """A tqdm bar per worker process on local runs (stderr; off when not a terminal)."""
+
+  def __init__(self, total: Optional[int], desc: str, enabled: bool):
+    self._total, self._desc, self._enabled = total, desc, enabled
+
+  def setup(self):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self._bar = tqdm(total=self._total, desc=self._desc, unit='img', file=sys.stderr,
+                     disable=None if self._enabled else True, mininterval=1.0)
+
+  def process(self, element):
+    self._bar.update(1)
+    yield element
+
+  def teardown(self):
+    self._bar.close()
+
+
+def write_dead_letters(split_and_rows, output_dir: str) -> tuple[str, int]:
+  """Sorted JSON lines (id, reason) per split, through FileSystems."""
+  split, rows = split_and_rows
+  rows = sorted(r for r in rows if r is not None)
+  path = FileSystems.join(output_dir, f'dead_letters.{split}.jsonl')
+  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    for ex_id, reason in rows:
+      fh.write((json.dumps({'id': ex_id, 'reason': reason}) + '\n').encode())
+  return split, len(rows)
+
+
+def finalize(_, output_dir, shard_results, dead_counts, num_shards, dim, class_names,
+             projected_dim, metadata):
+  """Runs once after every shard and dead-letter file: metadata, dataset_info.json last."""
+  shards: dict[str, dict[int, tuple[int, int]]] = {}
+  for split, index, count, nbytes in shard_results:
+    shards.setdefault(split, {})[index] = (count, nbytes)
+  dead = dict(dead_counts)
+  counts = {}
+  for split in num_shards:
+    written = sum(c for c, _ in shards.get(split, {}).values())
+    counts[split] = {'read': written + dead.get(split, 0), 'written': written,
+                     'dead_lettered': dead.get(split, 0)}
+  emb_lib.finalize(output_dir, shards, num_shards, dim, class_names,
+                   {**metadata, 'counts': counts}, projected_dim)
+
+
+# --------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------
+
+
+def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
+          show_progress: bool = False) -> None:
+  """Adds the embed transforms for every split of ``args.splits`` to ``p``."""
+  cfg = pretrained.preprocess
+  dim = pretrained.module.vision_config.hidden_size
+  projected_dim = pretrained.module.projection_dim if args.projected else None
+  num_shards, prepared, dead_counts, totals = {}, [], [], []
+  for split in args.splits:
+    total = source.num_examples(split)
+    totals.append(total)
+    num_shards[split] = emb_lib.num_shards_for(total, args.examples_per_shard)
+    if isinstance(source, sources_lib.FolderSource):
+      # Beam's file matching: on Dataflow the files are read in parallel.
+      loaded = (p
+                | f'Match[{split}]' >> fileio.MatchFiles(source.split_pattern(split))
+                # MatchFiles emits every path from one element: without this the
+                # reads fuse onto one Dataflow worker.
+                | f'SpreadFiles[{split}]' >> beam.Reshuffle()
+                | f'ReadMatches[{split}]' >> fileio.ReadMatches(
+                    compression=CompressionTypes.UNCOMPRESSED)
+                | f'Load[{split}]' >> beam.ParDo(
+                    LoadFile(source.root, source.class_names, split)).with_outputs(
+                        DEAD, main='ok'))
+      examples, load_dead = loaded.ok, [loaded[DEAD]]
+    else:
+      bounds = ([(s, min(s + READ_CHUNK, total)) for s in range(0, total, READ_CHUNK)]
+                if total else [(0, None)])
+      examples = (p
+                  | f'Ranges[{split}]' >> beam.Create(bounds)
+                  # Spreads read tasks over workers (tiny elements: cheap to shuffle).
+                  | f'SpreadRanges[{split}]' >> beam.Reshuffle()
+                  | f'Read[{split}]' >> beam.ParDo(
+                      ReadRange(args.dataset, args.data_dir, split)))
+      load_dead = []
+    ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
+        Preprocess(cfg.to_json(), split)).with_outputs(DEAD, main='ok')
+    prepared.append(ok_and_dead.ok)
+    dead_counts.append(
+        (load_dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
+        | f'KeyDead[{split}]' >> beam.Map(lambda row, split=split: (split, row))
+        | f'GroupDead[{split}]' >> _GroupWithEmpty(split)
+        | f'WriteDead[{split}]' >> beam.Map(write_dead_letters, args.output_dir))
+  # One RunInference for all splits: one model load and one compilation per process.
+  handler = KeyedModelHandler(
+      ClipVisionModelHandler(args.model, args.batch_size, projected=args.projected))
+  total = None if None in totals else sum(totals)
+  results = (prepared
+             | 'FlattenSplits' >> beam.Flatten()
+             | 'RunInference' >> RunInference(handler)
+             | 'Progress' >> beam.ParDo(Progress(total, 'embed', show_progress))
+             | 'Encode' >> beam.ParDo(Encode(dim, source.class_names, projected_dim, num_shards))
+             | 'GroupShards' >> beam.GroupByKey()
+             | 'WriteShard' >> beam.Map(_write_shard, args.output_dir, num_shards))
+  metadata = _metadata(args, source, pretrained, dim, projected_dim)
+  deads = dead_counts | 'FlattenDeadCounts' >> beam.Flatten()
+  _ = (p
+       | 'Once' >> beam.Create([None])
+       | 'Finalize' >> beam.Map(
+           finalize, args.output_dir, beam.pvalue.AsList(results), beam.pvalue.AsList(deads),
+           num_shards, dim, source.class_names, projected_dim, metadata))
+
+
+def _write_shard(element, output_dir, num_shards):
+  (split, index), rows = element
+  return (split, index, *emb_lib.write_shard(output_dir, split, index, num_shards[split], rows))
+
+
+class _GroupWithEmpty(beam.PTransform):
+  """GroupByKey that also emits (split, []) when no element arrived."""
+
+  def __init__(self, split: str):
+    super().__init__()
+    self._split = split
+
+  def expand(self, pcoll):
+    empty = pcoll.pipeline | 'Empty' >> beam.Create([(self._split, None)])
+    return (pcoll, empty) | 'Both' >> beam.Flatten() | 'Group' >> beam.GroupByKey()
+
+
+def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
+  return {
+      'model': {'name': pretrained.name, 'revision': pretrained.revision,
+                'params_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
+                'embedding_dim': dim, 'projected_dim': projected_dim},
+      'preprocessing': pretrained.preprocess.to_json(),
+      'source': {'spec': args.dataset, 'name': source.name, 'version': source.version,
+                 'splits': list(args.splits), 'class_names': list(source.class_names)},
+      'batch_size': args.batch_size,
+      'code_version': transfer.__version__,
+  }
+
+
+def _local_runner():
+  # Beam 2.77's default DirectRunner first tries to download the Prism runner
+  # from GitHub and only falls back after that fails, so an offline run waits
+  # on the network. The FnApiRunner is the DirectRunner's own batch engine,
+  # in-process, no download, and honours --direct_running_mode and
+  # --direct_num_workers.
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
+  return FnApiRunner()
+
+
+def run(argv=None, test_pipeline=None) -> dict[str, Any]:
+  """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
+  args, beam_args = parse_args(argv)
+  source = sources_lib.open_source(args.dataset, args.data_dir)
+  for split in args.splits:
+    source.check_split(split)
+  # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
+  pretrained = jax_handler.load_pretrained_once(args.model)
+  emb_lib.prepare_output(args.output_dir, args.overwrite)
+  options = PipelineOptions(beam_args)
+  # Code ships as a package (--setup_file), not a pickled __main__.
+  options.view_as(SetupOptions).save_main_session = False
+  explicit_runner = options.view_as(StandardOptions).runner
+  local = test_pipeline is None and explicit_runner is None
+  start = time.perf_counter()
+  p = test_pipeline or beam.Pipeline(runner=_local_runner() if local else None, options=options)
+  build(p, args, source, pretrained, show_progress=local)
+  result = p.run()
+  result.wait_until_finish()
+  seconds = time.perf_counter() - start
+  counts = emb_lib.read_metadata(args.output_dir)['counts']
+  total = sum(c['read'] for c in counts.values())
+  summary = {'output_dir': args.output_dir, 'counts': counts, 'seconds': seconds,
+             'images_per_second': total / seconds if seconds else 0.0,
+             'inference': _inference_metrics(result)}
+  for split, c in counts.items():
+    print(f'{split}: read {c["read"]}, written {c["written"]}, '
+          f'dead-lettered {c["dead_lettered"]}')
+  print(f'{total} images in {seconds:.1f} s ({summary["images_per_second"]:.1f} images/s) '
+        f'→ {args.output_dir}')
+  return summary
+
+
+def _inference_metrics(result) -> dict[str, int]:
+  """RunInference's own counters (num_inferences, …), summed over splits."""
+  out: dict[str, int] = {}
+  try:
+    for c in result.metrics().query()['counters']:
+      if c.key.metric.namespace == 'ClipVisionModelHandler':
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or 0)
+  except Exception:  # some runners report no metrics; the summary does without
+    pass
+  return out
+
+
+@cli_main
+def main(argv=None):
+  logging.basicConfig(level=logging.WARNING)
+  run(argv)
+
+
+if __name__ == '__main__':
+  main()

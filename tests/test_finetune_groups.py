@@ -1,0 +1,150 @@
+"""Parameter groups, pretrained transfer and the optimizer's frozen/trainable behaviour."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from finetune import groups
+from finetune import model as model_lib
+from finetune import trainer
+from transfer import checkpoints
+from transfer import clip
+from transfer import preprocess
+from transfer.errors import UserError
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope='module')
+def pretrained():
+  # A vision-only micro CLIP (2 layers, 16x16 input): same code paths, faster compiles.
+  vision = clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, image_size=16, patch_size=8)
+  module = clip.CLIP(vision)
+  return checkpoints.Pretrained(module, {'params': clip.init_params(module)},
+                                preprocess.PreprocessConfig.for_image_size(16), 'micro')
+
+
+@pytest.fixture(scope='module')
+def initialised(pretrained):
+  return model_lib.create(pretrained, NUM_CLASSES)
+
+
+def _batch(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+          'label': rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32)}
+
+
+def _train(pretrained, initialised, mode, steps=3, **kw):
+  cfg = trainer.Config(model='micro', lr=1e-2, warmup=0.0, **kw)
+  mesh = trainer.make_mesh()
+  state, trainable, _ = trainer.create_state(pretrained, NUM_CLASSES, mode, cfg, 100, initialised,
+                                             mesh)
+  before = jax.tree.map(np.asarray, state.params)
+  step, _ = trainer.jit_steps(mesh, trainable, pretrained.preprocess)
+  for i in range(steps):
+    state, metrics = step(state, _batch(seed=i))
+  return before, jax.tree.map(np.asarray, state.params), trainable, state
+
+
+def _flat(tree):
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+
+
+def test_backbone_is_the_pretrained_one_and_head_is_zero(pretrained, initialised):
+  _, variables = initialised
+  _, vision_vars = model_lib.backbone_of(pretrained)
+  assert _flat(variables['params']['backbone']).keys() == _flat(vision_vars['params']).keys()
+  for k, v in _flat(vision_vars['params']).items():
+    np.testing.assert_array_equal(_flat(variables['params']['backbone'])[k], v)
+  assert not np.any(np.asarray(variables['params']['head']['kernel']))
+
+
+def test_transfer_accepts_frozendict_and_names_first_mismatch(pretrained, initialised):
+  _, variables = initialised
+  _, vision_vars = model_lib.backbone_of(pretrained)
+  out = model_lib.transfer(flax.core.freeze(variables), flax.core.freeze(vision_vars))
+  assert isinstance(out, flax.core.FrozenDict)
+  assert isinstance(model_lib.transfer(dict(variables), vision_vars), dict)
+
+  bad = flax.core.unfreeze(vision_vars)
+  bad['params']['encoder']['layers']['1']['mlp']['fc1']['kernel'] = jnp.zeros((3, 3))
+  with pytest.raises(model_lib.TransferError, match=r'params/backbone/encoder/layers/1/mlp/fc1'
+                     r'/kernel: pretrained shape \(3, 3\) != initialised shape \(32, 64\)'):
+    model_lib.transfer(variables, bad)
+  missing = flax.core.unfreeze(vision_vars)
+  del missing['params']['post_layernorm']
+  with pytest.raises(model_lib.TransferError, match='lack params/backbone/post_layernorm/bias'):
+    model_lib.transfer(variables, missing)
+
+
+def test_uncovered_and_doubly_covered_paths_are_listed(initialised):
+  params = initialised[1]['params']
+  with pytest.raises(groups.RuleError, match=r'match no rule: head/bias, head/kernel'):
+    groups.labels(params, [('backbone/.*', None)])
+  with pytest.raises(groups.RuleError, match=r"several rules: head/bias \(rules '\.\*', "
+                     r"'head/\.\*'\), head/kernel"):
+    groups.labels(params, [('.*', 1.0), ('head/.*', None)])
+
+
+def test_parse_rules_from_json_and_file(tmp_path):
+  rules = groups.parse_rules('[["backbone/.*", "frozen"], ["head/.*", 2]]')
+  assert rules == [('backbone/.*', None), ('head/.*', 2.0)]
+  f = tmp_path / 'rules.json'
+  f.write_text('[["backbone/.*", null], ["head/.*", 1]]')
+  assert groups.parse_rules(str(f)) == [('backbone/.*', None), ('head/.*', 1.0)]
+  for bad in ('not json', '[]', '[["x", "fast"]]', '[["(", 1]]'):
+    with pytest.raises(UserError):
+      groups.labels({'x': jnp.zeros(1)}, groups.parse_rules(bad))
+
+
+def test_unknown_mode_and_bad_last_n(initialised):
+  params = initialised[1]['params']
+  with pytest.raises(UserError, match="unknown mode 'fast'"):
+    groups.mode_rules('fast', params)
+  with pytest.raises(UserError, match='between 0 and 2'):
+    groups.mode_rules('last:3', params)
+
+
+@pytest.mark.parametrize('mode,trained_prefixes', [
+    ('linear', ('head/',)),
+    ('last:1', ('head/', 'backbone/post_layernorm/', 'backbone/encoder/layers/1/')),
+])
+def test_frozen_leaves_bit_for_bit_trainable_moved_no_state(pretrained, initialised, mode,
+                                                            trained_prefixes):
+  before, after, trainable, state = _train(pretrained, initialised, mode)
+  b, a, t = _flat(before), _flat(after), _flat(trainable)
+  for k in b:
+    should_train = k.startswith(trained_prefixes)
+    assert t[k] == should_train, k
+    if should_train:
+      assert not np.array_equal(a[k], b[k]), f'{k} did not move'
+    else:
+      assert a[k].tobytes() == b[k].tobytes(), f'frozen {k} changed'
+  # Adam's moments exist for trainable leaves only (mu + nu = 2 per trainable scalar).
+  held = sum(x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+  assert held == 2 * groups.count(before, trainable)
+
+
+def test_differential_scales_backbone_updates(pretrained, initialised):
+  # The zero head passes no gradient to the backbone in step 1; in step 2 both runs see the
+  # same gradient (same head), and Adam's first non-zero update scales with the lr alone.
+  kw = dict(weight_decay=0.0, clip_norm=0.0, backbone_lr_factor=0.1)
+  b0, full, _, _ = _train(pretrained, initialised, 'full', steps=2, **kw)
+  _, diff, _, _ = _train(pretrained, initialised, 'differential', steps=2, **kw)
+  k = 'backbone/encoder/layers/0/mlp/fc1/kernel'
+  d_full = np.abs(_flat(full)[k] - _flat(b0)[k]).max()
+  d_diff = np.abs(_flat(diff)[k] - _flat(b0)[k]).max()
+  np.testing.assert_allclose(d_diff / d_full, 0.1, rtol=1e-2)
+  np.testing.assert_allclose(_flat(diff)['head/bias'], _flat(full)['head/bias'], rtol=1e-5)
+
+
+def test_weight_decay_only_on_kernels(initialised):
+  params = initialised[1]['params']
+  mask = _flat(groups.decay_mask(params))
+  assert mask['head/kernel'] and mask['backbone/encoder/layers/0/self_attn/q_proj/kernel']
+  assert not mask['head/bias'] and not mask['backbone/post_layernorm/scale']
+  assert not mask['backbone/embeddings/position_embedding/embedding']

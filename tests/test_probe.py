@@ -1,0 +1,233 @@
+"""probe.train through its entry points, on embedding datasets the tests write."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import probe
+from probe import core, train
+from transfer import embeddings
+
+META = {'model': {'name': 'random:tiny', 'checksum': 'abc'}, 'source': {'name': 'test'}}
+
+
+def _write(path, splits, class_names):
+  """Writes {split: (x, y)} as an embedding dataset; ids are '<split>/<index>'."""
+  embeddings.write_dataset(
+      str(path), {s: [(f'{s}/{i:05d}', x[i], int(y[i])) for i in range(len(y))]
+                  for s, (x, y) in splits.items()}, class_names, META)
+  return str(path)
+
+
+def _run_cli(argv, capsys):
+  train.main(argv)
+  return capsys.readouterr()
+
+
+def _separable(n, dim, num_classes, seed):
+  """Classes on orthogonal axes with a wide margin: a linear head can get every example."""
+  rng = np.random.default_rng(seed)
+  y = np.arange(n) % num_classes
+  x = rng.normal(scale=0.3, size=(n, dim))
+  x[np.arange(n), y] += 5.0
+  return x.astype(np.float32), y
+
+
+@pytest.fixture(scope='module')
+def digits_run(tmp_path_factory):
+  """The digits pixels (a fixed real set) through python -m probe.train, once per module."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  x, y = d.data.astype(np.float32), d.target
+  fit, ev = core.stratified_split(y, 0.2, 0)
+  tmp = tmp_path_factory.mktemp('digits')
+  ds = _write(tmp / 'emb', {'train': (x[fit], y[fit]), 'test': (x[ev], y[ev])},
+              [str(i) for i in range(10)])
+  out = str(tmp / 'out')
+  train.main([f'--embeddings={ds}', f'--output_dir={out}', '--shots=1,5', '--seeds=2'])
+  with open(os.path.join(out, 'metrics.json')) as f:
+    return json.load(f), out, x[ev], y[ev]
+
+
+def test_separable_features_give_100_percent_for_both_methods(tmp_path, capsys):
+  x, y = _separable(120, 6, 4, 0)
+  xe, ye = _separable(40, 6, 4, 1)
+  ds = _write(tmp_path / 'emb', {'train': (x, y), 'test': (xe, ye)}, ['a', 'b', 'c', 'd'])
+  out = _run_cli([f'--embeddings={ds}', f'--output_dir={tmp_path / "out"}'], capsys).out
+  m = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+  for method in ('jax', 'sklearn'):
+    assert m[method]['top1'] == 1.0
+    assert m[method]['balanced_accuracy'] == 1.0
+    assert m[method]['top5'] is None  # 4 classes
+    assert m[method]['per_class'] == {'a': 1.0, 'b': 1.0, 'c': 1.0, 'd': 1.0}
+    assert m[method]['wall_s'] > 0 and m[method]['l2'] in core.DEFAULT_L2_GRID
+    assert method in out  # the summary table
+  assert (m['num_train'], m['num_eval'], m['dim'], m['num_classes']) == (120, 40, 6, 4)
+  assert m['metadata']['model'] == META['model']  # carried from the embedding dataset
+  assert m['metadata']['counts']['train']['written'] == 120
+
+
+def test_adam_solver_separates_too():
+  x, y = _separable(120, 6, 4, 0)
+  m = train.train_probe_arrays(x, y, x, y, list('abcd'), solver='adam', baselines=(),
+                               progress=False)
+  assert m['jax']['top1'] == 1.0 and m['jax']['solver'] == 'adam' and 'sklearn' not in m
+
+
+def test_digits_jax_matches_sklearn_within_half_a_point(digits_run):
+  m = digits_run[0]
+  assert m['jax']['top5'] is not None
+  assert m['jax']['top1'] > 0.9
+  assert abs(m['jax']['top1'] - m['sklearn']['top1']) <= 0.005
+  # Same objective at the same L2 (C = 1/(N*l2)): the sweeps agree on validation.
+  for l2, s in m['jax']['sweep'].items():
+    assert abs(s['val_top1'] - m['sklearn']['sweep'][l2]['val_top1']) <= 0.01
+
+
+def test_saved_head_reloads_and_reproduces_eval_predictions(digits_run):
+  m, out, x_eval, y_eval = digits_run
+  head = probe.load_head(out)
+  pred = probe.predict(out, x_eval)
+  assert head.class_names == [str(i) for i in range(10)] and head.l2 == m['jax']['l2']
+  assert np.mean(pred == y_eval) == pytest.approx(m['jax']['top1'], abs=1e-9)
+  for c in range(10):
+    assert np.mean(pred[y_eval == c] == c) == pytest.approx(m['jax']['per_class'][str(c)])
+  # The Flax head applied to the saved params gives the same logits.
+  z = (x_eval - head.mean) / head.std
+  flax_logits = core.make_head(10).apply({'params': head.params()}, z)
+  np.testing.assert_allclose(np.asarray(flax_logits), head.logits(x_eval), rtol=1e-4, atol=1e-4)
+  with pytest.raises(probe.head.UserError, match='do not fit this head'):
+    probe.predict(head, x_eval[:, :10])
+
+
+def test_few_shot_fits_on_k_per_class_only(digits_run):
+  m = digits_run[0]
+  for k in (1, 5):
+    for method in ('jax', 'sklearn'):
+      e = m[f'{method}_{k}shot']
+      assert e['shots'] == k and e['seeds'] == 2 and len(e['runs']) == 2
+      assert all(r['num_fit'] == 10 * k for r in e['runs'])
+      assert 0 < e['top1'] <= 1 and e['top1_std'] >= 0
+  assert m['jax_5shot']['top1'] > m['jax_1shot']['top1']
+
+
+def _noisy(n, dim, num_classes, signal, seed):
+  rng = np.random.default_rng(seed)
+  y = np.arange(n) % num_classes
+  means = rng.normal(size=(num_classes, dim)) * signal
+  return (means[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def test_chosen_l2_responds_to_the_data():
+  # Few examples, many dimensions, weak signal: overfitting is the risk.
+  xs, ys = _noisy(40, 60, 2, 0.15, 0)
+  # Many examples, few dimensions, classes far apart: weak regularisation is best.
+  xl, yl = _noisy(2000, 5, 2, 3.0, 1)
+  small = train.train_probe_arrays(xs, ys, xs, ys, ['a', 'b'], val_fraction=0.5, progress=False)
+  large = train.train_probe_arrays(xl, yl, xl, yl, ['a', 'b'], progress=False)
+  for method in ('jax', 'sklearn'):
+    assert small[method]['l2'] > large[method]['l2'], method
+
+
+def test_eval_data_is_never_used_for_selection():
+  x, y = _noisy(40, 60, 2, 0.15, 0)
+  xe, ye = _noisy(30, 60, 2, 0.15, 5)
+  rng = np.random.default_rng(0)
+  a = train.train_probe_arrays(x, y, xe, ye, ['a', 'b'], val_fraction=0.5, progress=False)
+  # Different eval features and shuffled labels: the sweep must not notice.
+  b = train.train_probe_arrays(x, y, rng.normal(size=xe.shape), rng.permutation(ye), ['a', 'b'],
+                               val_fraction=0.5, progress=False)
+  for method in ('jax', 'sklearn'):
+    assert a[method]['sweep'] == b[method]['sweep']
+    assert a[method]['l2'] == b[method]['l2']
+
+
+# --- errors: one clear line each --------------------------------------------------------------
+
+
+def _cli_error(argv, capsys):
+  with pytest.raises(SystemExit) as e:
+    train.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith('error: ')
+  return err
+
+
+def test_not_an_embedding_dataset(tmp_path, capsys):
+  (tmp_path / 'x.txt').write_text('hello')
+  err = _cli_error([f'--embeddings={tmp_path}', f'--output_dir={tmp_path / "o"}'], capsys)
+  assert 'not an embedding dataset' in err
+
+
+@pytest.fixture(scope='module')
+def small_ds(tmp_path_factory):
+  x, y = _separable(12, 4, 2, 0)
+  return _write(tmp_path_factory.mktemp('small') / 'emb', {'train': (x, y), 'test': (x, y)},
+                ['a', 'b'])
+
+
+def test_missing_split(small_ds, tmp_path, capsys):
+  err = _cli_error([f'--embeddings={small_ds}', f'--output_dir={tmp_path}',
+                    '--eval_split=validation'], capsys)
+  assert "no split 'validation'" in err
+
+
+def test_nan_embeddings_name_the_example(tmp_path, capsys):
+  x, y = _separable(12, 4, 2, 0)
+  x[7, 2] = np.nan
+  ds = _write(tmp_path / 'emb', {'train': (x, y), 'test': (x, y)}, ['a', 'b'])
+  err = _cli_error([f'--embeddings={ds}', f'--output_dir={tmp_path / "o"}'], capsys)
+  assert 'NaN or inf' in err and 'train/00007' in err
+
+
+def test_one_class_train_split(tmp_path, capsys):
+  x, _ = _separable(12, 4, 2, 0)
+  y = np.zeros(12, np.int64)
+  ds = _write(tmp_path / 'emb', {'train': (x, y), 'test': (x, y)}, ['a', 'b'])
+  err = _cli_error([f'--embeddings={ds}', f'--output_dir={tmp_path / "o"}'], capsys)
+  assert 'single class' in err
+
+
+@pytest.mark.parametrize('case, match', [
+    ('width', 'width differs between splits'),
+    ('label', 'out of range for 2 classes'),
+    ('empty', "split 'test' is empty"),
+    ('inf', 'NaN or inf'),
+])
+def test_array_errors(case, match):
+  x, y = _separable(12, 4, 2, 0)
+  xe, ye = x.copy(), y.copy()
+  if case == 'width':
+    xe = xe[:, :3]
+  elif case == 'label':
+    ye[3] = 2
+  elif case == 'empty':
+    xe, ye = xe[:0], ye[:0]
+  elif case == 'inf':
+    xe[0, 0] = np.inf
+  with pytest.raises(train.UserError, match=match):
+    train.train_probe_arrays(x, y, xe, ye, ['a', 'b'], progress=False)
+
+
+def test_bad_flags(small_ds, tmp_path, capsys):
+  base = [f'--embeddings={small_ds}', f'--output_dir={tmp_path}']
+  assert 'positive numbers' in _cli_error(base + ['--l2_grid=0.1,-1'], capsys)
+  assert 'unknown baseline' in _cli_error(base + ['--baselines=svm'], capsys)
+  assert 'both' in _cli_error(base + ['--eval_split=train'], capsys)
+  assert 'no validation examples' in _cli_error(base + ['--val_fraction=0'], capsys)
+
+
+def test_sharing_one_executable_between_sweep_and_refit_changes_nothing():
+  # What accelerators do (pad the sweep with weight-0 rows, refit G copies), checked on CPU.
+  x, y = _noisy(300, 20, 3, 0.3, 0)
+  xe, ye = _noisy(90, 20, 3, 0.3, 1)
+  fit, val = core.stratified_split(y, 0.2, 0)
+  runs = [core.sweep_and_refit('jax', x[fit], y[fit], x[val], y[val], xe, 3, core.DEFAULT_L2_GRID,
+                               progress=False, share_compile=share) for share in (False, True)]
+  assert runs[0].l2 == runs[1].l2
+  for key in runs[0].sweep:
+    assert runs[0].sweep[key]['val_top1'] == pytest.approx(runs[1].sweep[key]['val_top1'], abs=0.02)
+  np.testing.assert_allclose(runs[0].eval_logits, runs[1].eval_logits, atol=1e-3)
