@@ -39,7 +39,7 @@ def main(argv=None):
                       help='compute and weights dtype, both sides (bfloat16 for GPUs)')
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help="the device's peak for --dtype, to print model FLOPs utilisation")
-  parser.add_argument('--json', action='store_true', help='print one JSON line at the end')
+  parser.add_argument('--json', default=None, help='also write the results to this file')
   args = parser.parse_args(argv)
 
   import torch  # pylint: disable=g-import-not-at-top
@@ -92,7 +92,8 @@ def main(argv=None):
         f'({gflops(torch_ips):.0f} GFLOP/s), ratio {jax_ips / torch_ips:.3f}x, '
         f'max |diff| {err:.2e}', file=sys.stderr)
   if args.json:
-    print(json.dumps(result))
+    with open(args.json, 'w') as fh:
+      json.dump(result, fh, indent=1)
   return result
 
 

@@ -62,9 +62,13 @@ def run(argv=None) -> dict:
   p.add_argument('--json', default=None, help='also write the results to this file')
   args = p.parse_args(argv)
 
+  t_start = time.perf_counter()
+  log = lambda what: print(f'[{time.perf_counter() - t_start:6.1f} s] {what}', file=sys.stderr,
+                           flush=True)
   mesh = trainer.make_mesh()
   trainer.check_batch_size(args.batch_size, mesh)
   pre = trainer.load_pretrained(args.model, args.dtype)
+  log(f'loaded {args.model}')
   cfg = trainer.Config(model=args.model, dtype=args.dtype, warmup=0.0)
   state, trainable, _ = trainer.create_state(pre, args.num_classes, args.mode, cfg,
                                              total_steps=args.steps + 10, mesh=mesh)
@@ -76,7 +80,9 @@ def run(argv=None) -> dict:
       'label': rng.integers(0, args.num_classes, (args.batch_size,)).astype(np.int32),
   }, mesh)
 
+  log('state created')
   forward_s = _time(lambda: eval_step(state, batch), args.steps)
+  log('forward timed')
   holder = [state]  # the train step donates its state: keep the latest
 
   def train_once():
@@ -84,6 +90,7 @@ def run(argv=None) -> dict:
     return metrics['loss']
 
   train_s = _time(train_once, args.steps)
+  log('train step timed')
   vision = pre.module.vision_config
   fwd_flops = 2 * vit_forward_macs(vision)
   out = {

@@ -38,7 +38,6 @@ from transfer.errors import UserError, cli_main
 NAMESPACE = 'embed'
 DEAD = 'dead'
 READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
-log = logging.getLogger(__name__)
 
 
 def parse_args(argv):
@@ -346,13 +345,15 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   for split, c in counts.items():
     print(f'{split}: read {c["read"]}, written {c["written"]}, '
           f'dead-lettered {c["dead_lettered"]}')
+  if summary['inference']:
+    print('RunInference: ' + ', '.join(f'{k}={v}' for k, v in sorted(summary['inference'].items())))
   print(f'{total} images in {seconds:.1f} s ({summary["images_per_second"]:.1f} images/s) '
         f'→ {args.output_dir}')
   return summary
 
 
 def _inference_metrics(result) -> dict[str, int]:
-  """RunInference's own counters (num_inferences, …), summed over splits."""
+  """RunInference's own counters (num_inferences, failed_batches_counter, …)."""
   out: dict[str, int] = {}
   try:
     for c in result.metrics().query()['counters']:

@@ -262,11 +262,14 @@ def test_sink_writes_through_beam_filesystems(image_folder, tmp_path):
 def test_tfds_source_with_mock_data(tmp_path):
   out = str(tmp_path / 'mnist')
   with tfds.testing.mock_data(num_examples=20):
-    summary = _run('--dataset=mnist', '--splits=train', f'--output_dir={out}', '--batch_size=8')
+    summary = _run('--dataset=mnist', '--splits=train', f'--output_dir={out}', '--batch_size=8',
+                   '--projected')
   assert summary['counts'] == {'train': {'read': 20, 'written': 20, 'dead_lettered': 0}}
   x, y, ids = embeddings.read_split(out, 'train')
   assert x.shape == (20, 64) and sorted(ids) == sorted(f'mnist/train/{i}' for i in range(20))
   assert embeddings.read_metadata(out)['source']['name'] == 'mnist'
+  row = tfds.builder_from_directory(out).as_data_source('train')[0]
+  assert row['projected'].shape == (32,) and row['projected'].dtype == np.float32
 
 
 def test_handler_pads_to_one_shape():

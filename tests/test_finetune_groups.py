@@ -2,6 +2,7 @@
 
 import flax
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +16,19 @@ from transfer import preprocess
 from transfer.errors import UserError
 
 NUM_CLASSES = 5
+
+
+@pytest.fixture(scope='module', autouse=True)
+def xla_cache(tmp_path_factory):
+  """Each run recompiles the same programs; XLA's persistent cache lets the later ones reuse them."""
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp('xla_cache')))
+  compilation_cache.reset_cache()  # (re)initialise it with this directory
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='module')
@@ -148,3 +162,15 @@ def test_weight_decay_only_on_kernels(initialised):
   assert mask['head/kernel'] and mask['backbone/encoder/layers/0/self_attn/q_proj/kernel']
   assert not mask['head/bias'] and not mask['backbone/post_layernorm/scale']
   assert not mask['backbone/embeddings/position_embedding/embedding']
+
+
+def test_transfer_carries_other_collections():
+  zeros = lambda *s: jnp.zeros(s)
+  init = {'params': {'backbone': {'bn': {'scale': zeros(3)}}, 'head': {'kernel': zeros(3, 2)}},
+          'batch_stats': {'backbone': {'bn': {'mean': zeros(3)}}}}
+  pre = {'params': {'bn': {'scale': jnp.ones(3)}}, 'batch_stats': {'bn': {'mean': jnp.full(3, 2.)}}}
+  out = model_lib.transfer(init, pre)
+  np.testing.assert_array_equal(out['batch_stats']['backbone']['bn']['mean'], [2., 2., 2.])
+  np.testing.assert_array_equal(out['params']['backbone']['bn']['scale'], [1., 1., 1.])
+  with pytest.raises(model_lib.TransferError, match="lack the collection 'batch_stats'"):
+    model_lib.transfer(init, {'params': pre['params']})

@@ -9,6 +9,7 @@ import pytest
 import probe
 from probe import core, train
 from transfer import embeddings
+from transfer.errors import UserError
 
 META = {'model': {'name': 'random:tiny', 'checksum': 'abc'}, 'source': {'name': 'test'}}
 
@@ -98,7 +99,7 @@ def test_saved_head_reloads_and_reproduces_eval_predictions(digits_run):
   z = (x_eval - head.mean) / head.std
   flax_logits = core.make_head(10).apply({'params': head.params()}, z)
   np.testing.assert_allclose(np.asarray(flax_logits), head.logits(x_eval), rtol=1e-4, atol=1e-4)
-  with pytest.raises(probe.head.UserError, match='do not fit this head'):
+  with pytest.raises(UserError, match='do not fit this head'):
     probe.predict(head, x_eval[:, :10])
 
 
@@ -208,7 +209,7 @@ def test_array_errors(case, match):
     xe, ye = xe[:0], ye[:0]
   elif case == 'inf':
     xe[0, 0] = np.inf
-  with pytest.raises(train.UserError, match=match):
+  with pytest.raises(UserError, match=match):
     train.train_probe_arrays(x, y, xe, ye, ['a', 'b'], progress=False)
 
 
