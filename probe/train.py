@@ -126,19 +126,22 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   x_fit, y_fit, x_val, y_val = x_train[fit_idx], y_train[fit_idx], x_train[val_idx], y_train[val_idx]
   del x_train  # the sweep sees x_fit/x_val only; the refit concatenates them
 
-  out: dict[str, Any] = {}
+  # One schema with the fine-tune stage: a header plus one entry per method.
+  out: dict[str, Any] = {'stage': 'probe', 'methods': {}}
   results = {}
+  head_params = int(x_eval.shape[1] * num_classes + num_classes)  # the Dense head, both methods
   for method in ('jax',) + tuple(baselines):
     print(f'{method}: sweeping {len(l2_grid)} L2 values on {len(y_fit)} examples, validating on '
           f'{len(y_val)}, then refitting on {len(y_fit) + len(y_val)}', file=sys.stderr)
     r = core.sweep_and_refit(method, x_fit, y_fit, x_val, y_val, x_eval, num_classes, l2_grid,
                              solver=solver, max_iter=max_iter, tol=tol, progress=progress)
     results[method] = r
-    out[method] = _method_entry(method, r, y_eval, class_names, solver)
+    out['methods'][method] = {**_method_entry(method, r, y_eval, class_names, solver),
+                              'trainable_params': head_params}
   for k in shots:
     for method in ('jax',) + tuple(baselines):
       print(f'{method}: {k}-shot, {seeds} seeds', file=sys.stderr)
-      out[f'{method}_{k}shot'] = _few_shot(
+      out['methods'][f'{method}_{k}shot'] = _few_shot(
           method, k, seeds, x_fit, y_fit, x_val, y_val, x_eval, y_eval, class_names, l2_grid,
           solver, seed, progress=False, max_iter=max_iter, tol=tol)
   out.update({
@@ -165,9 +168,7 @@ def summary_table(metrics: dict) -> str:
   """A few lines: one per method and few-shot entry (few-shot: mean ± std, median L2)."""
   pct = lambda v: '   -  ' if v is None else f'{100 * v:6.2f}'
   lines = [f'{"method":14s} {"top1":>13s} {"top5":>6s} {"bal.acc":>7s} {"l2":>9s} {"wall_s":>8s}']
-  for key, m in metrics.items():
-    if not isinstance(m, dict) or 'top1' not in m:
-      continue
+  for key, m in metrics['methods'].items():
     top1 = pct(m['top1']) + (f' ±{100 * m["top1_std"]:5.2f}' if 'top1_std' in m else '')
     l2 = m['l2'] if isinstance(m['l2'], float) else float(np.median(m['l2']))
     lines.append(f'{key:14s} {top1:>13s} {pct(m["top5"]):>6s} {pct(m["balanced_accuracy"]):>7s} '
@@ -189,9 +190,27 @@ def train_probe(embeddings: str, output_dir: Optional[str], *, train_split: str 
   # Checked here too, so NaN errors can name the offending example's id.
   check_split(train_split, x_train, y_train, len(class_names), ids_train)
   check_split(eval_split, x_eval, y_eval, len(class_names), ids_eval)
+  src = metadata.get('source', {})
+  extra = {
+      'embeddings': embeddings, 'metadata': metadata,
+      # The same header keys as the fine-tune stage, so report.compare can line them up.
+      'dataset': {'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
+                  'train_split': train_split, 'eval_split': eval_split},
+      'model': metadata.get('model', {}),
+      'embedding': _embedding_cost(metadata),
+  }
   return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, output_dir,
-                            split_names=(train_split, eval_split),
-                            extra={'embeddings': embeddings, 'metadata': metadata}, **kwargs)
+                            split_names=(train_split, eval_split), extra=extra, **kwargs)
+
+
+def _embedding_cost(metadata: dict) -> Optional[dict]:
+  """The one-off embedding run's cost, as recorded by pipelines.embed (None if absent)."""
+  run = metadata.get('run') or {}
+  if run.get('wall_s') is None:
+    return None
+  n = sum(c.get('read', c.get('written', 0)) for c in metadata.get('counts', {}).values())
+  return {'wall_s': run['wall_s'], 'num_images': n,
+          'images_per_s': n / run['wall_s'] if run['wall_s'] else None}
 
 
 def _floats(s: str) -> list[float]:

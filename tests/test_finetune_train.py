@@ -48,7 +48,7 @@ def digits_run(tmp_path_factory, data_dir):
   common = ['--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
             f'--workdir={workdir}', '--batch_size=64', '--no-progress']
   # A linear head on random-init features needs a large lr (they are badly conditioned).
-  assert _cli(*common, '--mode=linear', '--epochs=40', '--lr=0.3') == 0
+  assert _cli(*common, '--mode=linear', '--epochs=40', '--lr=1.0') == 0
   assert _cli(*common, '--mode=full', '--epochs=10', '--lr=3e-3') == 0
   with open(os.path.join(workdir, 'metrics.json')) as fh:
     return workdir, json.load(fh)

@@ -59,11 +59,11 @@ def test_separable_features_give_100_percent_for_both_methods(tmp_path, capsys):
   out = _run_cli([f'--embeddings={ds}', f'--output_dir={tmp_path / "out"}'], capsys).out
   m = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
   for method in ('jax', 'sklearn'):
-    assert m[method]['top1'] == 1.0
-    assert m[method]['balanced_accuracy'] == 1.0
-    assert m[method]['top5'] is None  # 4 classes
-    assert m[method]['per_class'] == {'a': 1.0, 'b': 1.0, 'c': 1.0, 'd': 1.0}
-    assert m[method]['wall_s'] > 0 and m[method]['l2'] in core.DEFAULT_L2_GRID
+    assert m['methods'][method]['top1'] == 1.0
+    assert m['methods'][method]['balanced_accuracy'] == 1.0
+    assert m['methods'][method]['top5'] is None  # 4 classes
+    assert m['methods'][method]['per_class'] == {'a': 1.0, 'b': 1.0, 'c': 1.0, 'd': 1.0}
+    assert m['methods'][method]['wall_s'] > 0 and m['methods'][method]['l2'] in core.DEFAULT_L2_GRID
     assert method in out  # the summary table
   assert (m['num_train'], m['num_eval'], m['dim'], m['num_classes']) == (120, 40, 6, 4)
   assert m['metadata']['model'] == META['model']  # carried from the embedding dataset
@@ -74,27 +74,27 @@ def test_adam_solver_separates_too():
   x, y = _separable(120, 6, 4, 0)
   m = train.train_probe_arrays(x, y, x, y, list('abcd'), solver='adam', baselines=(),
                                progress=False)
-  assert m['jax']['top1'] == 1.0 and m['jax']['solver'] == 'adam' and 'sklearn' not in m
+  assert m['methods']['jax']['top1'] == 1.0 and m['methods']['jax']['solver'] == 'adam' and 'sklearn' not in m['methods']
 
 
 def test_digits_jax_matches_sklearn_within_half_a_point(digits_run):
   m = digits_run[0]
-  assert m['jax']['top5'] is not None
-  assert m['jax']['top1'] > 0.9
-  assert abs(m['jax']['top1'] - m['sklearn']['top1']) <= 0.005
+  assert m['methods']['jax']['top5'] is not None
+  assert m['methods']['jax']['top1'] > 0.9
+  assert abs(m['methods']['jax']['top1'] - m['methods']['sklearn']['top1']) <= 0.005
   # Same objective at the same L2 (C = 1/(N*l2)): the sweeps agree on validation.
-  for l2, s in m['jax']['sweep'].items():
-    assert abs(s['val_top1'] - m['sklearn']['sweep'][l2]['val_top1']) <= 0.01
+  for l2, s in m['methods']['jax']['sweep'].items():
+    assert abs(s['val_top1'] - m['methods']['sklearn']['sweep'][l2]['val_top1']) <= 0.01
 
 
 def test_saved_head_reloads_and_reproduces_eval_predictions(digits_run):
   m, out, x_eval, y_eval = digits_run
   head = probe.load_head(out)
   pred = probe.predict(out, x_eval)
-  assert head.class_names == [str(i) for i in range(10)] and head.l2 == m['jax']['l2']
-  assert np.mean(pred == y_eval) == pytest.approx(m['jax']['top1'], abs=1e-9)
+  assert head.class_names == [str(i) for i in range(10)] and head.l2 == m['methods']['jax']['l2']
+  assert np.mean(pred == y_eval) == pytest.approx(m['methods']['jax']['top1'], abs=1e-9)
   for c in range(10):
-    assert np.mean(pred[y_eval == c] == c) == pytest.approx(m['jax']['per_class'][str(c)])
+    assert np.mean(pred[y_eval == c] == c) == pytest.approx(m['methods']['jax']['per_class'][str(c)])
   # The Flax head applied to the saved params gives the same logits.
   z = (x_eval - head.mean) / head.std
   flax_logits = core.make_head(10).apply({'params': head.params()}, z)
@@ -107,11 +107,11 @@ def test_few_shot_fits_on_k_per_class_only(digits_run):
   m = digits_run[0]
   for k in (1, 5):
     for method in ('jax', 'sklearn'):
-      e = m[f'{method}_{k}shot']
+      e = m['methods'][f'{method}_{k}shot']
       assert e['shots'] == k and e['seeds'] == 2 and len(e['runs']) == 2
       assert all(r['num_fit'] == 10 * k for r in e['runs'])
       assert 0 < e['top1'] <= 1 and e['top1_std'] >= 0
-  assert m['jax_5shot']['top1'] > m['jax_1shot']['top1']
+  assert m['methods']['jax_5shot']['top1'] > m['methods']['jax_1shot']['top1']
 
 
 def _noisy(n, dim, num_classes, signal, seed):
@@ -129,7 +129,7 @@ def test_chosen_l2_responds_to_the_data():
   small = train.train_probe_arrays(xs, ys, xs, ys, ['a', 'b'], val_fraction=0.5, progress=False)
   large = train.train_probe_arrays(xl, yl, xl, yl, ['a', 'b'], progress=False)
   for method in ('jax', 'sklearn'):
-    assert small[method]['l2'] > large[method]['l2'], method
+    assert small['methods'][method]['l2'] > large['methods'][method]['l2'], method
 
 
 def test_eval_data_is_never_used_for_selection():
@@ -141,8 +141,8 @@ def test_eval_data_is_never_used_for_selection():
   b = train.train_probe_arrays(x, y, rng.normal(size=xe.shape), rng.permutation(ye), ['a', 'b'],
                                val_fraction=0.5, progress=False)
   for method in ('jax', 'sklearn'):
-    assert a[method]['sweep'] == b[method]['sweep']
-    assert a[method]['l2'] == b[method]['l2']
+    assert a['methods'][method]['sweep'] == b['methods'][method]['sweep']
+    assert a['methods'][method]['l2'] == b['methods'][method]['l2']
 
 
 # --- errors: one clear line each --------------------------------------------------------------
