@@ -1,12 +1,13 @@
 """python -m finetune.train: fine-tune Classifier(CLIP vision tower, head) on a dataset.
 
-Example (the demo's, ~1 minute on 2 CPU cores):
+The demo's two runs (about 30 s each on 2 CPU cores; both land in one metrics.json):
   python -m finetune.train --dataset=digits --model=random:tiny --workdir=runs/ft \
-      --mode=linear,full --epochs=5 --batch_size=64 --lr=3e-3
+      --mode=linear --epochs=40 --lr=1.0      # top-1 ~0.74 (random features: a large lr)
+  python -m finetune.train --dataset=digits --model=random:tiny --workdir=runs/ft \
+      --mode=full --epochs=10 --lr=3e-3       # top-1 ~0.88
 Writes WORKDIR/metrics.json (one entry per mode) and Orbax checkpoints under
 WORKDIR/checkpoints/<mode>. The logic lives in ``finetune.trainer`` so tests and
-notebooks can call ``train_and_evaluate(config, workdir)`` directly.
-"""
+notebooks can call ``train_and_evaluate(config, workdir)`` directly."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ Only ``uint8`` NHWC crosses to the device; normalisation runs inside jit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -63,16 +64,19 @@ def build_forward(pretrained, projected: bool = False) -> Callable:
     proj_kernel = pretrained.variables['params']['visual_projection']['kernel']
   cfg, name = pretrained.preprocess, pretrained.name
 
+  # Weights are arguments, not closed-over constants: closed-over arrays would
+  # be baked into the compiled program (slow compiles, a weights-sized
+  # executable, no reuse from a compilation cache).
   @jax.jit
-  def forward(pixels):
+  def forward(variables, kernel, pixels):
     with _LOCK:  # runs at trace time only: counts compilations
       COMPILATIONS[name] = COMPILATIONS.get(name, 0) + 1
-    pooled = vision.apply(vision_vars, normalize(pixels, cfg)).pooler_output
-    if proj_kernel is None:
+    pooled = vision.apply(variables, normalize(pixels, cfg)).pooler_output
+    if kernel is None:
       return pooled, None
-    return pooled, pooled @ proj_kernel
+    return pooled, pooled @ kernel
 
-  return forward
+  return functools.partial(forward, vision_vars, proj_kernel)
 
 
 class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):
