@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-RUN_DIR ?= runs/demo
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/demo-$(DEMO_STAMP)
+DEMO_MODEL ?= random:tiny
 
 .PHONY: test demo bench venv clean
 
@@ -18,8 +20,24 @@ $(STAMP): setup.py constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The whole comparison on the built-in digits dataset with random weights
+# (the machinery, not CLIP's quality). Everything lands in $(RUN_DIR).
 demo: $(STAMP)
-	$(PY) -m transfer.smoke
+	@echo "== demo run directory: $(RUN_DIR)"
+	@echo "== 1/4 embed digits once (Beam, local runner)"
+	$(PY) -m pipelines.embed --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
+	  --output_dir=$(RUN_DIR)/embeddings
+	@echo "== 2/4 linear probe (JAX + scikit-learn baseline, few-shot)"
+	$(PY) -m probe.train --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/probe \
+	  --shots=1,5,10 --seeds=3
+	@echo "== 3/4 fine-tune: linear (frozen backbone), then full"
+	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
+	  --workdir=$(RUN_DIR)/finetune --mode=linear --epochs=40 --lr=1.0
+	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
+	  --workdir=$(RUN_DIR)/finetune --mode=full --epochs=10 --lr=3e-3
+	@echo "== 4/4 comparison"
+	$(PY) -m report.compare $(RUN_DIR)
+	@echo "== done: outputs in $(RUN_DIR) (report.md, report.png)"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -342,6 +342,10 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   summary = {'output_dir': args.output_dir, 'counts': counts, 'seconds': seconds,
              'images_per_second': total / seconds if seconds else 0.0,
              'inference': _inference_metrics(result)}
+  emb_lib.write_run_info(args.output_dir, {
+      'wall_s': seconds, 'num_images': total, 'images_per_s': summary['images_per_second'],
+      'runner': 'FnApiRunner (local)' if local else type(p.runner).__name__,
+      'batch_size': args.batch_size})
   for split, c in counts.items():
     print(f'{split}: read {c["read"]}, written {c["written"]}, '
           f'dead-lettered {c["dead_lettered"]}')

@@ -197,20 +197,10 @@ def train_probe(embeddings: str, output_dir: Optional[str], *, train_split: str 
       'dataset': {'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
                   'train_split': train_split, 'eval_split': eval_split},
       'model': metadata.get('model', {}),
-      'embedding': _embedding_cost(metadata),
+      'embedding': emb.read_run_info(embeddings),  # the one-off cost, for the report
   }
   return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, output_dir,
                             split_names=(train_split, eval_split), extra=extra, **kwargs)
-
-
-def _embedding_cost(metadata: dict) -> Optional[dict]:
-  """The one-off embedding run's cost, as recorded by pipelines.embed (None if absent)."""
-  run = metadata.get('run') or {}
-  if run.get('wall_s') is None:
-    return None
-  n = sum(c.get('read', c.get('written', 0)) for c in metadata.get('counts', {}).values())
-  return {'wall_s': run['wall_s'], 'num_images': n,
-          'images_per_s': n / run['wall_s'] if run['wall_s'] else None}
 
 
 def _floats(s: str) -> list[float]:

@@ -32,6 +32,9 @@ VERSION = '1.0.0'
 FILE_FORMAT = 'array_record'
 INFO_FILE = 'dataset_info.json'  # written last: its presence marks a complete run
 METADATA_FILE = 'metadata.json'
+# What the embed run cost (wall time, runner). Kept out of metadata.json so the
+# dataset's files stay byte-identical across runs; written after the dataset.
+RUN_FILE = 'run.json'
 EXAMPLES_PER_SHARD = 10_000  # ~30 MB of 768-d float32 per shard
 # Same options as TFDS' own ArrayRecord writer: group_size:1 for fast random access.
 ARRAY_RECORD_OPTIONS = 'group_size:1'
@@ -267,3 +270,21 @@ def read_split(out_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, list[s
       labels[i] = row['label']
       ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
   return embeddings, labels, ids
+
+
+def write_run_info(out_dir: str, info: dict[str, Any]) -> None:
+  """Records what producing the dataset cost (wall time, images/s, runner)."""
+  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
+
+  with _fs().create(_fs().join(out_dir, RUN_FILE),
+                    compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    fh.write(json.dumps(info, indent=1, sort_keys=True).encode())
+
+
+def read_run_info(out_dir: str) -> Optional[dict[str, Any]]:
+  """The embed run's cost, or None when it was not recorded."""
+  path = _fs().join(out_dir, RUN_FILE)
+  if not _fs().exists(path):
+    return None
+  with _fs().open(path) as fh:
+    return json.loads(fh.read().decode())
