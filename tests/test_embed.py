@@ -248,7 +248,9 @@ def test_sink_writes_through_beam_filesystems(image_folder, tmp_path):
   FakeFileSystem.writes.clear()
   _run(f'--dataset=folder:{root}', '--output_dir=fakefs://emb', '--batch_size=4', '--splits=test')
   written = {os.path.basename(p) for p in FakeFileSystem.writes}
-  assert 'dataset_info.json' in written and FakeFileSystem.writes[-1].endswith('dataset_info.json')
+  # The dataset's own files end with dataset_info.json; run.json (the run's cost) follows it.
+  assert [os.path.basename(p) for p in FakeFileSystem.writes[-2:]] == ['dataset_info.json',
+                                                                      'run.json']
   assert 'clip_embeddings-test.array_record-00000-of-00001' in written
   _, _, ids = embeddings.read_split(str(tmp_path / 'bucket' / 'emb'), 'test')
   assert sorted(ids) == ['test/cat/a.png', 'test/dog/b.png']
@@ -256,7 +258,8 @@ def test_sink_writes_through_beam_filesystems(image_folder, tmp_path):
     _run(f'--dataset=folder:{root}', '--output_dir=fakefs://emb', '--splits=test')
   FakeFileSystem.writes.clear()
   _run(f'--dataset=folder:{root}', '--output_dir=fakefs://emb', '--splits=test', '--overwrite')
-  assert FakeFileSystem.writes[-1].endswith('dataset_info.json')
+  assert [os.path.basename(p) for p in FakeFileSystem.writes[-2:]] == ['dataset_info.json',
+                                                                      'run.json']
 
 
 def test_tfds_source_with_mock_data(tmp_path):
