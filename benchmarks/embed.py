@@ -165,6 +165,7 @@ def main(argv=None):
   p.add_argument('--memory_image_size', type=int, default=512, help='JPEG side for memory')
   p.add_argument('--skip_throughput', action='store_true')
   p.add_argument('--skip_memory', action='store_true')
+  p.add_argument('--json', default=None, help='also write the results to this file')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--child_root', help=argparse.SUPPRESS)
   p.add_argument('--child_out', help=argparse.SUPPRESS)
@@ -185,6 +186,10 @@ def main(argv=None):
           f"(target <= 1.2; the 10x inputs are {m['jpeg_mb_10x']:.0f} MB of JPEG, "
           f"{m['decoded_mb_10x']:.0f} MB decoded)")
   print(json.dumps(results))
+  if args.json:
+    with open(args.json, 'w') as fh:
+      json.dump(results, fh, indent=1)
+  return results
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ same on the digits pixels (1,797 x 64, 10 classes), a small real set.
 """
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -74,6 +75,7 @@ def main(argv=None):
   p.add_argument('--l2_grid', default=','.join(map(repr, core.DEFAULT_L2_GRID)))
   p.add_argument('--tol', type=float, default=core.TOL, help='both methods stop at max |grad| <= tol')
   p.add_argument('--skip_digits', action='store_true')
+  p.add_argument('--json', default=None, help='also write the results to this file')
   args = p.parse_args(argv)
   l2s = [float(v) for v in args.l2_grid.split(',')]
   import jax  # pylint: disable=g-import-not-at-top
@@ -83,10 +85,19 @@ def main(argv=None):
   print(f'cpus {os.cpu_count()}  jax {jax.devices()}  sklearn BLAS threads {blas}  grid {l2s}',
         flush=True)
   x, y = synthetic(args.num, args.dim, args.classes)
-  compare(f'synthetic {args.num}x{args.dim}, {args.classes} classes', x, y, args.classes, l2s, args.tol)
+  results = {}
+  name = f'synthetic {args.num}x{args.dim}, {args.classes} classes'
+  results['synthetic'] = dict(zip(('speedup', 'top1_jax', 'top1_sklearn'),
+                                  compare(name, x, y, args.classes, l2s, args.tol)), name=name)
   if not args.skip_digits:
     x, y = digits()
-    compare('digits pixels 1797x64, 10 classes', x, y, 10, l2s, args.tol)
+    name = 'digits pixels 1797x64, 10 classes'
+    results['digits'] = dict(zip(('speedup', 'top1_jax', 'top1_sklearn'),
+                                 compare(name, x, y, 10, l2s, args.tol)), name=name)
+  if args.json:
+    with open(args.json, 'w') as fh:
+      json.dump(results, fh, indent=1)
+  return results
 
 
 if __name__ == '__main__':

@@ -27,9 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from finetune import groups
 from finetune import input_pipeline
-from finetune import metrics as metrics_lib
 from finetune import model as model_lib
 from transfer import checkpoints as ckpt_lib
+from transfer import metrics as metrics_lib
 from transfer import preprocess
 from transfer import sources
 from transfer.errors import UserError

@@ -28,6 +28,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from transfer import metrics as metrics_lib
+
 # Decades wide enough for a huge clean set (weak) and a few shots (strong).
 DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 SOLVERS = ('lbfgs', 'adam')
@@ -243,21 +245,8 @@ def select(val_scores: Sequence[tuple[float, float]]) -> int:
 
 
 def metrics(logits: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> dict:
-  """top1, top5 (None under 5 classes), balanced accuracy, per-class accuracy (None if absent)."""
-  num_classes = len(class_names)
-  pred = np.argmax(logits, axis=1)
-  correct = pred == y
-  top5 = None
-  if num_classes >= 5:
-    top = np.argpartition(-logits, 4, axis=1)[:, :5]
-    top5 = float(np.mean(np.any(top == y[:, None], axis=1)))
-  per_class = {}
-  for c, name in enumerate(class_names):
-    mask = y == c
-    per_class[name] = float(np.mean(correct[mask])) if mask.any() else None
-  present = [v for v in per_class.values() if v is not None]
-  return {'top1': float(np.mean(correct)), 'top5': top5,
-          'balanced_accuracy': float(np.mean(present)), 'per_class': per_class}
+  """top1, top5, balanced accuracy, per-class accuracy: the schema both stages write."""
+  return metrics_lib.classification(logits, y, class_names)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Classification metrics in the probe's schema (top1, top5, balanced accuracy, per class)."""
+"""Classification metrics shared by the probe and fine-tune stages (one metrics.json schema)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def classification(logits: np.ndarray, labels: np.ndarray,
-                   class_names: Sequence[str]) -> dict:
-  """top1/top5 (None under 5 classes), balanced accuracy, per-class accuracy (None if absent)."""
+def classification(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
+  """top1, top5 (None under 5 classes), balanced accuracy, per-class accuracy (None if absent)."""
   logits = np.asarray(logits, np.float32)
   labels = np.asarray(labels)
-  k = len(class_names)
   pred = logits.argmax(-1)
   correct = pred == labels
   top5: Optional[float] = None
-  if k >= 5:
-    top = np.argsort(-logits, axis=-1)[:, :5]
+  if len(class_names) >= 5:
+    top = np.argpartition(-logits, 4, axis=-1)[:, :5]
     top5 = float((top == labels[:, None]).any(-1).mean())
   per_class = {}
   for c, name in enumerate(class_names):

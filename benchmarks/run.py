@@ -1,0 +1,102 @@
+"""`make bench`: runs every benchmark (each in its own process) and prints one table.
+
+    python -m benchmarks.run [--quick] [--only backbone,embed,probe,finetune]
+
+Each figure is a ratio measured side by side in one process run on this
+machine; the table says which machine and when. --quick shrinks every run
+to a smoke test (numbers then mean little).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+
+def _backbone(r):
+  return [('Flax backbone vs PyTorch CLIPVisionModel forward (ViT-B/32, batch '
+           f"{r['batch_size']}, {r['dtype']})", f"{r['ratio']:.2f}x", '>= 1.0',
+           f"{r['jax_images_per_s']:.1f} vs {r['torch_images_per_s']:.1f} images/s")]
+
+
+def _embed(r):
+  rows = []
+  if 'throughput' in r:
+    t = r['throughput']
+    raw, pipe = t['pairs_raw_pipeline_images_per_s'][-1]
+    rows.append((f"pipelines.embed end to end vs raw jitted backbone ({t['model']}, "
+                 f"{t['images']} images)", f"{t['ratio_median']:.2f}", '>= 0.9',
+                 f'{pipe:.1f} vs {raw:.1f} images/s'))
+  if 'memory' in r:
+    m = r['memory']
+    rows.append((f"embed peak memory, {m['images_10x']} vs {m['images_1x']} images",
+                 f"{m['ratio']:.2f}x", '<= 1.2',
+                 f"{m['peak_rss_mb_10x']:.0f} vs {m['peak_rss_mb_1x']:.0f} MB"))
+  return rows
+
+
+def _probe(r):
+  rows = []
+  for key in ('synthetic', 'digits'):
+    if key in r:
+      s = r[key]
+      rows.append((f"probe sweep + refit, JAX vs scikit-learn ({s['name']})",
+                   f"{s['speedup']:.1f}x", '>= 10x, top-1 within 0.5 pt',
+                   f"top-1 {100 * s['top1_jax']:.2f} vs {100 * s['top1_sklearn']:.2f}"))
+  return rows
+
+
+def _finetune(r):
+  return [(f"fine-tune train step vs forward ({r['model']}, batch {r['batch_size']}, "
+           f"{r['dtype']}, mode {r['mode']})", f"{r['train_over_forward']:.2f}", '>= 0.3',
+           f"{r['train_images_per_s']:.1f} vs {r['forward_images_per_s']:.1f} images/s")]
+
+
+# name: (module, full-run args, quick-run args, rows from the JSON)
+BENCHES = {
+    'backbone': ('benchmarks.backbone', ['--iters', '5'], ['--iters', '1', '--batch_size', '4'],
+                 _backbone),
+    'embed': ('benchmarks.embed', ['--images', '640', '--repeats', '1'],
+              ['--images', '16', '--repeats', '1', '--model', 'random:tiny',
+               '--memory_images', '10'], _embed),
+    'probe': ('benchmarks.probe', [], ['--num', '3000', '--dim', '64', '--classes', '10',
+                                       '--skip_digits'], _probe),
+    'finetune': ('benchmarks.finetune', ['--batch_size', '32', '--steps', '3'],
+                 ['--model', 'random:tiny', '--batch_size', '8', '--steps', '2'], _finetune),
+}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--quick', action='store_true', help='smoke-test sizes')
+  p.add_argument('--only', default=','.join(BENCHES), help='comma-separated subset')
+  args = p.parse_args(argv)
+  rows, failed = [], []
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in args.only.split(','):
+      module, full, quick, to_rows = BENCHES[name]
+      out = os.path.join(tmp, f'{name}.json')
+      cmd = [sys.executable, '-m', module, *(quick if args.quick else full), '--json', out]
+      print(f'== {name}: {" ".join(cmd[1:])}', file=sys.stderr, flush=True)
+      if subprocess.run(cmd).returncode != 0 or not os.path.exists(out):
+        failed.append(name)
+        continue
+      with open(out) as fh:
+        rows.extend(to_rows(json.load(fh)))
+  when = datetime.date.today().isoformat()
+  print(f'\nMeasured {when} on {platform.machine()} with {os.cpu_count()} CPUs '
+        f'({platform.processor() or platform.platform()}){" [quick]" if args.quick else ""}\n')
+  print('| figure | measured | target | detail |\n|---|---:|---|---|')
+  for figure, value, target, detail in rows:
+    print(f'| {figure} | {value} | {target} | {detail} |')
+  if failed:
+    print(f'\nfailed: {", ".join(failed)}', file=sys.stderr)
+    raise SystemExit(1)
+
+
+if __name__ == '__main__':
+  main()
