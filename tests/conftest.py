@@ -1,6 +1,8 @@
 """Shared fixtures (keep small: several stages' tests use them)."""
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 
 @pytest.fixture(scope='session')
@@ -11,3 +13,19 @@ def digits_data_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('tfds'))
   digits.prepare(path)
   return path
+
+
+@pytest.fixture(scope='module')
+def xla_cache(tmp_path_factory):
+  """XLA's persistent cache for one test module: its runs recompile the same programs.
+
+  Use it with ``pytestmark = pytest.mark.usefixtures('xla_cache')``.
+  """
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp('xla_cache')))
+  compilation_cache.reset_cache()  # (re)initialise it with this directory
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+  compilation_cache.reset_cache()

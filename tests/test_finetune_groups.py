@@ -2,7 +2,6 @@
 
 import flax
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,20 +14,10 @@ from transfer import clip
 from transfer import preprocess
 from transfer.errors import UserError
 
+pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
+
 NUM_CLASSES = 5
 
-
-@pytest.fixture(scope='module', autouse=True)
-def xla_cache(tmp_path_factory):
-  """Each run recompiles the same programs; XLA's persistent cache lets the later ones reuse them."""
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp('xla_cache')))
-  compilation_cache.reset_cache()  # (re)initialise it with this directory
-  yield
-  jax.config.update('jax_compilation_cache_dir', old[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='module')
