@@ -57,9 +57,13 @@ class Pretrained:
   preprocess: PreprocessConfig
   name: str  # what the user passed
   revision: Optional[str] = None  # hub commit, when downloaded
+  _checksum: Optional[str] = dataclasses.field(default=None, repr=False, compare=False)
 
   def checksum(self) -> str:
-    return clip.params_checksum(self.variables['params'])
+    """sha256 of the params; computed once (ViT-B/32 with its text tower: ~600 MB)."""
+    if self._checksum is None:
+      self._checksum = clip.params_checksum(self.variables['params'])
+    return self._checksum
 
 
 def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32,
