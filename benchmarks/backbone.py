@@ -8,7 +8,6 @@ Both take float32 NCHW/NHWC pixels already normalised (preprocessing excluded).
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfer import clip
+from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 GMACS_PER_IMAGE = 4.4  # ViT-B/32 vision tower forward
 
@@ -91,9 +91,7 @@ def main(argv=None):
         f'({gflops(jax_ips):.0f} GFLOP/s), torch {torch_ips:.2f} img/s '
         f'({gflops(torch_ips):.0f} GFLOP/s), ratio {jax_ips / torch_ips:.3f}x, '
         f'max |diff| {err:.2e}', file=sys.stderr)
-  if args.json:
-    with open(args.json, 'w') as fh:
-      json.dump(result, fh, indent=1)
+  write_json(args.json, result)
   return result
 
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 
 def make_folder(root: str, n: int, size: int, seed: int = 0, classes: int = 2) -> str:
@@ -186,9 +187,7 @@ def main(argv=None):
           f"(target <= 1.2; the 10x inputs are {m['jpeg_mb_10x']:.0f} MB of JPEG, "
           f"{m['decoded_mb_10x']:.0f} MB decoded)")
   print(json.dumps(results))
-  if args.json:
-    with open(args.json, 'w') as fh:
-      json.dump(results, fh, indent=1)
+  write_json(args.json, results)
   return results
 
 

@@ -13,7 +13,6 @@ analytic ViT count (ViT-B/32: ~4.4 GMACs/image forward; a full train step
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from finetune import groups  # pylint: disable=g-import-not-at-top
 from finetune import trainer  # pylint: disable=g-import-not-at-top
+from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 
 def vit_forward_macs(v) -> float:
@@ -117,9 +117,7 @@ def run(argv=None) -> dict:
   if args.peak_tflops:
     print(f'  MFU at {args.peak_tflops:g} TFLOP/s/device: forward {out["forward_mfu"]:.1%}, '
           f'train {out["train_mfu"]:.1%}  ({out["forward_gmacs_per_image"]:.2f} GMACs/image fwd)')
-  if args.json:
-    with open(args.json, 'w') as fh:
-      json.dump(out, fh, indent=1)
+  write_json(args.json, out)
   return out
 
 

@@ -13,12 +13,12 @@ same on the digits pixels (1,797 x 64, 10 classes), a small real set.
 """
 
 import argparse
-import json
 import os
 
 import numpy as np
 
 from probe import core
+from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 
 def synthetic(num: int, dim: int, num_classes: int, seed: int = 0):
@@ -94,9 +94,7 @@ def main(argv=None):
     name = 'digits pixels 1797x64, 10 classes'
     results['digits'] = dict(zip(('speedup', 'top1_jax', 'top1_sklearn'),
                                  compare(name, x, y, 10, l2s, args.tol)), name=name)
-  if args.json:
-    with open(args.json, 'w') as fh:
-      json.dump(results, fh, indent=1)
+  write_json(args.json, results)
   return results
 
 
