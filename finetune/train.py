@@ -80,6 +80,7 @@ def config_from_args(args):
 def main(argv=None):
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every file it writes
+  logging.getLogger('jax').setLevel(logging.WARNING)  # e.g. 'Unable to initialize backend tpu'
   args = parse_args(argv)
   from finetune import trainer  # pylint: disable=g-import-not-at-top
 

@@ -135,7 +135,9 @@ def jit_steps(mesh: Mesh, trainable, pre: preprocess.PreprocessConfig):
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   n = mesh.size
-  if batch_size <= 0 or batch_size % n:
+  if batch_size < 1:
+    raise UserError(f'--batch_size must be >= 1, got {batch_size}')
+  if batch_size % n:
     raise UserError(f'--batch_size {batch_size} is not divisible by the {n} local devices; '
                     f'use a multiple of {n}')
 
