@@ -43,6 +43,23 @@ TOL = 1e-5
 ADAM_LR = 1e-2  # full-batch Adam on standardised features; L-BFGS needs no step size
 CHUNK = 20  # solver iterations per jitted call, between progress updates
 MAX_BACKTRACK = 30  # step halvings before a problem counts as stalled (2^-30: no progress left)
+# Below this many multiply-adds per loss evaluation (rows x dim x classes),
+# compiling costs more than computing: rows are padded (weight 0) to a
+# power-of-two bucket and the refit shares the sweep's executable, so a run's
+# sweep, refit and few-shot fits compile twice in all instead of once each.
+SMALL_PROBLEM = 1 << 24
+MIN_BUCKET = 256
+
+
+def is_small(rows: int, dim: int, num_classes: int) -> bool:
+  return rows * dim * num_classes <= SMALL_PROBLEM
+
+
+def bucket_rows(rows: int, dim: int, num_classes: int) -> int:
+  """Rows to pad to: a power of two for small problems, the rows themselves otherwise."""
+  if not is_small(rows, dim, num_classes):
+    return rows
+  return max(MIN_BUCKET, 1 << (rows - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -172,8 +189,11 @@ def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float]
   if solver not in SOLVERS:
     raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
   empty_carry, run = _solver(num_classes, solver, float(tol))
-  xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
-  wj = jnp.ones(len(x), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+  w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
+  pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
+  xj = jnp.asarray(np.pad(np.asarray(x, np.float32), ((0, pad), (0, 0))))
+  yj = jnp.asarray(np.pad(np.asarray(y, np.int32), (0, pad)))
+  wj = jnp.asarray(np.pad(w, (0, pad)))
   l2j = jnp.asarray(l2s, jnp.float32)
   carry = empty_carry(x.shape[1], len(l2s))
   bar = tqdm(total=max_iter, desc=desc, file=sys.stderr, leave=False, disable=not progress)
@@ -298,11 +318,14 @@ def sweep_and_refit(method: str, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np
   std = Standardizer.fit(x_fit)
   zf, zv = std(x_fit), std(x_val)
   fitted = None  # (final model, info) when the sweep's fit at the best L2 is already final
-  # On an accelerator compiling costs more than computing: pad the sweep to the
-  # refit's rows (weight 0) and refit G copies, so both reuse one executable.
-  # On CPU computing dominates, and the G-1 extra refits would not be free.
+  # Where compiling costs more than computing (an accelerator, or a small
+  # problem), pad the sweep to the refit's rows (weight 0) and refit G copies,
+  # so both reuse one executable. On CPU a large problem's compute dominates,
+  # and the G-1 extra refits would not be free.
   if share_compile is None:
-    share_compile = jax.default_backend() != 'cpu'
+    rows = len(x_fit) + len(x_val)
+    share_compile = (jax.default_backend() != 'cpu'
+                     or is_small(rows, x_fit.shape[1], num_classes))
   share = share_compile and method == 'jax' and refit and len(l2s) > 1
   if len(l2s) > 1:
     if method == 'jax':
