@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from probe import core
+from transfer.metrics import classification
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 
@@ -49,7 +50,7 @@ def compare(name, x, y, num_classes, l2s, tol, eval_fraction=0.2, seed=0):
   for method in ('jax', 'sklearn'):
     r = core.sweep_and_refit(method, x[fit], y[fit], x[val], y[val], x[ev], num_classes, l2s,
                              tol=tol)
-    res[method] = (r, core.metrics(r.eval_logits, y[ev], names)['top1'])
+    res[method] = (r, classification(r.eval_logits, y[ev], names)['top1'])
     iters = [v['n_iter'] for v in r.sweep.values()]
     print(f'  {method:8s} wall {r.wall_s:8.2f} s  top1 {100 * res[method][1]:6.2f}  '
           f'l2 {r.l2:g}  sweep iters {iters}  refit iters {r.final_info["n_iter"]}', flush=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -75,6 +73,3 @@ def _checked(target, source, where: str):
   return traverse_util.unflatten_dict(
       {tuple(p.split('/')): jnp.array(s[p], t[p].dtype, copy=True) for p in t})
 
-
-def param_count(tree: Any) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -99,7 +99,7 @@ class LoadFile(beam.DoFn):
 
   def process(self, readable: fileio.ReadableFile):
     path = readable.metadata.path
-    parts = _relative(self._source_root, path).split('/')
+    parts = sources_lib.relative_path(self._source_root, path).split('/')
     if parts[-1].startswith('.'):
       return []  # hidden files (.DS_Store): not inputs, not counted
     self._read.inc()
@@ -115,10 +115,6 @@ class LoadFile(beam.DoFn):
   def _dead_letter(self, ex_id, reason):
     self._dead.inc()
     return [beam.pvalue.TaggedOutput(DEAD, (ex_id, reason))]
-
-
-def _relative(root: str, path: str) -> str:
-  return (path[len(root):] if path.startswith(root) else path).replace('\\', '/').lstrip('/')
 
 
 class Preprocess(beam.DoFn):

@@ -28,7 +28,6 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from transfer import metrics as metrics_lib
 
 # Decades wide enough for a huge clean set (weak) and a few shots (strong).
 DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -262,11 +261,6 @@ def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
 def select(val_scores: Sequence[tuple[float, float]]) -> int:
   """Index of the best (top1, log_loss): highest accuracy, then lowest loss."""
   return min(range(len(val_scores)), key=lambda i: (-val_scores[i][0], val_scores[i][1]))
-
-
-def metrics(logits: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> dict:
-  """top1, top5, balanced accuracy, per-class accuracy: the schema both stages write."""
-  return metrics_lib.classification(logits, y, class_names)
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ import numpy as np
 from probe import core
 from probe.head import LinearHead
 from transfer.errors import UserError, cli_main
+from transfer.metrics import classification
 
 BASELINES = ('sklearn',)
 METHODS = ('jax',) + BASELINES
@@ -58,7 +59,7 @@ def check_splits(train: tuple, evaluation: tuple, num_classes: int,
 
 def _method_entry(method: str, r: core.MethodResult, y_eval: np.ndarray,
                   class_names: Sequence[str], solver: str) -> dict:
-  m = core.metrics(r.eval_logits, y_eval, class_names)
+  m = classification(r.eval_logits, y_eval, class_names)
   return {**m, 'l2': r.l2, 'wall_s': r.wall_s,
           'solver': solver if method == 'jax' else 'sklearn-lbfgs',
           'refit_iterations': r.final_info['n_iter'], 'sweep': r.sweep}
@@ -80,7 +81,7 @@ def _few_shot(method, k, seeds, x_fit, y_fit, x_val, y_val, x_eval, y_eval, clas
     r = core.sweep_and_refit(method, x_fit[idx], y_fit[idx], x_val, y_val, x_eval,
                              len(class_names), l2s, refit=False, solver=solver,
                              progress=progress, **kw)
-    m = core.metrics(r.eval_logits, y_eval, class_names)
+    m = classification(r.eval_logits, y_eval, class_names)
     runs.append({**m, 'l2': r.l2, 'num_fit': int(len(idx))})
   entry = {'shots': k, 'seeds': seeds}
   for key in ('top1', 'top5', 'balanced_accuracy'):

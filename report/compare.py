@@ -158,6 +158,11 @@ def plot(rows: list[dict], shots: list[dict], path: str, title: str) -> None:
   plt.close(fig)
 
 
+def default_output_dir(paths: list[str]) -> str:
+  """Where the report goes without --output_dir: the first run directory."""
+  return paths[0] if os.path.isdir(paths[0]) else '.'
+
+
 def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   """Writes report.md and report.png; returns the Markdown."""
   files = find_metrics(paths)
@@ -168,7 +173,7 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   models.discard(None)
   model = ', '.join(sorted(models))
   md = markdown(rows, shots, embed, task, model)
-  output_dir = output_dir or (paths[0] if os.path.isdir(paths[0]) else '.')
+  output_dir = output_dir or default_output_dir(paths)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, 'report.md'), 'w') as fh:
     fh.write(md)
@@ -186,7 +191,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   md = compare(args.runs, args.output_dir)
   print(md)
-  out = args.output_dir or (args.runs[0] if os.path.isdir(args.runs[0]) else '.')
+  out = args.output_dir or default_output_dir(args.runs)
   print(f'wrote {os.path.join(out, "report.md")} and {os.path.join(out, "report.png")}',
         file=sys.stderr)
 

@@ -141,6 +141,12 @@ def _text(v) -> str:
 # --------------------------------------------------------------------------
 
 
+def relative_path(root: str, path: str) -> str:
+  """``path`` below ``root``, '/'-separated: a folder example's id ('train/cat/001.jpg')."""
+  rel = path[len(root):] if path.startswith(root) else path
+  return rel.replace('\\', '/').lstrip('/')
+
+
 class FolderSource(Source):
   """``PATH/<split>/<class>/<image>``; files listed with Beam's FileSystems."""
 
@@ -179,8 +185,7 @@ class FolderSource(Source):
 
   def relative(self, path: str) -> str:
     """Path below the root, '/'-separated: the example id ('train/cat/001.jpg')."""
-    rel = path[len(self.root):] if path.startswith(self.root) else path
-    return rel.replace('\\', '/').lstrip('/')
+    return relative_path(self.root, path)
 
   def split_pattern(self, split: str) -> str:
     """The glob that matches one split's images (for Beam's MatchFiles)."""
@@ -188,13 +193,6 @@ class FolderSource(Source):
 
     self.check_split(split)
     return FileSystems.join(self.root, split, '*', '*')
-
-  def label_of(self, path: str) -> Optional[int]:
-    """Label from the class folder of ``path``; None for a file outside the layout."""
-    parts = self.relative(path).split('/')
-    if len(parts) != 3 or parts[1] not in self.class_names or parts[2].startswith('.'):
-      return None
-    return self.class_names.index(parts[1])
 
   def num_examples(self, split):
     self.check_split(split)
