@@ -56,9 +56,9 @@ class Raw:
 
   def __init__(self, root: str, model: str, batch_size: int):
     from pipelines import jax_handler  # pylint: disable=g-import-not-at-top
-    from transfer import preprocess, sources  # pylint: disable=g-import-not-at-top
+    from transfer import clip, preprocess, sources  # pylint: disable=g-import-not-at-top
 
-    pre = jax_handler.load_pretrained_once(model)
+    pre = clip.load(model)
     self.forward = jax_handler.build_forward(pre)  # the function the handler jits
     images = [preprocess.prepare(e.image, pre.preprocess)
               for e in sources.open_source(f'folder:{root}').iter_examples('train')]

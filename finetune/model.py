@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from transfer.checkpoints import Pretrained
-from transfer.clip import Classifier
+from transfer.clip import Classifier, Pretrained
 from transfer.errors import UserError
 
 
@@ -16,15 +15,9 @@ class TransferError(UserError):
   """Pretrained variables that do not fit the initialised classifier."""
 
 
-def backbone_of(pretrained: Pretrained):
-  """The stand-alone vision tower and its variables, exactly as the guide extracts them."""
-  vision_model, vision_vars = pretrained.module.bind(pretrained.variables).vision_model.unbind()
-  return vision_model, vision_vars
-
-
 def create(pretrained: Pretrained, num_classes: int, seed: int = 0):
   """Returns ``(Classifier, variables)`` with the pretrained backbone transferred in."""
-  backbone, backbone_vars = backbone_of(pretrained)
+  backbone, backbone_vars = pretrained.vision_tower()
   model = Classifier(num_classes=num_classes, backbone=backbone)
   h, w, c = pretrained.preprocess.output_shape
   # jit: initialising op by op is slow for a ViT-B; the head is zeros anyway.

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from finetune import groups
 from finetune import input_pipeline
 from finetune import model as model_lib
-from transfer import checkpoints as ckpt_lib
+from transfer import clip
 from transfer import metrics as metrics_lib
 from transfer import preprocess
 from transfer import sources
@@ -36,7 +36,6 @@ from transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Config fields that must not change between a run and its --resume.
 RESUME_KEYS = ('dataset', 'train_split', 'model', 'rules', 'backbone_lr_factor', 'epochs',
                'steps', 'batch_size', 'lr', 'warmup', 'weight_decay', 'clip_norm', 'dtype',
@@ -51,7 +50,7 @@ class Config:
   data_dir: Optional[str] = None  # TFDS data_dir
   train_split: str = 'train'
   eval_split: str = 'test'
-  model: str = ckpt_lib.DEFAULT_MODEL  # hub id, save_pretrained dir or random:<preset>
+  model: str = clip.DEFAULT_MODEL  # hub id, save_pretrained dir or random:<preset>
   modes: Sequence[str] = ('linear',)  # each one trained from the same pretrained weights
   rules: Optional[str] = None  # JSON text or file for mode 'custom'
   backbone_lr_factor: float = 0.1  # mode 'differential': backbone lr = lr × this
@@ -111,13 +110,6 @@ def eval_step(state: TrainState, batch, *, pre: preprocess.PreprocessConfig):
   return state.apply_fn({'params': state.params, **state.rest}, x).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=2)
-def load_pretrained(name: str, dtype: str = 'float32') -> ckpt_lib.Pretrained:
-  """Memoised: runs of several configs in one process (tests, notebooks) load once."""
-  # Safe to share: training works on copies (see create_state).
-  return ckpt_lib.load_pretrained(name, dtype=DTYPES[dtype])
-
-
 def make_mesh() -> Mesh:
   """A 1-D data-parallel mesh over all local devices."""
   return Mesh(np.array(jax.local_devices()), ('data',))
@@ -166,7 +158,7 @@ def schedule_for(config: Config, total_steps: int):
       decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 
 
-def create_state(pretrained: ckpt_lib.Pretrained, num_classes: int, mode: str, config: Config,
+def create_state(pretrained: clip.Pretrained, num_classes: int, mode: str, config: Config,
                  total_steps: int, initialised=None, mesh: Optional[Mesh] = None):
   """(TrainState with pretrained weights, trainable mask, rules) for one mode.
 
@@ -271,7 +263,7 @@ def load_checkpoint(workdir: str, mode: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def train_mode(mode: str, pretrained: ckpt_lib.Pretrained, train: input_pipeline.Split,
+def train_mode(mode: str, pretrained: clip.Pretrained, train: input_pipeline.Split,
                evaluation: input_pipeline.Split, class_names: Sequence[str], config: Config,
                workdir: str, mesh: Mesh, initialised=None) -> Optional[dict]:
   """Trains and evaluates one mode; returns its metrics entry (None if stopped early)."""
@@ -401,7 +393,7 @@ def validate_modes(config: Config) -> None:
 def train_and_evaluate(config: Config, workdir: str) -> dict:
   """Fine-tunes ``config.modes`` one after another; returns (and writes) metrics.json."""
   validate_modes(config)  # fail on a typo before minutes of data loading
-  if config.dtype not in DTYPES:
+  if config.dtype not in clip.DTYPES:
     raise UserError(f'--dtype {config.dtype!r}: choose float32 or bfloat16')
   mesh = make_mesh()
   check_batch_size(config.batch_size, mesh)
@@ -412,7 +404,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   if config.num_classes is not None and config.num_classes != len(class_names):
     raise UserError(f'--num_classes {config.num_classes} but {config.dataset} has '
                     f'{len(class_names)} classes')
-  pretrained = load_pretrained(config.model, config.dtype)
+  pretrained = clip.load(config.model, config.dtype)
   t_data = time.perf_counter()
   cache = os.path.join(workdir, 'cache')
   train = input_pipeline.load_split(source, config.train_split, pretrained.preprocess,

@@ -14,6 +14,7 @@ Any Beam option (``--runner=DataflowRunner``, ``--project``, …) is passed on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -21,7 +22,6 @@ import time
 from typing import Any, Optional
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
@@ -29,92 +29,57 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 import transfer
-from pipelines import jax_handler
+from pipelines import reads
 from pipelines.jax_handler import ClipVisionModelHandler
+from transfer import clip
 from transfer import embeddings as emb_lib
+from transfer import flags
 from transfer import sources as sources_lib
 from transfer.errors import UserError, cli_main
 
-NAMESPACE = 'embed'
-DEAD = 'dead'
-READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
+NAMESPACE = reads.NAMESPACE
+DEAD = reads.DEAD
 
 
-def parse_args(argv):
+@dataclasses.dataclass
+class EmbedConfig:
+  """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
+
+  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>) or a "
+                             'TFDS name')
+  output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
+  data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
+  splits: tuple[str, ...] = flags.field(('train', 'test'), 'comma-separated splits to embed')
+  model: str = flags.field(clip.DEFAULT_MODEL,
+                           'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+  batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded: one '
+                                'compilation)')
+  projected: bool = flags.field(False, 'also store the visual_projection output as feature '
+                                '`projected`')
+  examples_per_shard: int = flags.field(emb_lib.EXAMPLES_PER_SHARD,
+                                        'sets the number of ArrayRecord shards per split')
+  overwrite: bool = flags.field(False, 'replace an existing dataset in --output_dir')
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise UserError(f'--batch_size must be >= 1, got {self.batch_size}')
+    if self.examples_per_shard < 1:
+      raise UserError(f'--examples_per_shard must be >= 1, got {self.examples_per_shard}')
+    if not self.splits:
+      raise UserError('--splits is empty')
+
+
+def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
+  """(our config, the remaining flags for Beam)."""
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--dataset', required=True,
-                 help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>) or a TFDS name")
-  p.add_argument('--data_dir', default=None, help='TFDS data_dir for catalog datasets / digits')
-  p.add_argument('--splits', default='train,test', help='comma-separated splits to embed')
-  p.add_argument('--model', default='openai/clip-vit-base-patch32',
-                 help='hub id, save_pretrained directory, or random:tiny / random:vit-b32')
-  p.add_argument('--output_dir', required=True, help='local path or any Beam filesystem (gs://…)')
-  p.add_argument('--batch_size', type=int, default=32,
-                 help='fixed device batch (the last batch is padded: one compilation)')
-  p.add_argument('--projected', action='store_true',
-                 help='also store the visual_projection output as feature `projected`')
-  p.add_argument('--examples_per_shard', type=int, default=emb_lib.EXAMPLES_PER_SHARD,
-                 help='sets the number of ArrayRecord shards per split')
-  p.add_argument('--overwrite', action='store_true',
-                 help='replace an existing dataset in --output_dir')
+  flags.add_flags(p, EmbedConfig)
   args, beam_args = p.parse_known_args(argv)
-  if args.batch_size < 1:
-    raise UserError(f'--batch_size must be >= 1, got {args.batch_size}')
-  if args.examples_per_shard < 1:
-    raise UserError(f'--examples_per_shard must be >= 1, got {args.examples_per_shard}')
-  args.splits = [s.strip() for s in args.splits.split(',') if s.strip()]
-  if not args.splits:
-    raise UserError('--splits is empty')
-  return args, beam_args
+  return flags.from_args(EmbedConfig, args), beam_args
 
 
 # --------------------------------------------------------------------------
 # DoFns
 # --------------------------------------------------------------------------
-
-
-class ReadRange(beam.DoFn):
-  """(start, stop) of a split of a TFDS source → (id, label, image) (a process-wide open)."""
-
-  def __init__(self, spec: str, data_dir: Optional[str], split: str):
-    self._spec, self._data_dir, self._split = spec, data_dir, split
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
-
-  def setup(self):
-    self._source = sources_lib.open_source(self._spec, self._data_dir)
-
-  def process(self, bounds):
-    for ex in self._source.iter_examples(self._split, *bounds):
-      self._read.inc()
-      yield ex.id, ex.label, ex.image
-
-
-class LoadFile(beam.DoFn):
-  """A matched image file → (id, label, bytes); unreadable or stray files are dead letters."""
-
-  def __init__(self, root: str, class_names: list[str], split: str):
-    self._source_root, self._class_names, self._split = root, class_names, split
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
-    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
-
-  def process(self, readable: fileio.ReadableFile):
-    path = readable.metadata.path
-    parts = sources_lib.relative_path(self._source_root, path).split('/')
-    if parts[-1].startswith('.'):
-      return []  # hidden files (.DS_Store): not inputs, not counted
-    self._read.inc()
-    ex_id = '/'.join(parts)
-    if len(parts) != 3 or parts[1] not in self._class_names:
-      return self._dead_letter(ex_id, f'not in a known class folder: {path}')
-    try:
-      data = readable.read()
-    except Exception as e:  # permissions, vanished file, network
-      return self._dead_letter(ex_id, f'cannot read: {type(e).__name__}: {e}')
-    return [(ex_id, self._class_names.index(parts[1]), data)]
-
-  def _dead_letter(self, ex_id, reason):
-    self._dead.inc()
-    return [beam.pvalue.TaggedOutput(DEAD, (ex_id, reason))]
 
 
 class Preprocess(beam.DoFn):
@@ -222,29 +187,8 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
     total = source.num_examples(split)
     totals.append(total)
     num_shards[split] = emb_lib.num_shards_for(total, args.examples_per_shard)
-    if isinstance(source, sources_lib.FolderSource):
-      # Beam's file matching: on Dataflow the files are read in parallel.
-      loaded = (p
-                | f'Match[{split}]' >> fileio.MatchFiles(source.split_pattern(split))
-                # MatchFiles emits every path from one element: without this the
-                # reads fuse onto one Dataflow worker.
-                | f'SpreadFiles[{split}]' >> beam.Reshuffle()
-                | f'ReadMatches[{split}]' >> fileio.ReadMatches(
-                    compression=CompressionTypes.UNCOMPRESSED)
-                | f'Load[{split}]' >> beam.ParDo(
-                    LoadFile(source.root, source.class_names, split)).with_outputs(
-                        DEAD, main='ok'))
-      examples, load_dead = loaded.ok, [loaded[DEAD]]
-    else:
-      bounds = ([(s, min(s + READ_CHUNK, total)) for s in range(0, total, READ_CHUNK)]
-                if total else [(0, None)])
-      examples = (p
-                  | f'Ranges[{split}]' >> beam.Create(bounds)
-                  # Spreads read tasks over workers (tiny elements: cheap to shuffle).
-                  | f'SpreadRanges[{split}]' >> beam.Reshuffle()
-                  | f'Read[{split}]' >> beam.ParDo(
-                      ReadRange(args.dataset, args.data_dir, split)))
-      load_dead = []
+    read = reads.read_split(p, source, split, args.data_dir)
+    examples, load_dead = read.examples, read.dead
     ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
         Preprocess(cfg.to_json(), split)).with_outputs(DEAD, main='ok')
     prepared.append(ok_and_dead.ok)
@@ -320,7 +264,7 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   for split in args.splits:
     source.check_split(split)
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
-  pretrained = jax_handler.load_pretrained_once(args.model)
+  pretrained = clip.load(args.model)
   emb_lib.prepare_output(args.output_dir, args.overwrite)
   options = PipelineOptions(beam_args)
   # Code ships as a package (--setup_file), not a pickled __main__.
@@ -342,13 +286,6 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
       'wall_s': seconds, 'num_images': total, 'images_per_s': summary['images_per_second'],
       'runner': 'FnApiRunner (local)' if local else type(p.runner).__name__,
       'batch_size': args.batch_size})
-  for split, c in counts.items():
-    print(f'{split}: read {c["read"]}, written {c["written"]}, '
-          f'dead-lettered {c["dead_lettered"]}')
-  if summary['inference']:
-    print('RunInference: ' + ', '.join(f'{k}={v}' for k, v in sorted(summary['inference'].items())))
-  print(f'{total} images in {seconds:.1f} s ({summary["images_per_second"]:.1f} images/s) '
-        f'→ {args.output_dir}')
   return summary
 
 
@@ -364,10 +301,23 @@ def _inference_metrics(result) -> dict[str, int]:
   return out
 
 
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+  """What the CLI prints: counts per split, RunInference's counters, throughput."""
+  lines = [f'{split}: read {c["read"]}, written {c["written"]}, '
+           f'dead-lettered {c["dead_lettered"]}' for split, c in summary['counts'].items()]
+  if summary['inference']:
+    lines.append('RunInference: ' + ', '.join(
+        f'{k}={v}' for k, v in sorted(summary['inference'].items())))
+  total = sum(c['read'] for c in summary['counts'].values())
+  lines.append(f'{total} images in {summary["seconds"]:.1f} s '
+               f'({summary["images_per_second"]:.1f} images/s) → {summary["output_dir"]}')
+  return lines
+
+
 @cli_main
 def main(argv=None):
   logging.basicConfig(level=logging.WARNING)
-  run(argv)
+  print('\n'.join(summary_lines(run(argv))))
 
 
 if __name__ == '__main__':

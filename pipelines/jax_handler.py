@@ -11,30 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
-
-# Traces of the jitted forward in this process, by model name: tests assert
-# that a whole run compiles exactly once (a trace happens on every compile).
-COMPILATIONS: dict[str, int] = {}
-_LOCK = threading.Lock()
-# Loaded models by name, for the life of the process: the launcher's load (for
-# the metadata) is reused when the runner works in the same process.
-_MODELS: dict[str, Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def load_pretrained_once(name: str):
-  """``transfer.checkpoints.load_pretrained``, at most once per process and name."""
-  from transfer.checkpoints import load_pretrained  # pylint: disable=g-import-not-at-top
-
-  with _MODELS_LOCK:
-    if name not in _MODELS:
-      _MODELS[name] = load_pretrained(name)
-    return _MODELS[name]
 
 
 @dataclasses.dataclass
@@ -47,36 +27,30 @@ class VisionModel:
 
 
 def build_forward(pretrained, projected: bool = False) -> Callable:
-  """The jitted vision tower of a ``transfer.checkpoints.Pretrained``.
-
-  Extracted with ``bind/unbind`` as in the Flax transfer-learning guide.
-  """
+  """The jitted vision tower of a ``transfer.clip.Pretrained`` (uint8 in, normalised inside)."""
   import jax  # pylint: disable=g-import-not-at-top
   from transfer.preprocess import normalize  # pylint: disable=g-import-not-at-top
 
-  bound = pretrained.module.bind(pretrained.variables)
-  vision, vision_vars = bound.vision_model.unbind()
+  vision, vision_vars = pretrained.vision_tower()
   proj_kernel = None
   if projected:
     if pretrained.module.projection_dim is None:
       from transfer.errors import UserError  # pylint: disable=g-import-not-at-top
       raise UserError(f'{pretrained.name} has no visual_projection; drop --projected')
     proj_kernel = pretrained.variables['params']['visual_projection']['kernel']
-  cfg, name = pretrained.preprocess, pretrained.name
+  cfg = pretrained.preprocess
 
   # Weights are arguments, not closed-over constants: closed-over arrays would
   # be baked into the compiled program (slow compiles, a weights-sized
   # executable, no reuse from a compilation cache).
   @jax.jit
-  def forward(variables, kernel, pixels):
-    with _LOCK:  # runs at trace time only: counts compilations
-      COMPILATIONS[name] = COMPILATIONS.get(name, 0) + 1
+  def clip_vision_forward(variables, kernel, pixels):
     pooled = vision.apply(variables, normalize(pixels, cfg)).pooler_output
     if kernel is None:
       return pooled, None
     return pooled, pooled @ kernel
 
-  return functools.partial(forward, vision_vars, proj_kernel)
+  return functools.partial(clip_vision_forward, vision_vars, proj_kernel)
 
 
 class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):
@@ -89,7 +63,8 @@ class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):
     self._projected = projected
 
   def load_model(self) -> VisionModel:
-    pre = load_pretrained_once(self._model_name)
+    from transfer import clip  # pylint: disable=g-import-not-at-top
+    pre = clip.load(self._model_name)
     forward = build_forward(pre, self._projected)
     return VisionModel(forward, self._batch_size, pre.preprocess.output_shape)
 

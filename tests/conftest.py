@@ -1,5 +1,8 @@
 """Shared fixtures (keep small: several stages' tests use them)."""
 
+import contextlib
+import logging
+
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
@@ -29,3 +32,35 @@ def xla_cache(tmp_path_factory):
   jax.config.update('jax_compilation_cache_dir', old[0])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
   compilation_cache.reset_cache()
+
+
+class _CompileCounter(logging.Handler):
+  """Counts jax's 'Compiling jit(<name>)' log lines (jax_log_compiles) for one function name."""
+
+  def __init__(self, name: str):
+    super().__init__()
+    self.prefix, self.count = f'Compiling jit({name})', 0
+
+  def emit(self, record):
+    if record.getMessage().startswith(self.prefix):
+      self.count += 1
+
+
+@pytest.fixture(scope='session')
+def count_compiles():
+  """``with count_compiles('fn') as c: …``; then ``c.count`` is how often jit compiled ``fn``."""
+
+  @contextlib.contextmanager
+  def counting(name: str):
+    logger = logging.getLogger('jax._src.interpreters.pxla')
+    counter = _CompileCounter(name)
+    old = jax.config.jax_log_compiles
+    jax.config.update('jax_log_compiles', True)
+    logger.addHandler(counter)
+    try:
+      yield counter
+    finally:
+      logger.removeHandler(counter)
+      jax.config.update('jax_log_compiles', old)
+
+  return counting

@@ -21,7 +21,7 @@ def _smoke(model, **env):
 
 def test_unknown_preset():
   with pytest.raises(ModelLoadError, match="unknown preset 'random:huge'.*random:tiny"):
-    checkpoints.load_pretrained('random:huge')
+    checkpoints.read('random:huge')
 
 
 def test_hub_id_offline_fails_fast_with_the_way_out(tmp_path):
@@ -44,18 +44,18 @@ def test_directory_without_weights(tmp_path):
 
 def test_directory_without_config(tmp_path):
   with pytest.raises(ModelLoadError, match='no config.json'):
-    checkpoints.load_pretrained(str(tmp_path))
+    checkpoints.read(str(tmp_path))
 
 
 def test_missing_path():
   with pytest.raises(ModelLoadError, match='no such model directory'):
-    checkpoints.load_pretrained('./does/not/exist')
+    checkpoints.read('./does/not/exist')
 
 
 def test_not_a_clip_config(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
   with pytest.raises(ModelLoadError, match="model_type 'bert' is not a CLIP model"):
-    checkpoints.load_pretrained(str(tmp_path))
+    checkpoints.read(str(tmp_path))
 
 
 def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
@@ -71,7 +71,7 @@ def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
   with pytest.raises(ModelLoadError,
                      match=r"'vision_model/encoder/layers/0/mlp/fc1/bias' has shape \(40,\) "
                            r'in the checkpoint but the config expects \(44,\)'):
-    checkpoints.load_pretrained(str(tmp_path))
+    checkpoints.read(str(tmp_path))
 
 
 def test_pytorch_bin_without_torch_says_what_to_install(tmp_path, monkeypatch):
@@ -79,4 +79,4 @@ def test_pytorch_bin_without_torch_says_what_to_install(tmp_path, monkeypatch):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
   with pytest.raises(ModelLoadError, match=r'needs PyTorch.*pip install torch==2.13.0'):
-    checkpoints.load_pretrained(str(tmp_path))
+    checkpoints.read(str(tmp_path))

@@ -153,10 +153,11 @@ def test_guide_flow_classifier(tmp_path):
 
 
 def test_random_presets_are_deterministic():
-  _, a = clip.load_model('random:tiny')
-  _, b = clip.load_model('random:tiny')
-  assert clip.params_checksum(a['params']) == clip.params_checksum(b['params'])
-  shapes = clip.param_shapes(checkpoints.load_pretrained('random:tiny').module)
+  a, b = checkpoints.read('random:tiny'), checkpoints.read('random:tiny')  # no cache
+  assert clip.params_checksum(a.params) == clip.params_checksum(b.params)
+  assert clip.load('random:tiny') is clip.load('random:tiny')  # one load per process
+  assert clip.load('random:tiny').checksum() == clip.params_checksum(a.params)
+  shapes = clip.param_shapes(a.module)
   assert shapes['vision_model']['embeddings']['patch_embedding']['kernel'].shape == (8, 8, 3, 64)
 
 
@@ -172,8 +173,8 @@ def test_vit_b32_preset_shapes():
 
 
 def test_bf16_compute_keeps_fp32_params():
-  pre = checkpoints.load_pretrained('random:tiny', dtype=jnp.bfloat16)
-  backbone, bvars = pre.module.bind(pre.variables).vision_model.unbind()
+  pre = clip.load('random:tiny', dtype=jnp.bfloat16)
+  backbone, bvars = pre.vision_tower()
   out = backbone.apply(bvars, jnp.zeros((1, 32, 32, 3)))
   assert out.pooler_output.dtype == jnp.bfloat16
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(bvars))

@@ -16,7 +16,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from pipelines import embed, jax_handler
-from transfer import embeddings, preprocess
+from transfer import clip, embeddings, preprocess
 from transfer.errors import UserError
 from transfer.sources import open_source
 
@@ -32,14 +32,17 @@ def _shards(path):
           for f in sorted(os.listdir(path)) if '.array_record-' in f}
 
 
+FORWARD = 'clip_vision_forward'  # the jitted function in pipelines.jax_handler
+
+
 @pytest.fixture(scope='module')
-def digits_run(digits_data_dir, tmp_path_factory):
+def digits_run(digits_data_dir, tmp_path_factory, count_compiles):
   out = str(tmp_path_factory.mktemp('embed') / 'digits')
-  before = jax_handler.COMPILATIONS.get(MODEL, 0)
-  # 1437 and 360 are not multiples of 64: the last batches are padded.
-  summary = _run('--dataset=digits', f'--data_dir={digits_data_dir}', f'--output_dir={out}',
-                 '--batch_size=64')
-  return out, summary, jax_handler.COMPILATIONS.get(MODEL, 0) - before
+  with count_compiles(FORWARD) as compiles:
+    # 1437 and 360 are not multiples of 64: the last batches are padded.
+    summary = _run('--dataset=digits', f'--data_dir={digits_data_dir}', f'--output_dir={out}',
+                   '--batch_size=64')
+  return out, summary, compiles.count
 
 
 def test_digits_end_to_end(digits_run):
@@ -71,7 +74,7 @@ def test_embeddings_equal_the_backbone_applied_directly(digits_run, digits_data_
   out, _, _ = digits_run
   x, _, ids = embeddings.read_split(out, 'test')
   got = dict(zip(ids, x))
-  pre = jax_handler.load_pretrained_once(MODEL)
+  pre = clip.load(MODEL)
   exs = list(open_source('digits', digits_data_dir).iter_examples('test'))[:50]
   pixels = preprocess.prepare_batch([e.image for e in exs], pre.preprocess)
   # The whole CLIP module (no bind/unbind), float32 input normalised outside jit.
@@ -170,16 +173,16 @@ def test_folder_dead_letters(image_folder, tmp_path):
   assert embeddings.read_metadata(out)['source']['class_names'] == ['cat', 'dog']
 
 
-def test_multi_processing_matches_in_process(image_folder, tmp_path):
+def test_multi_processing_matches_in_process(image_folder, tmp_path, count_compiles):
   """Workers in other processes unpickle every DoFn, as on Dataflow."""
   root, _, _ = image_folder
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
   _run(f'--dataset=folder:{root}', f'--output_dir={a}', '--batch_size=4')
-  before = jax_handler.COMPILATIONS.get(MODEL, 0)
-  # One worker keeps the test cheap; it is still another process.
-  summary = _run(f'--dataset=folder:{root}', f'--output_dir={b}', '--batch_size=4',
-                 '--direct_running_mode=multi_processing', '--direct_num_workers=1')
-  assert jax_handler.COMPILATIONS.get(MODEL, 0) == before  # inference ran elsewhere
+  with count_compiles(FORWARD) as compiles:
+    # One worker keeps the test cheap; it is still another process.
+    summary = _run(f'--dataset=folder:{root}', f'--output_dir={b}', '--batch_size=4',
+                   '--direct_running_mode=multi_processing', '--direct_num_workers=1')
+  assert compiles.count == 0  # inference ran elsewhere
   assert summary['counts']['train']['written'] == 4
   xa, _, ia = embeddings.read_split(a, 'train')
   xb, _, ib = embeddings.read_split(b, 'train')
@@ -194,7 +197,7 @@ def test_pipeline_serialises_with_to_runner_api(image_folder, tmp_path):
   args, _ = embed.parse_args([f'--dataset=folder:{root}', f'--model={MODEL}',
                               f'--output_dir={tmp_path}/o'])
   p = beam.Pipeline(runner=FnApiRunner())
-  embed.build(p, args, open_source(args.dataset), jax_handler.load_pretrained_once(MODEL))
+  embed.build(p, args, open_source(args.dataset), clip.load(MODEL))
   proto = p.to_runner_api()
   labels = {t.unique_name for t in proto.components.transforms.values()}
   for want in ('RunInference', 'Encode', 'GroupShards', 'WriteShard', 'Finalize',
@@ -275,14 +278,14 @@ def test_tfds_source_with_mock_data(tmp_path):
   assert row['projected'].shape == (32,) and row['projected'].dtype == np.float32
 
 
-def test_handler_pads_to_one_shape():
+def test_handler_pads_to_one_shape(count_compiles):
   handler = jax_handler.ClipVisionModelHandler(MODEL, batch_size=4)
   model = handler.load_model()
-  before = jax_handler.COMPILATIONS[MODEL]
   images = [np.full((32, 32, 3), i * 20, np.uint8) for i in range(7)]
-  seven = handler.run_inference(images, model)  # 4 + 3 (padded)
-  three = handler.run_inference(images[:3], model)
-  assert jax_handler.COMPILATIONS[MODEL] == before + 1
+  with count_compiles(FORWARD) as compiles:
+    seven = handler.run_inference(images, model)  # 4 + 3 (padded)
+    three = handler.run_inference(images[:3], model)
+  assert compiles.count == 1
   assert len(seven) == 7 and seven[0].inference[0].shape == (64,)
   for a, b in zip(seven[:3], three):
     np.testing.assert_allclose(a.inference[0], b.inference[0], atol=1e-6)

@@ -12,7 +12,7 @@ SCRIPT = r'''
 import json
 import numpy as np
 from finetune import trainer
-from transfer import checkpoints, clip, preprocess
+from transfer import clip, preprocess
 from transfer.errors import UserError
 
 def run():
@@ -20,7 +20,7 @@ def run():
   vision = clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=2, image_size=16, patch_size=8)
   module = clip.CLIP(vision)
-  pre = checkpoints.Pretrained(module, {'params': clip.init_params(module)},
+  pre = clip.Pretrained(module, {'params': clip.init_params(module)},
                                preprocess.PreprocessConfig.for_image_size(16), 'micro')
   cfg = trainer.Config(model='random:tiny', lr=1e-2, warmup=0.0)
   mesh = trainer.make_mesh()

@@ -9,7 +9,6 @@ import pytest
 from finetune import groups
 from finetune import model as model_lib
 from finetune import trainer
-from transfer import checkpoints
 from transfer import clip
 from transfer import preprocess
 from transfer.errors import UserError
@@ -26,7 +25,7 @@ def pretrained():
   vision = clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, image_size=16, patch_size=8)
   module = clip.CLIP(vision)
-  return checkpoints.Pretrained(module, {'params': clip.init_params(module)},
+  return clip.Pretrained(module, {'params': clip.init_params(module)},
                                 preprocess.PreprocessConfig.for_image_size(16), 'micro')
 
 
@@ -59,7 +58,7 @@ def _flat(tree):
 
 def test_backbone_is_the_pretrained_one_and_head_is_zero(pretrained, initialised):
   _, variables = initialised
-  _, vision_vars = model_lib.backbone_of(pretrained)
+  _, vision_vars = pretrained.vision_tower()
   assert _flat(variables['params']['backbone']).keys() == _flat(vision_vars['params']).keys()
   for k, v in _flat(vision_vars['params']).items():
     np.testing.assert_array_equal(_flat(variables['params']['backbone'])[k], v)
@@ -68,7 +67,7 @@ def test_backbone_is_the_pretrained_one_and_head_is_zero(pretrained, initialised
 
 def test_transfer_accepts_frozendict_and_names_first_mismatch(pretrained, initialised):
   _, variables = initialised
-  _, vision_vars = model_lib.backbone_of(pretrained)
+  _, vision_vars = pretrained.vision_tower()
   out = model_lib.transfer(flax.core.freeze(variables), flax.core.freeze(vision_vars))
   assert isinstance(out, flax.core.FrozenDict)
   assert isinstance(model_lib.transfer(dict(variables), vision_vars), dict)

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from finetune import model as model_lib
 from finetune import train
 from finetune import trainer
+from transfer import clip
 from transfer import preprocess
 from transfer import sources
 
@@ -68,8 +68,8 @@ def test_linear_lands_in_the_probe_band(digits_run, data_dir):
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
 
   _, m = digits_run
-  pre = trainer.load_pretrained('random:tiny')
-  backbone, variables = model_lib.backbone_of(pre)
+  pre = clip.load('random:tiny')
+  backbone, variables = pre.vision_tower()
   embed = jax.jit(lambda x: backbone.apply(
       variables, preprocess.normalize(x, pre.preprocess)).pooler_output)
   src = sources.open_source('digits', data_dir)

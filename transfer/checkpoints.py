@@ -1,4 +1,7 @@
-"""Loading CLIP weights: random presets, save_pretrained directories, hub ids.
+"""Reading CLIP weights into the linen tree: random presets, save_pretrained directories, hub ids.
+
+``read`` does the work (no cache); ``transfer.clip.load`` is what callers use
+(one load per process and name, the checksum, the vision tower).
 
 Weights formats: ``model.safetensors`` (single or sharded) and
 ``flax_model.msgpack`` need no torch; ``pytorch_model.bin`` needs torch.
@@ -18,11 +21,10 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from transfer import clip
+from transfer import modeling as clip
 from transfer.errors import UserError
 from transfer.preprocess import PreprocessConfig
 
-DEFAULT_MODEL = 'openai/clip-vit-base-patch32'
 RANDOM_PREFIX = 'random:'
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -49,43 +51,34 @@ class ModelLoadError(UserError):
 
 
 @dataclasses.dataclass
-class Pretrained:
-  """A loaded model with everything recorded alongside its embeddings."""
+class Checkpoint:
+  """What ``read`` returns: the module, its params and the preprocessing it expects."""
 
   module: clip.CLIP
-  variables: dict  # {'params': …}
+  params: dict
   preprocess: PreprocessConfig
-  name: str  # what the user passed
   revision: Optional[str] = None  # hub commit, when downloaded
-  _checksum: Optional[str] = dataclasses.field(default=None, repr=False, compare=False)
-
-  def checksum(self) -> str:
-    """sha256 of the params; computed once (ViT-B/32 with its text tower: ~600 MB)."""
-    if self._checksum is None:
-      self._checksum = clip.params_checksum(self.variables['params'])
-    return self._checksum
 
 
-def load_pretrained(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32,
-                    seed: int = 0) -> Pretrained:
-  """Loads a preset, a local save_pretrained directory or a hub id."""
+def read(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> Checkpoint:
+  """Reads a preset, a local save_pretrained directory or a hub id (no cache)."""
   if name_or_path.startswith(RANDOM_PREFIX):
     return _load_preset(name_or_path, dtype, seed)
   path = os.path.expanduser(name_or_path)
   if os.path.isdir(path):
-    return _load_dir(path, name_or_path, dtype)
+    return _load_dir(path, dtype)
   if os.path.exists(path):
     raise ModelLoadError(f'{name_or_path} is a file; pass the directory holding config.json '
                          'and the weights')
   if name_or_path.startswith(('/', '.', '~')) or name_or_path.count('/') > 1:
     raise ModelLoadError(f'no such model directory: {name_or_path}')
   local, revision = _download(name_or_path)
-  pre = _load_dir(local, name_or_path, dtype)
-  pre.revision = revision
-  return pre
+  ckpt = _load_dir(local, dtype)
+  ckpt.revision = revision
+  return ckpt
 
 
-def _load_preset(name: str, dtype, seed: int) -> Pretrained:
+def _load_preset(name: str, dtype, seed: int) -> Checkpoint:
   preset = name[len(RANDOM_PREFIX):]
   if preset not in PRESETS:
     raise ModelLoadError(f'unknown preset {name!r}; choose one of '
@@ -93,8 +86,7 @@ def _load_preset(name: str, dtype, seed: int) -> Pretrained:
   p = PRESETS[preset]
   module = clip.CLIP(p['vision'], p['text'], p['projection_dim'], dtype=dtype)
   params = clip.init_params(module, seed)
-  return Pretrained(module, {'params': params},
-                    PreprocessConfig.for_image_size(p['vision'].image_size), name)
+  return Checkpoint(module, params, PreprocessConfig.for_image_size(p['vision'].image_size))
 
 
 def _download(repo_id: str) -> tuple[str, Optional[str]]:
@@ -154,7 +146,7 @@ def _text_config(d: dict) -> clip.TextConfig:
       layer_norm_eps=c.layer_norm_eps, eos_token_id=c.eos_token_id)
 
 
-def _load_dir(path: str, name: str, dtype) -> Pretrained:
+def _load_dir(path: str, dtype) -> Checkpoint:
   cfg, kind = _read_config(path)
   flat = _read_weights(path, kind)  # '/'-joined linen paths → float32 arrays
   has_projection = 'visual_projection/kernel' in flat
@@ -170,8 +162,7 @@ def _load_dir(path: str, name: str, dtype) -> Pretrained:
                      logit_scale_init_value=float(cfg.get('logit_scale_init_value', 2.6592)),
                      dtype=dtype)
   params = _match(flat, clip.param_shapes(module), path)
-  return Pretrained(module, {'params': params},
-                    PreprocessConfig.from_dir(path, vision.image_size), name)
+  return Checkpoint(module, params, PreprocessConfig.from_dir(path, vision.image_size))
 
 
 def _read_weights(path: str, kind: str) -> dict[str, np.ndarray]:

@@ -1,7 +1,9 @@
-"""Classification metrics shared by the probe and fine-tune stages (one metrics.json schema)."""
+"""metrics.json for every stage: the shared header, the classification metrics, the writer."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,3 +31,32 @@ def classification(logits: np.ndarray, labels: np.ndarray, class_names: Sequence
       'balanced_accuracy': float(np.mean(present)) if present else None,
       'per_class': per_class,
   }
+
+
+def header(stage: str, *, dataset: dict, model: dict, class_names: Sequence[str],
+           num_train: int, num_eval: int, **extra) -> dict:
+  """The part of metrics.json every stage shares, so ``report.compare`` can line runs up.
+
+  ``dataset``: spec, name, version, train_split, eval_split. ``model``: name,
+  revision and ``weights_sha256`` (the params checksum), plus anything else the
+  stage records about it.
+  """
+  for key in ('spec', 'name', 'version', 'train_split', 'eval_split'):
+    if key not in dataset:
+      raise ValueError(f'metrics header: dataset lacks {key!r}')
+  for key in ('name', 'weights_sha256'):
+    if key not in model:
+      raise ValueError(f'metrics header: model lacks {key!r}')
+  return {'stage': stage, 'dataset': dict(dataset), 'model': dict(model),
+          'num_classes': len(class_names), 'class_names': list(class_names),
+          'num_train': int(num_train), 'num_eval': int(num_eval), **extra, 'methods': {}}
+
+
+def write(output_dir: str, metrics: dict) -> str:
+  """Writes ``output_dir/metrics.json`` atomically (readers never see half a file)."""
+  path = os.path.join(output_dir, 'metrics.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as fh:
+    json.dump(metrics, fh, indent=1)
+  os.replace(tmp, path)
+  return path

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from transfer import checkpoints, preprocess
+from transfer import clip, preprocess
 from transfer.errors import cli_main
 
 
@@ -22,8 +22,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   t0 = time.perf_counter()
-  pre = checkpoints.load_pretrained(args.model)
-  backbone, backbone_vars = pre.module.bind(pre.variables).vision_model.unbind()
+  pre = clip.load(args.model)
+  backbone, backbone_vars = pre.vision_tower()
   rng = np.random.RandomState(0)
   images = [rng.randint(0, 256, (48 + 7 * i, 64, 3), dtype=np.uint8) for i in range(args.batch_size)]
   pixels = preprocess.prepare_batch(images, pre.preprocess)

@@ -1,0 +1,117 @@
+"""Reading a source's split inside a Beam pipeline: one reader per kind of source.
+
+``read_split(p, source, split, data_dir)`` returns a ``Read``: the examples
+``(id, label, image)``, the dead letters ``(id, reason)`` found while reading,
+and ``found``, a count of the split's inputs taken apart from the path the
+examples follow (so a loss between the two shows up as a mismatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.metrics import Metrics
+
+from transfer import sources as sources_lib
+
+NAMESPACE = 'embed'
+DEAD = 'dead'
+READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
+
+
+@dataclasses.dataclass
+class Read:
+  examples: beam.PCollection  # (id, label, image bytes or HWC uint8)
+  dead: list  # PCollections of (id, reason)
+  found: beam.PCollection  # ints; their sum is the number of inputs the split holds
+
+
+class ReadRange(beam.DoFn):
+  """(start, stop) of a split of a TFDS source → (id, label, image) (a process-wide open)."""
+
+  def __init__(self, spec: str, data_dir: Optional[str], split: str):
+    self._spec, self._data_dir, self._split = spec, data_dir, split
+    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
+
+  def setup(self):
+    self._source = sources_lib.open_source(self._spec, self._data_dir)
+
+  def process(self, bounds):
+    for ex in self._source.iter_examples(self._split, *bounds):
+      self._read.inc()
+      yield ex.id, ex.label, ex.image
+
+
+class LoadFile(beam.DoFn):
+  """A matched image file → (id, label, bytes); unreadable or stray files are dead letters."""
+
+  def __init__(self, root: str, class_names: list[str], split: str):
+    self._source_root, self._class_names, self._split = root, class_names, split
+    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
+    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+
+  def process(self, readable: fileio.ReadableFile):
+    path = readable.metadata.path
+    parts = sources_lib.relative_path(self._source_root, path).split('/')
+    if parts[-1].startswith('.'):
+      return []  # hidden files (.DS_Store): not inputs, not counted
+    self._read.inc()
+    ex_id = '/'.join(parts)
+    if len(parts) != 3 or parts[1] not in self._class_names:
+      return self._dead_letter(ex_id, f'not in a known class folder: {path}')
+    try:
+      data = readable.read()
+    except Exception as e:  # permissions, vanished file, network
+      return self._dead_letter(ex_id, f'cannot read: {type(e).__name__}: {e}')
+    return [(ex_id, self._class_names.index(parts[1]), data)]
+
+  def _dead_letter(self, ex_id, reason):
+    self._dead.inc()
+    return [beam.pvalue.TaggedOutput(DEAD, (ex_id, reason))]
+
+
+def read_folder(p, source: sources_lib.FolderSource, split: str, data_dir=None) -> Read:
+  """Beam's file matching: on Dataflow the files are read in parallel."""
+  matched = p | f'Match[{split}]' >> fileio.MatchFiles(source.split_pattern(split))
+  loaded = (matched
+            # MatchFiles emits every path from one element: without this the
+            # reads fuse onto one Dataflow worker.
+            | f'SpreadFiles[{split}]' >> beam.Reshuffle()
+            | f'ReadMatches[{split}]' >> fileio.ReadMatches(
+                compression=CompressionTypes.UNCOMPRESSED)
+            | f'Load[{split}]' >> beam.ParDo(
+                LoadFile(source.root, source.class_names, split)).with_outputs(DEAD, main='ok'))
+  found = matched | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
+  return Read(loaded.ok, [loaded[DEAD]], found)
+
+
+def read_tfds(p, source: sources_lib.TfdsSource, split: str, data_dir=None) -> Read:
+  """Ranges of record indices, read where they land (random access for array_record)."""
+  total = source.num_examples(split)
+  bounds = ([(s, min(s + READ_CHUNK, total)) for s in range(0, total, READ_CHUNK)]
+            if total else [(0, None)])
+  examples = (p
+              | f'Ranges[{split}]' >> beam.Create(bounds)
+              # Spreads read tasks over workers (tiny elements: cheap to shuffle).
+              | f'SpreadRanges[{split}]' >> beam.Reshuffle()
+              | f'Read[{split}]' >> beam.ParDo(ReadRange(source.spec, data_dir, split)))
+  found = p | f'Found[{split}]' >> beam.Create([total or 0])
+  return Read(examples, [], found)
+
+
+# The reader of each kind of source (looked up along the class's MRO).
+READERS: dict[type, Callable[..., Read]] = {
+    sources_lib.FolderSource: read_folder,
+    sources_lib.TfdsSource: read_tfds,
+}
+
+
+def read_split(p, source: sources_lib.Source, split: str, data_dir: Optional[str]) -> Read:
+  for cls in type(source).__mro__:
+    if cls in READERS:
+      return READERS[cls](p, source, split, data_dir)
+  raise TypeError(f'no Beam reader for {type(source).__name__}')
