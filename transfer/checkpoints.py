@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  num_attention_heads=4, image_size=32, patch_size=8),
         text=clip.TextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=16),
+                             max_position_embeddings=16, eos_token_id=999),
         projection_dim=32),
     # The real ViT-B/32 shapes (openai/clip-vit-base-patch32), for benchmarks.
     'vit-b32': dict(vision=clip.VisionConfig(), text=clip.TextConfig(), projection_dim=512),
