@@ -9,7 +9,7 @@ from PIL import Image
 
 from transfer import preprocess
 from transfer.errors import UserError
-from transfer.sources import open_source
+from transfer.sources import failure_reason, open_source
 
 
 def _png(color, size=(12, 10)) -> bytes:
@@ -102,3 +102,22 @@ def test_tfds_catalog_name_with_mock_data():
   assert [e.id for e in exs] == [f'mnist/train/{i}' for i in range(6)]
   assert exs[0].image.shape == (28, 28, 1) and exs[0].image.dtype == np.uint8
   assert all(0 <= e.label < 10 for e in exs)
+
+
+def test_folder_listing_skips_hidden_alike_and_keeps_strays(tmp_path):
+  root = make_folder(tmp_path / 'imgs', {'train': {'cat': [_png((1, 2, 3))]}})
+  for rel in ('train/cat/.hidden.png', 'train/.hiddendir/x.png', 'train/cat/.cache/y.png',
+              'train/s.png', 'train/cat/sub/z.png'):
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(b'x')
+  src = open_source(f'folder:{root}')
+  assert [(e.id, e.problem is None) for e in src.entries('train')] == [
+      ('train/cat/00.png', True), ('train/cat/sub/z.png', False), ('train/s.png', False)]
+  assert src.num_examples('train') == 1 and len(list(src.iter_examples('train'))) == 1
+
+
+def test_failure_reasons_hold_no_memory_address():
+  with pytest.raises(Exception) as e:
+    Image.open(io.BytesIO(b'not an image'))
+  reason = failure_reason(e.value)
+  assert reason == 'UnidentifiedImageError: cannot identify image file <_io.BytesIO object>'
