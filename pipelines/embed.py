@@ -60,7 +60,8 @@ class EmbedConfig:
                                 '`projected`')
   examples_per_shard: int = flags.field(emb_lib.EXAMPLES_PER_SHARD,
                                         'sets the number of ArrayRecord shards per split')
-  overwrite: bool = flags.field(False, 'replace an existing dataset in --output_dir')
+  overwrite: bool = flags.field(False, 'replace a dataset this tool wrote in --output_dir '
+                                '(nothing else is ever removed)')
 
   def __post_init__(self):
     if self.batch_size < 1:
