@@ -121,3 +121,30 @@ def test_failure_reasons_hold_no_memory_address():
     Image.open(io.BytesIO(b'not an image'))
   reason = failure_reason(e.value)
   assert reason == 'UnidentifiedImageError: cannot identify image file <_io.BytesIO object>'
+
+
+def test_corrupt_tfrecord_record_is_a_dead_record(tmp_path):
+  """Catalog datasets are mostly TFRecord: reading goes on after the bad record."""
+  import struct
+
+  from transfer import digits
+  from transfer.sources import DeadRecord, TfdsSource
+
+  digits.Digits(data_dir=str(tmp_path), file_format='tfrecord').download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  (path,) = (tmp_path / 'digits' / '1.0.0').glob('digits-test.tfrecord-*')
+  data, offset = bytearray(path.read_bytes()), 0
+  for k in range(6):  # TFRecord: length (8), its crc (4), data, data crc (4)
+    (n,) = struct.unpack('<Q', data[offset:offset + 8])
+    if k == 5:
+      data[offset + 12 + n // 2] ^= 0xff  # the data crc no longer matches
+    offset += 12 + n + 4
+  path.write_bytes(bytes(data))
+  records = list(TfdsSource('digits', str(tmp_path)).iter_records('test'))
+  dead = [r for r in records if isinstance(r, DeadRecord)]
+  assert len(records) == 360
+  assert dead == [DeadRecord('digits/test/5',
+                             'corrupt record: DataLossError: corrupted record at 1005')]
+  with pytest.raises(UserError, match='cannot read record digits/test/5'):
+    list(TfdsSource('digits', str(tmp_path)).iter_examples('test'))

@@ -33,13 +33,18 @@ class Example:
   image: Union[np.ndarray, bytes]  # HWC uint8, or encoded image bytes
 
 
-_ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')
+# Parts of exception text that differ between runs of the same input: memory
+# addresses in reprs, TF's numbered function names and op suffixes.
+_VOLATILE = (re.compile(r' at 0x[0-9a-fA-F]+'), re.compile(r'\{\{function_node [^}]*\}\}\s*'),
+             re.compile(r'\s*\[Op:\w+\].*$'))
 
 
 def failure_reason(e: BaseException, prefix: str = '') -> str:
   """A dead letter's reason: one line, the same on every run (no memory addresses)."""
   text = ' '.join(str(e).split())
-  text = _ADDRESS.sub('', text)[:500]
+  for volatile in _VOLATILE:
+    text = volatile.sub('', text)
+  text = text[:500]
   return f'{prefix}{type(e).__name__}: {text}' if text else f'{prefix}{type(e).__name__}'
 
 
