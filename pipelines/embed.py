@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -39,6 +40,7 @@ from transfer.errors import UserError, cli_main
 
 NAMESPACE = reads.NAMESPACE
 DEAD = reads.DEAD
+SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
 
 @dataclasses.dataclass
@@ -58,7 +60,8 @@ class EmbedConfig:
                                 '`projected`')
   examples_per_shard: int = flags.field(emb_lib.EXAMPLES_PER_SHARD,
                                         'sets the number of ArrayRecord shards per split')
-  overwrite: bool = flags.field(False, 'replace an existing dataset in --output_dir')
+  overwrite: bool = flags.field(False, 'replace a dataset this tool wrote in --output_dir '
+                                '(nothing else is ever removed)')
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -67,6 +70,13 @@ class EmbedConfig:
       raise UserError(f'--examples_per_shard must be >= 1, got {self.examples_per_shard}')
     if not self.splits:
       raise UserError('--splits is empty')
+    twice = sorted({s for s in self.splits if self.splits.count(s) > 1})
+    if twice:
+      raise UserError(f'--splits names {", ".join(twice)} more than once')
+    for split in self.splits:
+      if not SPLIT_NAME.fullmatch(split):
+        raise UserError(f'--splits: {split!r} is not a split name TFDS can store '
+                        '(letters, digits, _ and - only)')
 
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
@@ -101,7 +111,7 @@ class Preprocess(beam.DoFn):
       pixels = prepare(image, self._cfg)
     except Exception as e:  # ImageError, and anything else PIL raises on odd inputs
       self._dead.inc()
-      return [beam.pvalue.TaggedOutput(DEAD, (ex_id, f'{type(e).__name__}: {e}'))]
+      return [beam.pvalue.TaggedOutput(DEAD, (ex_id, sources_lib.failure_reason(e)))]
     return [((self._split, ex_id, label), pixels)]
 
 
@@ -155,18 +165,30 @@ def write_dead_letters(split_and_rows, output_dir: str) -> tuple[str, int]:
   return split, len(rows)
 
 
-def finalize(_, output_dir, shard_results, dead_counts, num_shards, dim, class_names,
-             projected_dim, metadata):
-  """Runs once after every shard and dead-letter file: metadata, dataset_info.json last."""
+def finalize(_, output_dir, shard_results, dead_counts, found_counts, num_shards, dim,
+             class_names, projected_dim, metadata):
+  """Runs once after every shard and dead-letter file: metadata, dataset_info.json last.
+
+  Reconciles first: when a split's inputs found != written + dead-lettered, or
+  nothing of a split was written, it writes ``failure.json`` (one line) instead
+  of the metadata, and ``run`` turns that into the run's error.
+  """
   shards: dict[str, dict[int, tuple[int, int]]] = {}
   for split, index, count, nbytes in shard_results:
     shards.setdefault(split, {})[index] = (count, nbytes)
   dead = dict(dead_counts)
+  found: dict[str, int] = {}
+  for split, n in found_counts:
+    found[split] = found.get(split, 0) + n
   counts = {}
   for split in num_shards:
     written = sum(c for c, _ in shards.get(split, {}).values())
-    counts[split] = {'read': written + dead.get(split, 0), 'written': written,
+    counts[split] = {'read': found.get(split, 0), 'written': written,
                      'dead_lettered': dead.get(split, 0)}
+  problem = emb_lib.check_counts(output_dir, counts)
+  if problem:
+    emb_lib.write_failure(output_dir, problem)
+    return
   emb_lib.finalize(output_dir, shards, num_shards, dim, class_names,
                    {**metadata, 'counts': counts}, projected_dim)
 
@@ -182,13 +204,15 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
   cfg = pretrained.preprocess
   dim = pretrained.module.vision_config.hidden_size
   projected_dim = pretrained.module.projection_dim if args.projected else None
-  num_shards, prepared, dead_counts, totals = {}, [], [], []
+  num_shards, prepared, dead_counts, totals, founds = {}, [], [], [], []
   for split in args.splits:
     total = source.num_examples(split)
     totals.append(total)
     num_shards[split] = emb_lib.num_shards_for(total, args.examples_per_shard)
     read = reads.read_split(p, source, split, args.data_dir)
     examples, load_dead = read.examples, read.dead
+    founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
+        lambda n, split=split: (split, int(n))))
     ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
         Preprocess(cfg.to_json(), split)).with_outputs(DEAD, main='ok')
     prepared.append(ok_and_dead.ok)
@@ -210,11 +234,13 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
              | 'WriteShard' >> beam.Map(_write_shard, args.output_dir, num_shards))
   metadata = _metadata(args, source, pretrained, dim, projected_dim)
   deads = dead_counts | 'FlattenDeadCounts' >> beam.Flatten()
+  found = founds | 'FlattenFound' >> beam.Flatten()
   _ = (p
        | 'Once' >> beam.Create([None])
        | 'Finalize' >> beam.Map(
            finalize, args.output_dir, beam.pvalue.AsList(results), beam.pvalue.AsList(deads),
-           num_shards, dim, source.class_names, projected_dim, metadata))
+           beam.pvalue.AsList(found), num_shards, dim, source.class_names, projected_dim,
+           metadata))
 
 
 def _write_shard(element, output_dir, num_shards):
@@ -263,8 +289,14 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   source = sources_lib.open_source(args.dataset, args.data_dir)
   for split in args.splits:
     source.check_split(split)
+  # Claims the output directory before the model loads: a file in the way, foreign
+  # files or a read-only directory fail here, not after all the inference.
+  emb_lib.prepare_output(args.output_dir, args.overwrite, clear=False)
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
   pretrained = clip.load(args.model)
+  if args.projected and pretrained.module.projection_dim is None:
+    raise UserError(f'--projected: {args.model} has no visual projection (a vision-only '
+                    'checkpoint); drop --projected')
   emb_lib.prepare_output(args.output_dir, args.overwrite)
   options = PipelineOptions(beam_args)
   # Code ships as a package (--setup_file), not a pickled __main__.
@@ -277,6 +309,9 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   result = p.run()
   result.wait_until_finish()
   seconds = time.perf_counter() - start
+  failure = emb_lib.read_failure(args.output_dir)
+  if failure:
+    raise UserError(failure)
   counts = emb_lib.read_metadata(args.output_dir)['counts']
   total = sum(c['read'] for c in counts.values())
   summary = {'output_dir': args.output_dir, 'counts': counts, 'seconds': seconds,
