@@ -34,6 +34,7 @@ from transfer import clip
 from transfer import flags
 from transfer import linear
 from transfer import metrics as metrics_lib
+from transfer import outputs
 from transfer import preprocess
 from transfer import sources
 from transfer import validation
@@ -48,6 +49,8 @@ RESUME_KEYS = ('dataset', 'train_split', 'model', 'rules', 'backbone_lr_factor',
 # Learning rates tried when --lr is not given (peak AdamW rates, after warmup). Wide on
 # purpose: real CLIP weights want ~1e-5 for the backbone, a random or small model ~1e-3.
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
+# What a fine-tune run writes in its workdir (the rest is the user's, and never touched).
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*')
 
 
 @dataclasses.dataclass
@@ -591,9 +594,9 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   """Fine-tunes ``config.modes`` one after another; returns (and writes) metrics.json."""
   mesh = make_mesh()
   check_batch_size(config.batch_size, mesh)
-  if os.path.isfile(workdir):
-    raise UserError(f'--workdir {workdir} is a file; pass a directory')
-  os.makedirs(workdir, exist_ok=True)
+  # Refuses a file, a read-only directory or one holding files this tool did not write.
+  outputs.prepare_output_dir(workdir, overwrite=True, kind='fine-tune workdir',
+                             owned=OWNED_FILES, flag='--workdir', clear=False)
   source = sources.open_source(config.dataset, config.data_dir)
   class_names = list(source.class_names)
   if config.num_classes is not None and config.num_classes != len(class_names):

@@ -56,8 +56,9 @@ class EmbedConfig:
                            'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
   batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded: one '
                                 'compilation)')
-  projected: bool = flags.field(False, 'also store the visual_projection output as feature '
-                                '`projected`')
+  projected: Optional[bool] = flags.field(
+      None, 'store the visual_projection output as feature `projected` (zero-shot needs it); '
+      'default: when the model has a projection (--no_projected to skip)')
   examples_per_shard: int = flags.field(emb_lib.EXAMPLES_PER_SHARD,
                                         'sets the number of ArrayRecord shards per split')
   overwrite: bool = flags.field(False, 'replace a dataset this tool wrote in --output_dir '
@@ -294,6 +295,8 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   emb_lib.prepare_output(args.output_dir, args.overwrite, clear=False)
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
   pretrained = clip.load(args.model)
+  if args.projected is None:  # by default, whenever the model has a projection
+    args.projected = pretrained.module.projection_dim is not None
   if args.projected and pretrained.module.projection_dim is None:
     raise UserError(f'--projected: {args.model} has no visual projection (a vision-only '
                     'checkpoint); drop --projected')

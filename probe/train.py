@@ -26,12 +26,14 @@ from probe import core
 from probe.head import LinearHead
 from transfer import flags
 from transfer import metrics as metrics_lib
+from transfer import outputs
 from transfer import stats
 from transfer import validation
 from transfer.errors import UserError, cli_main
 
 BASELINES = ('sklearn',)
 FEW_SHOT_SELECTION = ('within-shots', 'validation')
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'head.npz')  # what a probe run writes
 
 
 @dataclasses.dataclass
@@ -254,6 +256,10 @@ def summary_table(metrics: dict) -> str:
 def train_probe(config: ProbeConfig) -> dict:
   """Reads two splits of an embedding dataset and runs the probe protocol on them."""
   from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
+  # Refuses a file, a read-only directory or one holding files this tool did not write;
+  # a rerun replaces only its own metrics.json and head.npz.
+  outputs.prepare_output_dir(config.output_dir, overwrite=True, kind='probe run',
+                             owned=OWNED_FILES, clear=False)
   metadata = emb.read_metadata(config.embeddings)
   class_names = emb.class_names(config.embeddings)
   x_train, y_train, ids_train = emb.read_split(config.embeddings, config.train_split)

@@ -13,7 +13,6 @@ class names, templates), which a fine-tune can start its head from.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -22,6 +21,8 @@ import numpy as np
 
 from transfer import templates as templates_lib
 from transfer.errors import UserError, cli_main
+from transfer import metrics as metrics_lib
+from transfer import validation
 from transfer.metrics import classification
 
 HEAD_FILE = 'zeroshot_head.npz'
@@ -127,7 +128,7 @@ def read_class_names(path: str, expected: int) -> list[str]:
 
 def metrics_json(entry: dict, header: dict) -> dict:
   """The metrics.json of this stage: one method entry under the shared header."""
-  return {'stage': 'zeroshot', **header, 'methods': {METHOD: entry}}
+  return {**header, 'methods': {METHOD: entry}}
 
 
 def save_head(output_dir: str, head: np.ndarray, scale: float, class_names: Sequence[str],
@@ -161,12 +162,15 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   names = emb.class_names(embeddings)
   if class_names_file:
     names = read_class_names(class_names_file, len(names))
-  x, y, _ = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
+  x, y, ids = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
+  order = np.argsort(np.asarray(ids, dtype=object), kind='stable')  # eval in id order, as every stage
+  x, y, ids = x[order], y[order], [ids[i] for i in order]
   recorded = metadata.get('model') or {}
   model = model or recorded.get('name')
   if not model:
     raise UserError(f'{embeddings}/metadata.json names no model; pass --model')
-  module, variables = clip.load_model(model)
+  pretrained = clip.load(model)
+  module, variables = pretrained.module, pretrained.variables
   if module.text_config is None or module.projection_dim is None:
     raise UserError(f'{model} has no text tower and projections; zero-shot needs a full CLIP')
   if x.shape[1] != module.projection_dim:
@@ -177,7 +181,7 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   if not want:
     raise UserError(f'{embeddings}/metadata.json records no model.params_sha256 to check '
                     f'{model} against')
-  got = clip.params_checksum(variables['params'])
+  got = pretrained.checksum()
   if got != want:
     raise UserError(f'{model} is not the model that embedded {embeddings}: weights sha256 '
                     f'{got[:12]}… != {want[:12]}… recorded (model {recorded.get("name")!r})')
@@ -191,23 +195,24 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   del variables  # the text tower's work is done
 
   entry = {**classification(logits, y, names), 'wall_s': wall_s, 'trainable_params': 0,
-           'templates': templates, 'num_templates': len(prompts)}
+           'templates': templates, 'num_templates': len(prompts),
+           'cost': 'the text tower over every class and template, then scoring the cached '
+                   'projected embeddings (the one-off embedding apart)'}
   src = metadata.get('source', {})
-  header = {
-      'embeddings': embeddings, 'metadata': metadata,
-      # The same header keys as the probe and fine-tune stages, so report.compare lines them up.
-      'dataset': {'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
-                  'eval_split': eval_split},
-      'model': {**recorded, 'name': model},
-      'num_eval': int(len(y)), 'num_classes': len(names), 'class_names': list(names),
-      'eval_split': eval_split, 'logit_scale': scale, 'batch_size': batch_size,
-  }
+  header = metrics_lib.header(
+      'zeroshot',
+      dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
+               'train_split': None, 'eval_split': eval_split},
+      model={'name': model, 'revision': recorded.get('revision'), 'weights_sha256': got},
+      class_names=names, num_train=0, num_eval=len(y),
+      eval={'ids_sha256': validation.ids_sha256(ids), 'labels': y.astype(int).tolist()},
+      embeddings=embeddings, metadata=metadata, embedding=emb.read_run_info(embeddings),
+      logit_scale=scale, batch_size=batch_size)
   out = metrics_json(entry, header)
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
     save_head(output_dir, head, scale, names, prompts)
-    with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
-      json.dump(out, f, indent=2)
+    metrics_lib.write(output_dir, out)
   return out
 
 

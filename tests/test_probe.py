@@ -227,7 +227,7 @@ def test_bad_shots_are_refused_before_any_fit(small_ds, tmp_path, capsys):
   assert 'positive integers' in _cli_error(base + ['--shots=0'], capsys)
   assert 'positive integers' in _cli_error(base + ['--shots=-1'], capsys)
   assert 'has only' in _cli_error(base + ['--shots=50'], capsys)  # 6 per class in small_ds
-  assert not (tmp_path / 'o').exists()
+  assert not (tmp_path / 'o' / 'metrics.json').exists()
 
 
 def test_every_accuracy_has_an_interval_and_predictions(digits_run):
