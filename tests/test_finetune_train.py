@@ -145,7 +145,7 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys):
     (['--mode=custom'], 'mode custom needs --rules'),
     (['--num_classes=7'], '--num_classes 7 but digits has 10 classes'),
     (['--mode=custom', '--rules=[["backbone/.*", null]]'], 'match no rule: head/bias'),
-    (['--batch_size=5000'], 'batch size 5000 is larger than the 1293 training examples'),
+    (['--batch_size=5000'], 'batch size 5000 is larger than the 1295 training examples'),
     (['--lr=nan'], '--lr values must be finite and > 0'),
     (['--lr=0'], '--lr values must be finite and > 0'),
     (['--mode=custom', '--rules=[["backbone/.*", 0], ["head/.*", 1]]'], 'multiplier > 0'),
