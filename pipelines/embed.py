@@ -33,6 +33,7 @@ from pipelines import reads
 from pipelines.jax_handler import ClipVisionModelHandler
 from transfer import clip
 from transfer import embeddings as emb_lib
+from transfer import file_sources
 from transfer import flags
 from transfer import sources as sources_lib
 from transfer.errors import UserError, cli_main
@@ -45,8 +46,9 @@ DEAD = reads.DEAD
 class EmbedConfig:
   """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
-  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>) or a "
-                             'TFDS name')
+  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), "
+                             "'csv:PATH' (Vertex AI manifest or headed CSV/TSV), 'parquet:GLOB', "
+                             "'wds:PATTERN' (WebDataset shards) or a TFDS name")
   output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
   splits: tuple[str, ...] = flags.field(('train', 'test'), 'comma-separated splits to embed')
@@ -59,6 +61,16 @@ class EmbedConfig:
   examples_per_shard: int = flags.field(emb_lib.EXAMPLES_PER_SHARD,
                                         'sets the number of ArrayRecord shards per split')
   overwrite: bool = flags.field(False, 'replace an existing dataset in --output_dir')
+  # Options of the csv:/parquet:/wds: sources (transfer.file_sources.SOURCE_OPTIONS).
+  class_names: Optional[str] = flags.field(
+      None, 'file with one class name per line: fixes the label order of csv:/parquet:/wds: '
+      '(a label not in it is dead-lettered); default: the sorted distinct labels')
+  image_column: str = flags.field('image', 'image column of a headed CSV or of Parquet')
+  label_column: str = flags.field('label', 'label column of a headed CSV or of Parquet')
+  label_field: Optional[str] = flags.field(
+      None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
+  default_split: str = flags.field(
+      'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -260,7 +272,8 @@ def _local_runner():
 def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
   args, beam_args = parse_args(argv)
-  source = sources_lib.open_source(args.dataset, args.data_dir)
+  source = sources_lib.open_source(args.dataset, args.data_dir,
+                                   **file_sources.source_options(args))
   for split in args.splits:
     source.check_split(split)
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.

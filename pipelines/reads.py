@@ -108,6 +108,9 @@ READERS: dict[type, Callable[..., Read]] = {
     sources_lib.FolderSource: read_folder,
     sources_lib.TfdsSource: read_tfds,
 }
+# csv:, parquet:, wds: (that module imports this one, so it registers once READERS exists).
+from pipelines import reads_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+READERS.update(reads_files.READERS)
 
 
 def read_split(p, source: sources_lib.Source, split: str, data_dir: Optional[str]) -> Read:
