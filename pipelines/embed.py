@@ -3,7 +3,8 @@ r"""Embeds a dataset with the CLIP vision tower into a TFDS-format embedding dat
   python -m pipelines.embed --dataset=digits --model=random:tiny \
       --output_dir=runs/demo/embeddings
 
-Reads ``digits``, ``folder:PATH`` or a TFDS catalog name, decodes and
+Reads ``digits``, ``folder:PATH``, ``csv:PATH``, ``parquet:GLOB``, ``wds:PATTERN`` or a
+TFDS catalog name (``transfer.sources.open_source``), decodes and
 preprocesses on the host (uint8), runs the jitted vision tower through
 RunInference with fixed-size batches, and writes ArrayRecord shards through
 Beam's FileSystems (local or gs://). Inputs that fail to load, decode or

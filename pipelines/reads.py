@@ -108,7 +108,7 @@ READERS: dict[type, Callable[..., Read]] = {
     sources_lib.FolderSource: read_folder,
     sources_lib.TfdsSource: read_tfds,
 }
-# csv:, parquet:, wds: (that module imports this one, so it registers once READERS exists).
+# csv:, parquet:, wds: (pipelines.reads_files imports this module only inside functions).
 from pipelines import reads_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 READERS.update(reads_files.READERS)
 

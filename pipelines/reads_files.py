@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+# pipelines.reads registers these readers by importing this module at its end, so this
+# module imports it only inside functions (a worker may unpickle a DoFn from here first).
+
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.reads import DEAD, NAMESPACE, Read
 from transfer import file_sources as fs
 from transfer.sources import Example
 
@@ -23,16 +25,17 @@ class _ToOutputs(beam.DoFn):
   """Base: Example → (id, label, image); a dead letter → the DEAD output; both counted."""
 
   def __init__(self, split: str):
-    self._split = split
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
-    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+    from pipelines import reads  # pylint: disable=g-import-not-at-top
+    self._split, self._dead_tag = split, reads.DEAD
+    self._read = Metrics.counter(reads.NAMESPACE, f'read_{split}')
+    self._dead = Metrics.counter(reads.NAMESPACE, f'dead_lettered_{split}')
 
   def _emit(self, item):
     self._read.inc()
     if isinstance(item, Example):
       return (item.id, item.label, item.image)
     self._dead.inc()
-    return beam.pvalue.TaggedOutput(DEAD, tuple(item))
+    return beam.pvalue.TaggedOutput(self._dead_tag, tuple(item))
 
 
 # --------------------------------------------------------------------------
@@ -63,7 +66,8 @@ class LoadCsvRow(_ToOutputs):
     yield self._emit(fs.load_csv_row(row, self._base_dir, self._class_names))
 
 
-def read_csv(p, source: fs.CsvSource, split: str, data_dir=None) -> Read:
+def read_csv(p, source: fs.CsvSource, split: str, data_dir=None):
+  from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   rows = (p
           | f'ReadManifest[{split}]' >> beam.io.ReadFromText(
               source.path, skip_header_lines=source.skip_header_lines)
@@ -102,7 +106,8 @@ def count_parquet_rows(file) -> int:
   return fs.parquet_file(file[0]).metadata.num_rows
 
 
-def read_parquet(p, source: fs.ParquetSource, split: str, data_dir=None) -> Read:
+def read_parquet(p, source: fs.ParquetSource, split: str, data_dir=None):
+  from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   files = p | f'Files[{split}]' >> beam.Create([(path, rel) for path, rel, _ in
                                                  source.files(split)])
   loaded = (files
@@ -136,7 +141,8 @@ def count_shard_groups(shard) -> int:
   return fs.count_groups(shard[0])
 
 
-def read_wds(p, source: fs.WdsSource, split: str, data_dir=None) -> Read:
+def read_wds(p, source: fs.WdsSource, split: str, data_dir=None):
+  from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   shards = p | f'Shards[{split}]' >> beam.Create(
       [(path, fs.shard_id(source.base, path)) for path in source.shards(split)])
   loaded = (shards

@@ -194,7 +194,7 @@ class FileSource(Source):
 
   version = '0.0.0'
 
-  def __init__(self, class_names: Optional[str] = None, default_split: str = 'train', **_):
+  def __init__(self, class_names: Optional[str] = None, default_split: str = 'train'):
     self.class_names_file = class_names
     self.default_split = default_split or 'train'
 
@@ -548,11 +548,11 @@ class WdsSource(FileSource):
     if not pattern:
       raise UserError('wds: needs a shard pattern, e.g. wds:shards/{00000..00009}.tar')
     self.pattern, self.label_field = pattern, label_field
-    per_split = [part.split('=', 1) for part in pattern.split(';')]
-    if len(per_split) > 1 or re.fullmatch(r'\w+', per_split[0][0]) and len(per_split[0]) == 2:
-      if not all(len(p) == 2 and re.fullmatch(r'\w+', p[0]) for p in per_split):
-        raise UserError(f'wds:{pattern}: per-split patterns are SPLIT=PATTERN;SPLIT=PATTERN')
-      patterns = [(s, p) for s, p in per_split]
+    per_split = [re.fullmatch(r'(\w+)=(.+)', part) for part in pattern.split(';')]
+    if all(per_split):  # train=PATTERN;test=PATTERN
+      patterns = [m.groups() for m in per_split]
+    elif ';' in pattern:
+      raise UserError(f'wds:{pattern}: per-split patterns are SPLIT=PATTERN;SPLIT=PATTERN')
     else:
       patterns = [(None, pattern)]
     self.base = glob_base(patterns[0][1])
