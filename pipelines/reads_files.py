@@ -66,6 +66,14 @@ class LoadCsvRow(_ToOutputs):
     yield self._emit(fs.load_csv_row(row, self._base_dir, self._class_names))
 
 
+def _key_by_id(row):
+  return row[1], row
+
+
+def _dedupe(_, rows):
+  return fs.dedupe_rows(sorted(rows, key=repr))
+
+
 def read_csv(p, source: fs.CsvSource, split: str, data_dir=None):
   from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   rows = (p
@@ -74,8 +82,11 @@ def read_csv(p, source: fs.CsvSource, split: str, data_dir=None):
           | f'ParseRows[{split}]' >> beam.ParDo(
               ParseCsvLine(source.layout, source.default_split, split)))
   loaded = (rows
-            # A manifest is read by few workers: spread the image reads over all of them.
-            | f'SpreadRows[{split}]' >> beam.Reshuffle()
+            # Grouping by id finds rows listed twice; the shuffle also spreads the image
+            # reads over all workers (a manifest is read by few).
+            | f'KeyById[{split}]' >> beam.Map(_key_by_id)
+            | f'GroupById[{split}]' >> beam.GroupByKey()
+            | f'Dedupe[{split}]' >> beam.FlatMapTuple(_dedupe)
             | f'Load[{split}]' >> beam.ParDo(
                 LoadCsvRow(source.base_dir, source.class_names, split)).with_outputs(
                     DEAD, main='ok'))
@@ -143,8 +154,7 @@ def count_shard_groups(shard) -> int:
 
 def read_wds(p, source: fs.WdsSource, split: str, data_dir=None):
   from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
-  shards = p | f'Shards[{split}]' >> beam.Create(
-      [(path, fs.shard_id(source.base, path)) for path in source.shards(split)])
+  shards = p | f'Shards[{split}]' >> beam.Create(source.shards(split))
   loaded = (shards
             # One shard per element: shards are read in parallel across workers.
             | f'SpreadShards[{split}]' >> beam.Reshuffle()

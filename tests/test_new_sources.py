@@ -88,10 +88,12 @@ def vertex_manifest(tmp_path):
     (imgs / f'{i}.png').write_bytes(_image(COLORS[cls]))
     rows.append(f'{"test" if i >= 6 else "training"},imgs/{i}.png,{cls}')
   (imgs / 'corrupt.png').write_bytes(b'not an image' * 5)
+  (imgs / 'unlabelled.png').write_bytes(_image(COLORS['cat']))
   abs_path = imgs / 'abs.png'
   abs_path.write_bytes(_image(COLORS['dog']))
   rows += ['TRAINING,imgs/missing.png,cat', 'training,imgs/corrupt.png,dog',
-           'training,imgs/0.png,', f'{abs_path},dog',  # no split column: default split
+           'training,imgs/unlabelled.png,', f'{abs_path},dog',  # no split column: default split
+           'test,imgs/8.png,owl', 'test,imgs/7.png,cat',  # listed twice: same / other label
            '', 'test,a,b,c']
   manifest = tmp_path / 'data' / 'manifest.csv'
   manifest.write_text('\n'.join(rows) + '\n')
@@ -102,14 +104,19 @@ def test_csv_vertex_manifest_end_to_end(vertex_manifest, tmp_path):
   manifest, abs_path = vertex_manifest
   out = str(tmp_path / 'out')
   summary = _run(f'--dataset=csv:{manifest}', f'--output_dir={out}')
-  # train: 6 good + missing + corrupt + unlabelled + absolute path; test: 3 + a bad row.
+  # train: 6 good + missing + corrupt + unlabelled + absolute path;
+  # test: 3 + a bad row + 8.png again (kept once) + 7.png with another label (both dead).
   assert summary['counts'] == {'train': {'read': 10, 'written': 7, 'dead_lettered': 3},
-                               'test': {'read': 4, 'written': 3, 'dead_lettered': 1}}
+                               'test': {'read': 6, 'written': 2, 'dead_lettered': 4}}
   dead = _dead(out, 'train')
   assert dead['imgs/missing.png'] == f'missing file: {manifest.parent}/imgs/missing.png'
   assert 'cannot decode' in dead['imgs/corrupt.png']
-  assert dead['imgs/0.png'] == 'empty label'
-  assert _dead(out, 'test') == {'test,a,b,c': '3 columns after the split, expected IMAGE,LABEL'}
+  assert dead['imgs/unlabelled.png'] == 'empty label'
+  assert _dead(out, 'test') == {
+      'test,a,b,c': '3 columns after the split, expected IMAGE,LABEL',
+      'imgs/8.png': 'duplicate row (listed 2 times)',
+      'imgs/7.png': "listed 2 times with different labels: 'cat', 'dog'"}
+  assert _written(out, 'test') == {'imgs/6.png': 0, 'imgs/8.png': 2}
   written = _written(out, 'train')
   assert written[str(abs_path)] == 1 and written['imgs/4.png'] == 1  # id: the path as written
   assert embeddings.read_metadata(out)['source']['class_names'] == NAMES
@@ -122,18 +129,18 @@ def test_csv_vertex_manifest_end_to_end(vertex_manifest, tmp_path):
 
 
 def test_headed_tsv_with_class_names_file(tmp_path):
-  for i, cls in enumerate(['owl', 'cat', 'owl', 'dog']):
+  for i, cls in enumerate(['owl', 'cat', 'owl', 'dog', 'owl']):
     (tmp_path / f'{i}.jpg').write_bytes(_image(COLORS[cls], 'JPEG'))
   (tmp_path / 'manifest.tsv').write_text(
       'Split\tlabel\timage\n'
       'train\towl\t0.jpg\ntrain\tcat\t1.jpg\nvalidation\towl\t2.jpg\n'
-      'train\tdog\t3.jpg\ntrain\tbird\t0.jpg\n')
+      'train\tdog\t3.jpg\ntrain\tbird\t4.jpg\n')
   (tmp_path / 'classes.txt').write_text('owl\ncat\ndog\n')
   out = str(tmp_path / 'out')
   summary = _run(f'--dataset=csv:{tmp_path}/manifest.tsv', f'--class_names={tmp_path}/classes.txt',
                  '--splits=train,validation', f'--output_dir={out}')
   assert summary['counts']['train'] == {'read': 4, 'written': 3, 'dead_lettered': 1}
-  assert _dead(out, 'train') == {'0.jpg': "unknown label 'bird'"}  # not in --class_names
+  assert _dead(out, 'train') == {'4.jpg': "unknown label 'bird'"}  # not in --class_names
   assert _written(out, 'train') == {'0.jpg': 0, '1.jpg': 1, '3.jpg': 2}  # the file's order
   assert _written(out, 'validation') == {'2.jpg': 0}
   with pytest.raises(UserError, match="no split 'test'; available: train, validation"):
@@ -284,12 +291,14 @@ def test_wds_end_to_end(shards, tmp_path):
 
 def test_wds_label_field_split_by_name_and_bad_shard(shards, tmp_path):
   (shards / 'train-99999.tar').write_bytes(b'this is no tar file')
-  spec = f'wds:{shards}/{{{{00000..00001}},train-99999,test-00000}}.tar'
+  spec = f'wds:{shards}/{{{{00000..00001}},train-99999,train-77777,test-00000}}.tar'
   source = open_source(spec, label_field='name', default_split='train')
   assert source.class_names == NAMES and source.splits == ['test', 'train']
-  assert _check_reader(source, 'train') == 10  # the unreadable shard counts as one input
+  # An unreadable or missing shard counts as one input.
+  assert _check_reader(source, 'train') == 11
   inputs = {i[0] if isinstance(i, tuple) else i.id: i for i in source.inputs('train')}
   assert inputs['train-99999'][1].startswith('cannot read shard: ReadError')
+  assert inputs['train-77777'][1] == f'missing shard: {shards}/train-77777.tar'
   # With --label_field the label comes from .json only (a .cls beside it is not used).
   assert inputs['00000/badcls'][1] == "no label: no .json member (--label_field=name)"
   assert inputs['00000/0001'].label == NAMES.index('dog')
@@ -342,7 +351,7 @@ def test_sources_on_a_non_local_filesystem(vertex_manifest, shards, tmp_path):
   FakeRemoteFileSystem.ROOT = str(tmp_path)
   remote = f'fakeremote://{os.path.relpath(manifest, tmp_path)}'
   summary = _run(f'--dataset=csv:{remote}', '--output_dir=fakeremote://emb_csv')
-  assert summary['counts']['test']['written'] == 3
+  assert summary['counts']['test']['written'] == 2
   assert _dead(str(tmp_path / 'emb_csv'), 'train')['imgs/missing.png'] == (
       'missing file: fakeremote://data/imgs/missing.png')
   summary = _run('--dataset=wds:fakeremote://shards/{00000..00001}.tar', '--splits=train',

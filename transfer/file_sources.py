@@ -75,13 +75,16 @@ def load_image(path: str, ex_id: str) -> Union[bytes, Dead]:
   try:
     return read_bytes(path)
   except Exception as e:  # not found, permissions, network: Beam wraps them in BeamIOError
-    try:
-      missing = not _fs().exists(path)
-    except Exception:  # pylint: disable=broad-except
-      missing = False
-    if missing:
+    if not _exists(path):
       return ex_id, f'missing file: {path}'
     return ex_id, f'cannot read {path}: {type(e).__name__}'
+
+
+def _exists(path: str) -> bool:
+  try:
+    return _fs().exists(path)
+  except Exception:  # pylint: disable=broad-except
+    return True  # cannot tell: report the read error itself
 
 
 def resolve(base_dir: str, path: str) -> str:
@@ -136,6 +139,7 @@ def split_of_path(rel: str, default: str) -> str:
   if m:
     return m.group(1)
   for d in reversed(parts[:-1]):
+    d = d[len('partial-'):] if d.startswith('partial-') else d  # the Hub's partial conversions
     if d.startswith('split='):
       return d[len('split='):]
     if d in NAMED_SPLITS:
@@ -259,6 +263,20 @@ def parse_csv_line(line: str, layout: dict, default_split: str):
   return split, image, image, label
 
 
+def dedupe_rows(rows: list) -> list:
+  """Rows of one split sharing an id: one kept when they agree, all dead when labels differ.
+
+  Copies are identical, so which one is kept does not change the output.
+  """
+  if len(rows) == 1 or rows[0][2] is None:  # unique, or a repeated unparsable line
+    return rows
+  n, labels = len(rows), sorted({r[3] for r in rows})
+  if len(labels) > 1:
+    reason = f'listed {n} times with different labels: {", ".join(map(repr, labels))}'
+    return [(r[0], r[1], None, reason) for r in rows]
+  return rows[:1] + [(r[0], r[1], None, f'duplicate row (listed {n} times)') for r in rows[1:]]
+
+
 def load_csv_row(row, base_dir: str, class_names: list[str]) -> Union[Example, Dead]:
   _, ex_id, image, label = row
   if image is None:
@@ -313,8 +331,12 @@ class CsvSource(FileSource):
     return len(self._rows[split])
 
   def inputs(self, split):
+    by_id: dict[str, list] = {}  # first-listed order
     for row in self._rows.get(split, []):
-      yield load_csv_row(row, self.base_dir, self.class_names)
+      by_id.setdefault(row[1], []).append(row)
+    for rows in by_id.values():
+      for row in dedupe_rows(rows):
+        yield load_csv_row(row, self.base_dir, self.class_names)
 
 
 # --------------------------------------------------------------------------
@@ -472,7 +494,9 @@ def tar_groups(path: str, want=None) -> Iterator[tuple[str, dict[str, bytes]]]:
   except Exception as e:  # truncated or not a tar: the pending group is lost with the shard
     if key is not None:
       yield key, {**members, 'error': b''}
-    yield '', {'error': f'cannot read shard: {type(e).__name__}: {e}'.encode()}
+    reason = (f'missing shard: {path}' if key is None and not _exists(path) else
+              f'cannot read shard: {type(e).__name__}: {e}')
+    yield '', {'error': reason.encode()}
 
 
 def wds_label(members: dict[str, bytes], label_field: Optional[str]) -> tuple[Any, Optional[str]]:
@@ -555,14 +579,15 @@ class WdsSource(FileSource):
       raise UserError(f'wds:{pattern}: per-split patterns are SPLIT=PATTERN;SPLIT=PATTERN')
     else:
       patterns = [(None, pattern)]
-    self.base = glob_base(patterns[0][1])
-    self._shards: dict[str, list[str]] = {}
+    self._shards: dict[str, list[tuple[str, str]]] = {}  # split → [(path, shard id)]
     for split, pat in patterns:
+      base = glob_base(pat)  # ids are relative to their own pattern's folder
       for path in self._expand(pat):
-        split_of = split or split_of_path(relative_to(self.base, path), self.default_split)
-        self._shards.setdefault(split_of, []).append(path)
+        sid = shard_id(base, path)
+        self._shards.setdefault(split or split_of_path(sid, self.default_split), []).append(
+            (path, sid))
     self.splits = sorted(self._shards)
-    self.name = posixpath.basename(self.base) or 'webdataset'
+    self.name = posixpath.basename(glob_base(patterns[0][1])) or 'webdataset'
     self._counts: dict[str, int] = {}
     if self.class_names_file:
       self.class_names = read_class_names(self.class_names_file)
@@ -570,7 +595,7 @@ class WdsSource(FileSource):
       labels = []
       for split, shards in self._shards.items():
         n = 0
-        for path in shards:
+        for path, _ in shards:
           for key, members in tar_groups(path, want=lambda e: e in ('cls', 'txt', 'json')):
             n += 1
             value, reason = wds_label(members, label_field) if 'error' not in members else (
@@ -595,7 +620,8 @@ class WdsSource(FileSource):
       raise UserError(f'no shards match {pattern}')
     return out
 
-  def shards(self, split: str) -> list[str]:
+  def shards(self, split: str) -> list[tuple[str, str]]:
+    """[(path, shard id)] of ``split``."""
     self.check_split(split)
     return self._shards[split]
 
@@ -604,7 +630,6 @@ class WdsSource(FileSource):
     return self._counts.get(split)  # known when class names came from a scan
 
   def inputs(self, split):
-    for path in self.shards(split):
-      sid = shard_id(self.base, path)
+    for path, sid in self.shards(split):
       for key, members in tar_groups(path):
         yield wds_example(sid, key, members, self.label_field, self.class_names)
