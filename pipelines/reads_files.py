@@ -114,7 +114,7 @@ class ReadParquetFile(_ToOutputs):
 
 def count_parquet_rows(file) -> int:
   """Rows of a Parquet file, from its footer."""
-  return fs.parquet_file(file[0]).metadata.num_rows
+  return fs.parquet_num_rows(file[0])
 
 
 def read_parquet(p, source: fs.ParquetSource, split: str, data_dir=None):

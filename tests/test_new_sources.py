@@ -152,6 +152,7 @@ def test_csv_parsing_rules():
   parse = lambda line: file_sources.parse_csv_line(line, vertex, 'train')
   assert parse('training,gs://b/x.jpg,cat') == ('train', 'gs://b/x.jpg', 'gs://b/x.jpg', 'cat')
   assert parse('VALIDATION,x.jpg,cat')[0] == 'validation'
+  assert parse('\ufefftest,x.jpg,cat\r\n')[0] == 'test'  # BOM and CRLF (Excel exports)
   assert parse('UNASSIGNED,x.jpg,cat')[0] == 'train'  # Vertex's "assign for me": default split
   assert parse('x.jpg,cat') == ('train', 'x.jpg', 'x.jpg', 'cat')
   assert parse('test,x.jpg') == ('test', 'x.jpg', 'x.jpg', '')  # unlabelled: dead later

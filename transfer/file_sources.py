@@ -22,6 +22,7 @@ and by the Beam readers in ``pipelines.reads_files``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -237,7 +238,7 @@ def parse_csv_line(line: str, layout: dict, default_split: str):
 
   Blank lines are not inputs (None).
   """
-  line = line.rstrip('\r\n')
+  line = line.rstrip('\r\n').lstrip('\ufeff')  # ReadFromText keeps a byte-order mark
   if not line.strip():
     return None
   fields = [f.strip() for f in next(csv.reader([line], delimiter=layout['delimiter']))]
@@ -344,17 +345,26 @@ class CsvSource(FileSource):
 # --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def parquet_file(path: str):
+  """A ``pyarrow.parquet.ParquetFile`` read through Beam's FileSystems (closed on exit)."""
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
-  return pq.ParquetFile(_fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED))
+  with _fs().open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    yield pq.ParquetFile(fh)
+
+
+def parquet_num_rows(path: str) -> int:
+  """Rows of a Parquet file, from its footer."""
+  with parquet_file(path) as pf:
+    return pf.metadata.num_rows
 
 
 def parquet_rows(path: str, image_column: str, label_column: str) -> Iterator[tuple[Any, Any]]:
   """(image value, label value) of every row, in order, a batch at a time."""
-  pf = parquet_file(path)
-  for batch in pf.iter_batches(batch_size=64, columns=[image_column, label_column]):
-    yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+  with parquet_file(path) as pf:
+    for batch in pf.iter_batches(batch_size=64, columns=[image_column, label_column]):
+      yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
 
 
 def parquet_example(ex_id: str, image: Any, label: Any, file_dir: str,
@@ -407,12 +417,12 @@ class ParquetSource(FileSource):
     for path in files:
       rel = relative_to(self.base, path)
       try:
-        pf = parquet_file(path)
+        with parquet_file(path) as pf:
+          schema, num_rows = schema or pf.schema_arrow, pf.metadata.num_rows
       except Exception as e:
         raise UserError(f'cannot read Parquet {path}: {str(e).splitlines()[0][:200]}') from None
-      schema = schema or pf.schema_arrow
       self._files.setdefault(split_of_path(rel, self.default_split), []).append(
-          (path, rel, pf.metadata.num_rows))
+          (path, rel, num_rows))
     self.splits = sorted(self._files)
     for col, flag in ((image_column, 'image_column'), (label_column, 'label_column')):
       if col not in schema.names:
