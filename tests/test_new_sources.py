@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystem import FileMetadata
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
@@ -62,7 +62,7 @@ def _check_reader(source, split) -> int:
   inputs = list(source.inputs(split))
   examples = sorted(i.id for i in inputs if not isinstance(i, tuple))
   dead = sorted(i for i in inputs if isinstance(i, tuple))
-  with TestPipeline(runner='FnApiRunner') as p:
+  with test_pipeline.TestPipeline(runner='FnApiRunner') as p:
     read = reads.read_split(p, source, split, None)
     assert_that(read.examples | 'Ids' >> beam.Map(lambda e: e[0]), equal_to(examples),
                 label='Examples')
@@ -236,7 +236,25 @@ def test_split_from_file_names():
   assert s('data/validation-00000-of-00001.parquet', 'x') == 'validation'
   assert s('cifar10/split=test/part-0.parquet', 'x') == 'test'
   assert s('plain/test/0000.parquet', 'x') == 'test'  # the Hub's refs/convert/parquet layout
+  assert s('plain/partial-train/0000.parquet', 'x') == 'train'  # a partial conversion
   assert s('trainset.parquet', 'x') == 'x'
+
+
+def test_parquet_image_paths_and_txt_labels_in_shards(tmp_path):
+  """Parquet rows naming image files (relative to the file); .txt labels in shards."""
+  (tmp_path / 'a.png').write_bytes(_image(COLORS['dog']))
+  pq.write_table(pa.table({'image': ['a.png', 'gone.png', None], 'label': ['dog'] * 3}),
+                 tmp_path / 'rows.parquet')
+  got = list(open_source(f'parquet:{tmp_path}/*.parquet').inputs('train'))
+  assert got[0].id == 'rows.parquet/0' and got[0].image == (tmp_path / 'a.png').read_bytes()
+  assert got[1:] == [('rows.parquet/1', f'missing file: {tmp_path}/gone.png'),
+                     ('rows.parquet/2', 'no image')]
+  _tar(tmp_path / 'txt.tar', [('k1.png', _image(COLORS['owl'])), ('k1.txt', b'owl\n'),
+                              ('k2.png', _image(COLORS['cat'])), ('k2.txt', b' cat ')])
+  source = open_source(f'wds:{tmp_path}/txt.tar', default_split='test')
+  assert source.splits == ['test'] and source.class_names == ['cat', 'owl']
+  assert source.num_examples('test') == 2
+  assert [(e.id, e.label) for e in source.iter_examples('test')] == [('txt/k1', 1), ('txt/k2', 0)]
 
 
 # --------------------------------------------------------------------------
