@@ -480,12 +480,13 @@ def open_tar(path: str, stream: bool = True):
 def tar_groups(path: str, want=None) -> Iterator[tuple[str, dict[str, bytes]]]:
   """(key, {extension: bytes}) per member group (adjacent members sharing a key).
 
-  ``want(ext)`` limits the members whose bytes are read. A shard that cannot be read yields
-  ('', {'error': reason}) after the groups read before the failure.
+  ``want(ext)`` limits the members whose bytes are read (an uncompressed shard is then read
+  by seeking past the others). A shard that cannot be read yields ('', {'error': reason})
+  after the groups read before the failure.
   """
   key, members = None, {}
   try:
-    fh, tar = open_tar(path)
+    fh, tar = open_tar(path, stream=want is None or not path.endswith('.tar'))
     with fh, tar:
       for m in tar:
         if not m.isfile():
