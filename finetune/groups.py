@@ -67,15 +67,18 @@ def mode_rules(mode: str, params, backbone_lr_factor: float = 0.1,
     if not custom_rules:
       raise UserError('mode custom needs --rules (JSON text or a JSON file)')
     return parse_rules(custom_rules)
+  # 'projection' (the pretrained visual_projection under a zero-shot-initialised head)
+  # belongs with the backbone; its rule matches nothing in the guide's plain classifier.
   if name == 'linear':  # the Flax guide's example: a frozen backbone, a trained head
-    return [('backbone/.*', None), ('head/.*', 1.0)]
+    return [('backbone/.*', None), ('projection/.*', None), ('head/.*', 1.0)]
   if name == 'full':
-    return [('backbone/.*', 1.0), ('head/.*', 1.0)]
+    return [('backbone/.*', 1.0), ('projection/.*', 1.0), ('head/.*', 1.0)]
   if name == 'differential':  # pretrained weights move slower than the new head
     if not backbone_lr_factor > 0:
       raise UserError(f'--backbone_lr_factor must be > 0, got {backbone_lr_factor} '
                       '(a frozen backbone is mode linear)')
-    return [('backbone/.*', float(backbone_lr_factor)), ('head/.*', 1.0)]
+    return [('backbone/.*', float(backbone_lr_factor)),
+            ('projection/.*', float(backbone_lr_factor)), ('head/.*', 1.0)]
   total = num_layers(params)
   if n > total:
     raise UserError(f'mode {mode!r}: the backbone has {total} encoder layers; '
@@ -88,7 +91,7 @@ def mode_rules(mode: str, params, backbone_lr_factor: float = 0.1,
   if frozen:
     rules.append((f'backbone/encoder/layers/({frozen})/.*', None))
   return rules + [(f'backbone/encoder/layers/({trained})/.*', 1.0),
-                  ('backbone/post_layernorm/.*', 1.0), ('head/.*', 1.0)]
+                  ('backbone/post_layernorm/.*', 1.0), ('projection/.*', 1.0), ('head/.*', 1.0)]
 
 
 def check_mode(mode: str, custom_rules: Optional[str] = None) -> None:

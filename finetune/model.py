@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from transfer.clip import Classifier, Pretrained
@@ -15,14 +18,31 @@ class TransferError(UserError):
   """Pretrained variables that do not fit the initialised classifier."""
 
 
-def create(pretrained: Pretrained, num_classes: int, seed: int = 0):
-  """Returns ``(Classifier, variables)`` with the pretrained backbone transferred in."""
+def create(pretrained: Pretrained, num_classes: int, seed: int = 0, *,
+           head: Optional[tuple[np.ndarray, np.ndarray]] = None, projected: bool = False):
+  """Returns ``(Classifier, variables)`` with the pretrained backbone transferred in.
+
+  ``head``: a ``(kernel, bias)`` to start from instead of zeros (LP-FT, zero-shot
+  initialisation). ``projected``: the head sits on L2-normalised projected
+  features, the pretrained ``visual_projection`` transferred in as ``projection``.
+  """
   backbone, backbone_vars = pretrained.vision_tower()
-  model = Classifier(num_classes=num_classes, backbone=backbone)
+  if projected and pretrained.module.projection_dim is None:
+    raise TransferError(f'{pretrained.name} has no visual_projection to put a head on')
+  model = Classifier(num_classes=num_classes, backbone=backbone,
+                     projection_dim=pretrained.module.projection_dim if projected else None)
   h, w, c = pretrained.preprocess.output_shape
   # jit: initialising op by op is slow for a ViT-B; the head is zeros anyway.
   variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, c), jnp.float32))
   variables = transfer(variables, backbone_vars)
+  if projected:
+    variables = transfer(variables, {'params': pretrained.variables['params']['visual_projection']},
+                         name='projection')
+  if head is not None:
+    kernel, bias = head
+    variables = transfer(variables, {'params': {'kernel': np.asarray(kernel, np.float32),
+                                                'bias': np.asarray(bias, np.float32)}},
+                         name='head')
   return model, variables
 
 

@@ -31,6 +31,7 @@ from finetune import groups
 from finetune import input_pipeline
 from finetune import model as model_lib
 from transfer import clip
+from transfer import file_sources
 from transfer import flags
 from transfer import linear
 from transfer import metrics as metrics_lib
@@ -43,12 +44,14 @@ from transfer.errors import UserError
 log = logging.getLogger(__name__)
 
 # Config fields that must not change between a run and its --resume.
-RESUME_KEYS = ('dataset', 'train_split', 'model', 'rules', 'backbone_lr_factor', 'epochs',
+RESUME_KEYS = ('dataset', 'class_names', 'image_column', 'label_column', 'label_field',
+               'default_split', 'train_split', 'model', 'head_init', 'rules', 'backbone_lr_factor', 'epochs',
                'steps', 'batch_size', 'warmup', 'weight_decay', 'clip_norm', 'dtype',
                'augment', 'seed', 'limit_train', 'val_fraction', 'eval_every')
 # Learning rates tried when --lr is not given (peak AdamW rates, after warmup). Wide on
 # purpose: real CLIP weights want ~1e-5 for the backbone, a random or small model ~1e-3.
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
+HEAD_INITS = ('zeros', 'probe', 'zeroshot')
 # What a fine-tune run writes in its workdir (the rest is the user's, and never touched).
 OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*')
 
@@ -59,6 +62,14 @@ class Config:
 
   dataset: str = flags.field('digits', "'digits', 'folder:PATH' or a TFDS name")
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir')
+  class_names: Optional[str] = flags.field(
+      None, 'csv:/parquet:/wds: file with one class name per line: fixes the label order')
+  image_column: str = flags.field('image', 'image column of a headed CSV or of Parquet')
+  label_column: str = flags.field('label', 'label column of a headed CSV or of Parquet')
+  label_field: Optional[str] = flags.field(
+      None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
+  default_split: str = flags.field(
+      'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
   train_split: str = flags.field('train', 'split trained on (and validated on: see --val_fraction)')
   eval_split: str = flags.field('test', 'split scored once, for the selected configuration')
   model: str = flags.field(clip.DEFAULT_MODEL,
@@ -76,6 +87,13 @@ class Config:
       'head are solved exactly instead (see --l2_grid)')
   l2_grid: tuple[float, ...] = flags.field(
       linear.DEFAULT_L2_GRID, 'head-only modes (linear, last:0): L2 strengths tried, as the probe')
+  head_init: str = flags.field(
+      'zeros', 'where the head starts: zeros (the Flax guide), probe:DIR (LP-FT: the head '
+      'probe.train saved in DIR, its standardisation folded in) or zeroshot:DIR (the class text '
+      'embeddings probe.zeroshot saved, on L2-normalised projected features)')
+  wise: tuple[float, ...] = flags.field(
+      (), 'WiSE-FT: mixing weights α in [0, 1] to try, e.g. 0,0.25,0.5,0.75,1; the model '
+      '(1-α)·start + α·fine-tuned with the best α on validation is scored too')
   val_fraction: float = flags.field(validation.DEFAULT_FRACTION,
                                     'fraction of each train class held out to choose lr and step '
                                     '(the same examples the probe validates on)')
@@ -131,6 +149,19 @@ class Config:
       raise UserError(f'--dtype {self.dtype!r}: choose float32 or bfloat16')
     if self.train_split == self.eval_split:
       raise UserError(f'--train_split and --eval_split are both {self.train_split!r}')
+    kind, _, path = self.head_init.partition(':')
+    if kind not in HEAD_INITS or (kind == 'zeros') != (not path):
+      raise UserError(f'--head_init {self.head_init!r}: use zeros, probe:DIR or zeroshot:DIR')
+    if path and not os.path.isdir(path):
+      raise UserError(f'--head_init {self.head_init!r}: no such directory {path}')
+    bad = [a for a in self.wise if not 0 <= a <= 1]
+    if bad:
+      raise UserError(f'--wise values must be in [0, 1], got {bad[0]}')
+
+  def method_name(self, mode: str) -> str:
+    """The metrics.json key: the mode, plus where the head started when not zeros."""
+    kind = self.head_init.partition(':')[0]
+    return mode if kind == 'zeros' else f'{mode}@{kind}'
 
   @property
   def lrs(self) -> tuple[float, ...]:
@@ -395,7 +426,7 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
   every = config.eval_every or input_pipeline.steps_per_epoch(len(data.fit), config.batch_size)
   state, trainable, _ = create_state(pretrained, len(data.class_names), mode, config, total,
                                      initialised, mesh, lr)
-  ckpt = Checkpoints(checkpoint_dir(workdir, mode, lr))
+  ckpt = Checkpoints(checkpoint_dir(workdir, config.method_name(mode), lr))
   record = ckpt.start(config)
   if record['done']:
     return record
@@ -458,7 +489,10 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
 
 def finetune_mode(mode: str, pretrained: clip.Pretrained, data: Data, config: Config,
                   workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
-  """Every lr of the grid, the best (lr, step) on validation, the eval split scored once."""
+  """Every lr of the grid, the best (lr, step) on validation, the eval split scored once.
+
+  Returns ``{name: entry}`` (plus ``name+wise`` with ``--wise``), None when stopped early.
+  """
   t0 = time.perf_counter()
   records = {}
   for lr in config.lrs:
@@ -475,7 +509,8 @@ def finetune_mode(mode: str, pretrained: clip.Pretrained, data: Data, config: Co
   state, trainable, plan = create_state(pretrained, len(data.class_names), mode, config,
                                         total_steps_for(config, len(data.fit)), initialised,
                                         mesh, lr)
-  state = Checkpoints(checkpoint_dir(workdir, mode, lr)).restore('best', state, mesh)
+  name = config.method_name(mode)
+  state = Checkpoints(checkpoint_dir(workdir, name, lr)).restore('best', state, mesh)
   _, eval_fn = jit_steps(mesh, trainable, pretrained.preprocess)
   t_eval = time.perf_counter()
   logits = predict(eval_fn, state, data.eval, config.batch_size, mesh)
@@ -497,9 +532,83 @@ def finetune_mode(mode: str, pretrained: clip.Pretrained, data: Data, config: Co
       'config_wall_s': {f'{k:g}': r['wall_s'] for k, r in records.items()},
       'steps': total_steps_for(config, len(data.fit)), 'batch_size': config.batch_size,
       'backbone_lr_factor': config.backbone_lr_factor if mode == 'differential' else None,
-      'rules': [[r, s] for r, s in plan.rules],
+      'rules': [[r, s] for r, s in plan.rules], 'head_init': config.head_init,
   })
-  return entry
+  out = {name: entry}
+  if config.wise:
+    out[f'{name}+wise'] = wise_ft(entry, initialised, state, eval_fn, data, config, mesh)
+  return out
+
+
+def wise_ft(entry: dict, initialised, tuned: TrainState, eval_fn, data: Data, config: Config,
+            mesh: Mesh) -> dict:
+  """WiSE-FT: θ_α = (1−α)·θ_start + α·θ_tuned for each α, α chosen on validation, no retraining.
+
+  θ_start is the initialised model (pretrained backbone + initial head). Records
+  the whole curve (validation and eval) in ``entry['wise']``; returns the entry
+  of the chosen α, whose eval score is the one the report uses.
+  """
+  t0 = time.perf_counter()
+  repl = NamedSharding(mesh, P())
+  start = jax.device_put(flax.core.unfreeze(initialised[1])['params'], repl)
+  mix = jax.jit(lambda a, s, t: jax.tree.map(lambda x, y: ((1 - a) * x + a * y).astype(y.dtype),
+                                             s, t))
+  curve, logits = [], {}
+  for alpha in config.wise:
+    state = tuned.replace(params=mix(jnp.float32(alpha), start, tuned.params))
+    top1, loss = val_score(predict(eval_fn, state, data.val, config.batch_size, mesh),
+                           data.val.labels)
+    logits[alpha] = predict(eval_fn, state, data.eval, config.batch_size, mesh)
+    curve.append((alpha, top1, loss, float(np.mean(logits[alpha].argmax(-1) == data.eval.labels))))
+  chosen = max(curve, key=lambda c: (c[1], -c[2]))[0]
+  entry['wise'] = {'alphas': [c[0] for c in curve], 'val_top1': [c[1] for c in curve],
+                   'val_loss': [c[2] for c in curve], 'eval_top1': [c[3] for c in curve],
+                   'selected_alpha': chosen}
+  out = metrics_lib.classification(logits[chosen], data.eval.labels, data.class_names)
+  out.update({
+      'wall_s': entry['wall_s'] + time.perf_counter() - t0,
+      'cost': 'the fine-tune run it mixes, plus scoring every α on validation and eval (no '
+              'retraining)',
+      'trainable_params': entry['trainable_params'], 'selected': {'alpha': chosen},
+      'wise': entry['wise'], 'head_init': config.head_init,
+  })
+  return out
+
+
+def _check_source_run(path: str, pretrained: clip.Pretrained, class_names) -> None:
+  """A head from another stage's run must come from the same weights and classes."""
+  try:
+    with open(os.path.join(path, 'metrics.json')) as fh:
+      m = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise UserError(f'--head_init: cannot read {path}/metrics.json ({type(e).__name__})') from None
+  got = (m.get('model') or {}).get('weights_sha256')
+  if got != pretrained.checksum():
+    raise UserError(f'--head_init: {path} was made with other weights ({str(got)[:12]}…) than '
+                    f'{pretrained.name} ({pretrained.checksum()[:12]}…)')
+  if list(m.get('class_names') or []) != list(class_names):
+    raise UserError(f'--head_init: {path} has classes {m.get("class_names")}, the dataset '
+                    f'{list(class_names)}')
+
+
+def initial_head(config: Config, pretrained: clip.Pretrained,
+                 class_names) -> tuple[Optional[tuple[np.ndarray, np.ndarray]], bool]:
+  """((kernel, bias) or None, head on projected features?) from ``--head_init``."""
+  kind, _, path = config.head_init.partition(':')
+  if kind == 'zeros':
+    return None, False
+  _check_source_run(path, pretrained, class_names)
+  name = 'head.npz' if kind == 'probe' else 'zeroshot_head.npz'
+  try:
+    with np.load(os.path.join(path, name), allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except (OSError, ValueError) as e:
+    raise UserError(f'--head_init: cannot read {path}/{name} ({type(e).__name__})') from None
+  if kind == 'probe':  # the probe's standardisation folded into the Dense head
+    return linear.fold(arrays['kernel'], arrays['bias'], arrays['mean'], arrays['std']), False
+  # Zero-shot: logits = exp(logit_scale) · cos(image, class text) = head on normalised features.
+  kernel = np.exp(np.float32(arrays['logit_scale'])) * arrays['head'].T.astype(np.float32)
+  return (kernel, np.zeros(kernel.shape[1], np.float32)), True
 
 
 def features(pretrained: clip.Pretrained, split: input_pipeline.Split, batch_size: int,
@@ -597,7 +706,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   # Refuses a file, a read-only directory or one holding files this tool did not write.
   outputs.prepare_output_dir(workdir, overwrite=True, kind='fine-tune workdir',
                              owned=OWNED_FILES, flag='--workdir', clear=False)
-  source = sources.open_source(config.dataset, config.data_dir)
+  source = sources.open_source(config.dataset, config.data_dir,
+                               **file_sources.source_options(config))
   class_names = list(source.class_names)
   if config.num_classes is not None and config.num_classes != len(class_names):
     raise UserError(f'--num_classes {config.num_classes} but {config.dataset} has '
@@ -605,6 +715,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   for split in (config.train_split, config.eval_split):
     source.check_split(split)
   pretrained = clip.load(config.model, config.dtype)
+  head, projected = initial_head(config, pretrained, class_names)  # checked before the data
   with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
     data = prepare_data(source, pretrained, config, scratch)
     input_pipeline.steps_per_epoch(len(data.fit), config.batch_size)  # batch fits the data
@@ -622,13 +733,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         skipped={'train': 0, 'eval': 0}, data_wall_s=data.wall_s,
         devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
     out = _write_metrics(workdir, header, {})
-    initialised = model_lib.create(pretrained, len(class_names), config.seed)  # once for all modes
+    initialised = model_lib.create(pretrained, len(class_names), config.seed, head=head,
+                                   projected=projected)  # once for all modes
     params = flax.core.unfreeze(initialised[1])['params']
     for mode in config.modes:
-      if _is_head_only(mode, params, config):
-        entry = solve_head_only(mode, pretrained, data, config, mesh, initialised)
+      if head is None and _is_head_only(mode, params, config):
+        entries = {mode: solve_head_only(mode, pretrained, data, config, mesh, initialised)}
       else:
-        entry = finetune_mode(mode, pretrained, data, config, workdir, mesh, initialised)
-      if entry is not None:
-        out = _write_metrics(workdir, header, {mode: entry})
+        entries = finetune_mode(mode, pretrained, data, config, workdir, mesh, initialised)
+      if entries is not None:
+        out = _write_metrics(workdir, header, entries)
   return out

@@ -3,7 +3,8 @@ r"""Embeds a dataset with the CLIP vision tower into a TFDS-format embedding dat
   python -m pipelines.embed --dataset=digits --model=random:tiny \
       --output_dir=runs/demo/embeddings
 
-Reads ``digits``, ``folder:PATH`` or a TFDS catalog name, decodes and
+Reads ``digits``, ``folder:PATH``, ``csv:PATH``, ``parquet:GLOB``, ``wds:PATTERN`` or a
+TFDS catalog name (``transfer.sources.open_source``), decodes and
 preprocesses on the host (uint8), runs the jitted vision tower through
 RunInference with fixed-size batches, and writes ArrayRecord shards through
 Beam's FileSystems (local or gs://). Inputs that fail to load, decode or
@@ -34,6 +35,7 @@ from pipelines import reads
 from pipelines.jax_handler import ClipVisionModelHandler
 from transfer import clip
 from transfer import embeddings as emb_lib
+from transfer import file_sources
 from transfer import flags
 from transfer import sources as sources_lib
 from transfer.errors import UserError, cli_main
@@ -47,8 +49,9 @@ SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 class EmbedConfig:
   """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
-  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>) or a "
-                             'TFDS name')
+  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), "
+                             "'csv:PATH' (Vertex AI manifest or headed CSV/TSV), 'parquet:GLOB', "
+                             "'wds:PATTERN' (WebDataset shards) or a TFDS name")
   output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
   splits: tuple[str, ...] = flags.field(('train', 'test'), 'comma-separated splits to embed')
@@ -63,6 +66,16 @@ class EmbedConfig:
                                         'sets the number of ArrayRecord shards per split')
   overwrite: bool = flags.field(False, 'replace a dataset this tool wrote in --output_dir '
                                 '(nothing else is ever removed)')
+  # Options of the csv:/parquet:/wds: sources (transfer.file_sources.SOURCE_OPTIONS).
+  class_names: Optional[str] = flags.field(
+      None, 'file with one class name per line: fixes the label order of csv:/parquet:/wds: '
+      '(a label not in it is dead-lettered); default: the sorted distinct labels')
+  image_column: str = flags.field('image', 'image column of a headed CSV or of Parquet')
+  label_column: str = flags.field('label', 'label column of a headed CSV or of Parquet')
+  label_field: Optional[str] = flags.field(
+      None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
+  default_split: str = flags.field(
+      'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -287,7 +300,8 @@ def _local_runner():
 def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
   args, beam_args = parse_args(argv)
-  source = sources_lib.open_source(args.dataset, args.data_dir)
+  source = sources_lib.open_source(args.dataset, args.data_dir,
+                                   **file_sources.source_options(args))
   for split in args.splits:
     source.check_split(split)
   # Claims the output directory before the model loads: a file in the way, foreign

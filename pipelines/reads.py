@@ -120,6 +120,9 @@ READERS: dict[type, Callable[..., Read]] = {
     sources_lib.FolderSource: read_folder,
     sources_lib.TfdsSource: read_tfds,
 }
+# csv:, parquet:, wds: (pipelines.reads_files imports this module only inside functions).
+from pipelines import reads_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+READERS.update(reads_files.READERS)
 
 
 def read_split(p, source: sources_lib.Source, split: str, data_dir: Optional[str]) -> Read:

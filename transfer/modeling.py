@@ -352,12 +352,21 @@ def param_shapes(module: CLIP) -> dict:
 
 
 class Classifier(nn.Module):
-  """The Flax transfer-learning guide's classifier: backbone + zero-init Dense head."""
+  """The Flax transfer-learning guide's classifier: backbone + zero-init Dense head.
+
+  With ``projection_dim`` the head sits on CLIP's L2-normalised projected
+  features (``projection`` holds the pretrained ``visual_projection``), where
+  the class text embeddings are a ready-made head (zero-shot initialisation).
+  """
 
   num_classes: int
   backbone: nn.Module
+  projection_dim: Optional[int] = None
 
   @nn.compact
   def __call__(self, x):
     x = self.backbone(x).pooler_output
+    if self.projection_dim is not None:
+      x = nn.Dense(self.projection_dim, use_bias=False, dtype=x.dtype, name='projection')(x)
+      x = x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True).astype(x.dtype)
     return nn.Dense(self.num_classes, name='head', kernel_init=nn.zeros)(x)

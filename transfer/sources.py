@@ -1,6 +1,7 @@
 """Labelled image sources shared by the embed and fine-tune stages.
 
-``open_source(spec)`` understands three kinds of spec:
+``open_source(spec)`` understands these kinds of spec (``csv:``, ``parquet:`` and ``wds:``
+live in ``transfer.file_sources``):
 
 * ``digits``: scikit-learn's bundled ``load_digits`` as a TFDS builder (no download).
 * ``folder:PATH``: ``PATH/<split>/<class>/<image>``; PATH is any Beam filesystem
@@ -70,11 +71,31 @@ class Source:
                       f'{", ".join(self.splits)}')
 
 
-def open_source(spec: str, data_dir: Optional[str] = None) -> Source:
-  """'digits', 'folder:PATH' or a TFDS catalog name ('mnist', 'cifar10:3.0.2')."""
+def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
+  """'digits', 'folder:PATH', 'csv:PATH', 'parquet:GLOB', 'wds:PATTERN' or a TFDS name.
+
+  ``options`` (``transfer.file_sources.SOURCE_OPTIONS``: class_names, image_column,
+  label_column, label_field, default_split) configure the csv/parquet/wds sources.
+  """
+  from transfer import file_sources  # pylint: disable=g-import-not-at-top
+
+  unknown = set(options) - set(file_sources.SOURCE_OPTIONS)
+  if unknown:
+    raise TypeError(f'unknown source options: {sorted(unknown)}')
   spec = spec.strip()
   if not spec:
-    raise UserError('empty dataset spec; use digits, folder:PATH or a TFDS name')
+    raise UserError('empty dataset spec; use digits, folder:PATH, csv:PATH, parquet:GLOB, '
+                    'wds:PATTERN or a TFDS name')
+  options = {k: v for k, v in options.items() if v is not None}
+  if spec.startswith(file_sources.CSV_PREFIX):
+    options.pop('label_field', None)
+    return file_sources.CsvSource(spec[len(file_sources.CSV_PREFIX):], **options)
+  if spec.startswith(file_sources.PARQUET_PREFIX):
+    options.pop('label_field', None)
+    return file_sources.ParquetSource(spec[len(file_sources.PARQUET_PREFIX):], **options)
+  if spec.startswith(file_sources.WDS_PREFIX):
+    options.pop('image_column', None), options.pop('label_column', None)
+    return file_sources.WdsSource(spec[len(file_sources.WDS_PREFIX):], **options)
   if spec.startswith(FOLDER_PREFIX):
     return FolderSource(spec[len(FOLDER_PREFIX):])
   if spec == 'digits' or spec.startswith('digits:'):
