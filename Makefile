@@ -32,9 +32,13 @@ demo: $(STAMP)
 	@echo "== 3/5 linear probe (JAX + scikit-learn baseline, true few-shot)"
 	$(PY) -m probe.train --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/probe \
 	  --shots=1,5,10 --seeds=3
-	@echo "== 4/5 fine-tune: linear (frozen backbone) and full, lr and step chosen on validation"
+	@echo "== 4/5 fine-tune: linear (frozen backbone) and full, then LP-FT (full from the probe's head);"
+	@echo "       lr and step chosen on validation; WiSE-FT mixes each with its start"
 	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
-	  --workdir=$(RUN_DIR)/finetune --mode=linear,full --epochs=10
+	  --workdir=$(RUN_DIR)/finetune --mode=linear,full --epochs=10 --wise=0,0.25,0.5,0.75,1
+	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
+	  --workdir=$(RUN_DIR)/finetune --mode=full --epochs=10 --head_init=probe:$(RUN_DIR)/probe \
+	  --wise=0,0.25,0.5,0.75,1
 	@echo "== 5/5 comparison"
 	$(PY) -m report.compare $(RUN_DIR)
 	@echo "== done: outputs in $(RUN_DIR) (report.md, report.png)"

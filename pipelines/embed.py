@@ -222,7 +222,9 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
   for split in args.splits:
     total = source.num_examples(split)
     totals.append(total)
-    num_shards[split] = emb_lib.num_shards_for(total, args.examples_per_shard)
+    # An unknown count (WebDataset without a label scan): one output shard per input file.
+    num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
+                         if total is not None else max(1, source.num_parts(split) or 1))
     read = reads.read_split(p, source, split, args.data_dir)
     examples, load_dead = read.examples, read.dead
     founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(

@@ -308,6 +308,20 @@ def test_wds_end_to_end(shards, tmp_path):
   assert _check_reader(source, 'train') == 9
 
 
+def test_wds_with_class_names_makes_one_output_shard_per_input_shard(shards, tmp_path):
+  """Nothing scanned up front (count unknown): the output is not squeezed into one shard."""
+  names = tmp_path / 'names.txt'
+  names.write_text('0\n1\n2\n')
+  spec = f'wds:train={shards}/{{00000..00001}}.tar;test={shards}/test-00000.tar'
+  assert open_source(spec, class_names=str(names)).num_examples('train') is None
+  out = str(tmp_path / 'out')
+  summary = _run(f'--dataset={spec}', f'--output_dir={out}', f'--class_names={names}')
+  assert summary['counts']['train'] == {'read': 9, 'written': 6, 'dead_lettered': 3}
+  shard_files = [f for f in os.listdir(out) if '-train.array_record-' in f]
+  assert len(shard_files) == 2 and _written(out, 'train') == {
+      f'{s:05d}/{i:04d}': i % 3 for s in range(2) for i in range(3 * s, 3 * s + 3)}
+
+
 def test_wds_label_field_split_by_name_and_bad_shard(shards, tmp_path):
   (shards / 'train-99999.tar').write_bytes(b'this is no tar file')
   spec = f'wds:{shards}/{{{{00000..00001}},train-99999,train-77777,test-00000}}.tar'

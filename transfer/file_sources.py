@@ -640,6 +640,9 @@ class WdsSource(FileSource):
     self.check_split(split)
     return self._counts.get(split)  # known when class names came from a scan
 
+  def num_parts(self, split):
+    return len(self.shards(split))
+
   def inputs(self, split):
     for path, sid in self.shards(split):
       for key, members in tar_groups(path):

@@ -65,6 +65,10 @@ class Source:
     """Examples of ``split`` in a fixed order; ``start/stop`` select a range of it."""
     raise NotImplementedError
 
+  def num_parts(self, split: str) -> Optional[int]:
+    """How many input files hold ``split`` (for sizing the output when the count is unknown)."""
+    return None
+
   def check_split(self, split: str) -> None:
     if self.splits and split not in self.splits:
       raise UserError(f'{self.name} has no split {split!r}; available: '
