@@ -34,7 +34,6 @@ from pipelines.jax_handler import ClipVisionModelHandler
 from transfer import clip
 from transfer import embeddings as emb_lib
 from transfer import flags
-from transfer import preprocess as preprocess_lib
 from transfer import sources as sources_lib
 from transfer.errors import UserError, cli_main
 
@@ -98,7 +97,8 @@ def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
 class Preprocess(beam.DoFn):
   """(id, label, image) → ((split, id, label), uint8 HWC); failures are dead letters.
 
-  Images are prepared on a process-wide thread pool (``threads``; 1 = inline),
+  Images are prepared on a process-wide thread pool (``threads``; 0 = one per
+  core of the worker, 1 = inline),
   up to ``window`` ahead, outputs in input order: the pool keeps working while
   RunInference, fused after this step, waits on the device.
   """
@@ -215,9 +215,9 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
   dim = pretrained.module.vision_config.hidden_size
   projected_dim = pretrained.module.projection_dim if args.projected else None
   num_shards, prepared, dead_counts, totals = {}, [], [], []
-  threads = args.preprocess_threads or preprocess_lib.host_cores()
+  threads = args.preprocess_threads  # 0 is resolved on the worker: its cores, not the launcher's
   # Two device batches ahead: batch k+1 is ready when batch k's results return.
-  window = 2 * args.batch_size if threads > 1 else 1
+  window = 2 * args.batch_size if threads != 1 else 1
   for split in args.splits:
     total = source.num_examples(split)
     totals.append(total)

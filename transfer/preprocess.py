@@ -259,13 +259,15 @@ class ParallelPrepare:
 
   ``put(tag, image)`` hands back the results that are ready, oldest first, as
   ``(tag, pixels or the exception prepare raised)``; ``drain()`` the rest. With
-  ``threads == 1`` it is the plain serial loop (the reference the tests compare to).
+  ``threads == 1`` it is the plain serial loop (the reference the tests compare to);
+  ``threads == 0`` means one per core of this process.
   The window lets the pool run ahead of its caller: while the caller's thread
   waits on the device for batch k, the pool prepares the next ``window`` images.
   """
 
   def __init__(self, cfg: PreprocessConfig, threads: int, window: int):
     self._cfg = cfg
+    threads = threads or host_cores()
     self._pool = None if threads == 1 else shared_pool(threads)
     self._window = max(1, window)
     self._pending: collections.deque = collections.deque()
