@@ -64,7 +64,7 @@ def test_parallel_path_writes_the_serial_paths_bytes(jpeg_folder, tmp_path, coun
   s = _run(jpeg_folder, serial, '--preprocess_threads=1')
   with count_compiles(FORWARD) as compiles:
     p = _run(jpeg_folder, parallel, '--preprocess_threads=4')
-  assert compiles.count <= 1  # 0 when this process compiled it already (jit's cache)
+  assert compiles.count == 1  # the pool changes nothing on the device side
   _run(jpeg_folder, again, '--preprocess_threads=4')
   assert s['counts'] == p['counts'] == {
       'train': {'read': 11, 'written': 10, 'dead_lettered': 1},
@@ -79,13 +79,6 @@ def test_parallel_path_writes_the_serial_paths_bytes(jpeg_folder, tmp_path, coun
   meta = embeddings.read_metadata(serial)
   assert 'fast_decode' not in meta['preprocessing']  # the default path: CLIPImageProcessor's
   assert meta['model']['compute_dtype'] == 'float32'
-
-
-def test_one_compile_with_the_pool(jpeg_folder, tmp_path, count_compiles):
-  jax.clear_caches()
-  with count_compiles(FORWARD) as compiles:
-    _run(jpeg_folder, str(tmp_path / 'o'), '--preprocess_threads=3')
-  assert compiles.count == 1
 
 
 def test_multi_processing_with_the_pool(jpeg_folder, tmp_path, count_compiles):
