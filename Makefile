@@ -24,18 +24,18 @@ test: $(STAMP)
 # (the machinery, not CLIP's quality). Everything lands in $(RUN_DIR).
 demo: $(STAMP)
 	@echo "== demo run directory: $(RUN_DIR)"
-	@echo "== 1/4 embed digits once (Beam, local runner)"
+	@echo "== 1/5 embed digits once (Beam, local runner; pooled + projected features)"
 	$(PY) -m pipelines.embed --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
 	  --output_dir=$(RUN_DIR)/embeddings
-	@echo "== 2/4 linear probe (JAX + scikit-learn baseline, few-shot)"
+	@echo "== 2/5 zero-shot (text tower, prompt ensemble) on the cached projected features"
+	$(PY) -m probe.zeroshot --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/zeroshot
+	@echo "== 3/5 linear probe (JAX + scikit-learn baseline, true few-shot)"
 	$(PY) -m probe.train --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/probe \
 	  --shots=1,5,10 --seeds=3
-	@echo "== 3/4 fine-tune: linear (frozen backbone), then full"
+	@echo "== 4/5 fine-tune: linear (frozen backbone) and full, lr and step chosen on validation"
 	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
-	  --workdir=$(RUN_DIR)/finetune --mode=linear --epochs=40 --lr=1.0
-	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
-	  --workdir=$(RUN_DIR)/finetune --mode=full --epochs=10 --lr=3e-3
-	@echo "== 4/4 comparison"
+	  --workdir=$(RUN_DIR)/finetune --mode=linear,full --epochs=10
+	@echo "== 5/5 comparison"
 	$(PY) -m report.compare $(RUN_DIR)
 	@echo "== done: outputs in $(RUN_DIR) (report.md, report.png)"
 

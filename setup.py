@@ -31,6 +31,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['transfer*', 'pipelines*', 'probe*', 'finetune*', 'report*']),
     python_requires='>=3.11,<3.12',
     install_requires=INSTALL_REQUIRES,
+    # The zero-shot prompt templates are data files inside the package.
+    package_data={'transfer.templates': ['*.json']},
     extras_require={
         # The PyTorch reference for parity tests and benchmarks. Exactly 2.13.0:
         # its CPU wheel is on the machine's disk; anything else pulls a CUDA build.

@@ -1,11 +1,11 @@
-"""Probe benchmark: the whole L2 sweep + refit, JAX (vmapped L-BFGS) vs scikit-learn, one process.
+"""Probe benchmark: the whole L2 sweep + selection, JAX (vmapped L-BFGS) vs scikit-learn, one process.
 
     python -m benchmarks.probe                       # N=50,000 x D=768, 100 classes (minutes on 2 cores)
     python -m benchmarks.probe --num=10000           # quicker while developing
 
 Both methods get the same float32 standardised features, the same seeded
 stratified validation split, the same L2 grid (mapped to sklearn's C) and
-the same stopping rule (max |grad| <= 1e-4 or 1,000 iterations). They run one
+the same stopping rule (max |grad| <= transfer.linear.TOL = 1e-5, or 1,000 iterations). They run one
 after the other, so each has every core to itself: JAX's thread pool and
 OpenBLAS (sklearn's gradient matmuls) both use all cores by default.
 Target (DESIGN.md): JAX >= 10x faster, top-1 within 0.5 points. Then the
@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from probe import core
+from transfer import linear, validation
 from transfer.metrics import classification
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
@@ -42,21 +43,24 @@ def digits():
 
 def compare(name, x, y, num_classes, l2s, tol, eval_fraction=0.2, seed=0):
   """Runs both methods on one dataset; prints and returns (speedup, top1 jax, top1 sklearn)."""
-  rest, ev = core.stratified_split(y, eval_fraction, seed + 1)
-  fit, val = core.stratified_split(y[rest], 0.1, seed)
-  fit, val = rest[fit], rest[val]
+  ids = [str(i) for i in range(len(y))]
+  held = validation.split(ids, y, eval_fraction, seed + 1)
+  rest, ev = held.fit, held.val
+  val_split = validation.split([ids[i] for i in rest], y[rest], 0.1, seed)
+  fit, val = rest[val_split.fit], rest[val_split.val]
   names = [str(c) for c in range(num_classes)]
+  methods = {'jax': core.JaxMethod(tol=tol), 'sklearn': core.SklearnMethod(tol=tol)}
   res = {}
-  for method in ('jax', 'sklearn'):
-    r = core.sweep_and_refit(method, x[fit], y[fit], x[val], y[val], x[ev], num_classes, l2s,
-                             tol=tol)
-    res[method] = (r, classification(r.eval_logits, y[ev], names)['top1'])
+  for name_, method in methods.items():
+    r = core.select_and_fit(method, x[fit], y[fit], x[val], y[val], x[ev], num_classes, l2s,
+                            progress=True)
+    res[name_] = (r, classification(r.eval_logits, y[ev], names)['top1'])
     iters = [v['n_iter'] for v in r.sweep.values()]
-    print(f'  {method:8s} wall {r.wall_s:8.2f} s  top1 {100 * res[method][1]:6.2f}  '
-          f'l2 {r.l2:g}  sweep iters {iters}  refit iters {r.final_info["n_iter"]}', flush=True)
+    print(f'  {name_:8s} wall {r.wall_s:8.2f} s  top1 {100 * res[name_][1]:6.2f}  '
+          f'l2 {r.l2:g}  sweep iters {iters}', flush=True)
   # The same JAX run again: executables now cached, so this is the compute alone.
-  warm = core.sweep_and_refit('jax', x[fit], y[fit], x[val], y[val], x[ev], num_classes, l2s,
-                              tol=tol, progress=False).wall_s
+  warm = core.select_and_fit(methods['jax'], x[fit], y[fit], x[val], y[val], x[ev], num_classes,
+                             l2s).wall_s
   print(f'  jax again (compiled): {warm:.2f} s, so compiling took ~{res["jax"][0].wall_s - warm:.2f} s',
         flush=True)
   speed = res['sklearn'][0].wall_s / res['jax'][0].wall_s
@@ -74,7 +78,7 @@ def main(argv=None):
   p.add_argument('--dim', type=int, default=768, help='embedding width (ViT-B/32 pooled: 768)')
   p.add_argument('--classes', type=int, default=100)
   p.add_argument('--l2_grid', default=','.join(map(repr, core.DEFAULT_L2_GRID)))
-  p.add_argument('--tol', type=float, default=core.TOL, help='both methods stop at max |grad| <= tol')
+  p.add_argument('--tol', type=float, default=linear.TOL, help='both methods stop at max |grad| <= tol')
   p.add_argument('--skip_digits', action='store_true')
   p.add_argument('--json', default=None, help='also write the results to this file')
   args = p.parse_args(argv)

@@ -10,7 +10,9 @@ silently training or freezing the wrong weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -24,6 +26,7 @@ from transfer.errors import UserError
 
 Rule = tuple[str, Optional[float]]  # (regex over '/'-joined paths, lr multiplier or None=frozen)
 FROZEN = 'frozen'
+# The one list of modes (``last:N`` takes the number of trainable encoder layers).
 MODES = ('linear', 'full', 'differential', 'last:N', 'custom')
 
 
@@ -43,33 +46,56 @@ def num_layers(params, prefix: str = 'backbone/encoder/layers/') -> int:
   return max(idx) + 1 if idx else 0
 
 
-def mode_rules(mode: str, params, backbone_lr_factor: float = 0.1) -> list[Rule]:
-  """The rules for a named mode; ``params`` is the classifier's tree."""
-  if mode == 'linear':  # the Flax guide's example: a frozen backbone, a trained head
-    return [('backbone/.*', None), ('head/.*', 1.0)]
-  if mode == 'full':
-    return [('backbone/.*', 1.0), ('head/.*', 1.0)]
-  if mode == 'differential':  # pretrained weights move slower than the new head
-    return [('backbone/.*', float(backbone_lr_factor)), ('head/.*', 1.0)]
+def parse_mode(mode: str) -> tuple[str, Optional[int]]:
+  """('last', N) for 'last:N', (mode, None) for the other named modes; one error otherwise."""
   if mode.startswith('last:'):
-    try:
-      n = int(mode[len('last:'):])
-    except ValueError:
-      raise UserError(f'mode {mode!r}: expected last:N with an integer N, e.g. last:2') from None
-    total = num_layers(params)
-    if not 0 <= n <= total:
-      raise UserError(f'mode {mode!r}: the backbone has {total} encoder layers; '
-                      f'N must be between 0 and {total}')
-    frozen = '|'.join(str(i) for i in range(total - n))
-    trained = '|'.join(str(i) for i in range(total - n, total))
-    rules: list[Rule] = [('backbone/(embeddings|pre_layrnorm)/.*', None)]
-    if frozen:
-      rules.append((f'backbone/encoder/layers/({frozen})/.*', None))
-    if trained:
-      rules.append((f'backbone/encoder/layers/({trained})/.*', 1.0))
-    return rules + [('backbone/post_layernorm/.*', 1.0), ('head/.*', 1.0)]
-  raise UserError(f'unknown mode {mode!r}; choose one of {", ".join(MODES)} '
-                  '(custom needs --rules)')
+    n = mode[len('last:'):]
+    if not n.isdigit():
+      raise UserError(f'mode {mode!r}: expected last:N with an integer N >= 0, e.g. last:2')
+    return 'last', int(n)
+  if mode not in MODES:
+    raise UserError(f'unknown mode {mode!r}; choose one of {", ".join(MODES)} '
+                    '(custom needs --rules)')
+  return mode, None
+
+
+def mode_rules(mode: str, params, backbone_lr_factor: float = 0.1,
+               custom_rules: Optional[str] = None) -> list[Rule]:
+  """The rules for a mode; ``params`` is the classifier's tree."""
+  name, n = parse_mode(mode)
+  if name == 'custom':
+    if not custom_rules:
+      raise UserError('mode custom needs --rules (JSON text or a JSON file)')
+    return parse_rules(custom_rules)
+  if name == 'linear':  # the Flax guide's example: a frozen backbone, a trained head
+    return [('backbone/.*', None), ('head/.*', 1.0)]
+  if name == 'full':
+    return [('backbone/.*', 1.0), ('head/.*', 1.0)]
+  if name == 'differential':  # pretrained weights move slower than the new head
+    if not backbone_lr_factor > 0:
+      raise UserError(f'--backbone_lr_factor must be > 0, got {backbone_lr_factor} '
+                      '(a frozen backbone is mode linear)')
+    return [('backbone/.*', float(backbone_lr_factor)), ('head/.*', 1.0)]
+  total = num_layers(params)
+  if n > total:
+    raise UserError(f'mode {mode!r}: the backbone has {total} encoder layers; '
+                    f'N must be between 0 and {total}')
+  if n == 0:  # exactly linear: post_layernorm trains only along with a trained layer
+    return mode_rules('linear', params)
+  frozen = '|'.join(str(i) for i in range(total - n))
+  trained = '|'.join(str(i) for i in range(total - n, total))
+  rules: list[Rule] = [('backbone/(embeddings|pre_layrnorm)/.*', None)]
+  if frozen:
+    rules.append((f'backbone/encoder/layers/({frozen})/.*', None))
+  return rules + [(f'backbone/encoder/layers/({trained})/.*', 1.0),
+                  ('backbone/post_layernorm/.*', 1.0), ('head/.*', 1.0)]
+
+
+def check_mode(mode: str, custom_rules: Optional[str] = None) -> None:
+  """What can be checked of a mode before a model is loaded (names, N, the rules' syntax)."""
+  name, _ = parse_mode(mode)
+  if name == 'custom':
+    mode_rules(mode, None, custom_rules=custom_rules)
 
 
 def parse_rules(text_or_path: str) -> list[Rule]:
@@ -91,11 +117,14 @@ def parse_rules(text_or_path: str) -> list[Rule]:
     regex, spec = r
     if spec is None or spec == FROZEN:
       spec = None
-    elif isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec >= 0:
+    elif (isinstance(spec, (int, float)) and not isinstance(spec, bool)
+          and math.isfinite(spec) and spec > 0):
       spec = float(spec)
     else:
+      # As big_vision asserts mult > 0: freezing is said with "frozen", which also
+      # skips the backward pass and the optimizer state a zero rate would still cost.
       raise RuleError(f'rule {i} ({regex!r}): spec must be null, "frozen" or a learning-rate '
-                      f'multiplier >= 0, got {spec!r}')
+                      f'multiplier > 0, got {spec!r}')
     rules.append((regex, spec))
   return rules
 
@@ -133,10 +162,40 @@ def labels(params, rules: Sequence[Rule]):
   return flax.core.freeze(out) if isinstance(params, flax.core.FrozenDict) else out
 
 
-def trainable_mask(params, rules: Sequence[Rule]):
-  """True for leaves whose rule trains them."""
+@dataclasses.dataclass
+class Plan:
+  """What a mode means for one params tree: its rules, each leaf's group, what trains."""
+
+  mode: str
+  rules: list[Rule]
+  labels: Any  # tree like params: 'gN', the index of the rule each leaf matches
+  trainable: Any  # tree like params: True where the leaf's rule trains it
+
+  def optimizer(self, schedule: Callable[[Any], Any], *, weight_decay: float = 1e-4,
+                clip_norm: Optional[float] = 1.0, b1: float = 0.9,
+                b2: float = 0.999) -> optax.GradientTransformation:
+    """AdamW per group (lr = schedule × multiplier), frozen groups set to zero, clipped first."""
+    transforms = {}
+    for i, (_, mult) in enumerate(self.rules):
+      if mult is None:
+        transforms[f'g{i}'] = optax.set_to_zero()
+      else:
+        transforms[f'g{i}'] = optax.adamw(lambda step, m=mult: m * schedule(step), b1=b1, b2=b2,
+                                          weight_decay=weight_decay, mask=decay_mask)
+    tx = optax.multi_transform(transforms, self.labels)
+    if clip_norm:
+      # Frozen leaves get zero gradients (stop_gradient), so they add nothing to the norm.
+      tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return tx
+
+
+def plan(mode: str, params, *, backbone_lr_factor: float = 0.1,
+         custom_rules: Optional[str] = None) -> Plan:
+  """A mode (or custom rules) → rules, labels, the trainable mask; ``Plan.optimizer`` the rest."""
+  rules = mode_rules(mode, params, backbone_lr_factor, custom_rules)
   lab = labels(params, rules)
-  return jax.tree.map(lambda l: rules[int(l[1:])][1] is not None, lab)
+  trainable = jax.tree.map(lambda l: rules[int(l[1:])][1] is not None, lab)
+  return Plan(mode, rules, lab, trainable)
 
 
 def count(params, mask=None) -> int:
@@ -156,22 +215,3 @@ def decay_mask(params):
   """Weight decay on Dense/Conv kernels only: not biases, LayerNorm, embeddings."""
   # Keypaths, not traverse_util: inside multi_transform the tree holds MaskedNodes.
   return jax.tree_util.tree_map_with_path(lambda kp, _: _is_kernel(kp), params)
-
-
-def make_optimizer(params, rules: Sequence[Rule], schedule: Callable[[Any], Any], *,
-                   weight_decay: float = 1e-4, clip_norm: Optional[float] = 1.0,
-                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
-  """AdamW per group (lr = schedule × multiplier), frozen groups set to zero, clipped first."""
-  lab = labels(params, rules)
-  transforms = {}
-  for i, (_, mult) in enumerate(rules):
-    if mult is None:
-      transforms[f'g{i}'] = optax.set_to_zero()
-    else:
-      transforms[f'g{i}'] = optax.adamw(lambda step, m=mult: m * schedule(step), b1=b1, b2=b2,
-                                        weight_decay=weight_decay, mask=decay_mask)
-  tx = optax.multi_transform(transforms, lab)
-  if clip_norm:
-    # Frozen leaves get zero gradients (stop_gradient), so they add nothing to the norm.
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-  return tx

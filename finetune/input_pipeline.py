@@ -25,7 +25,7 @@ from transfer.sources import Source
 log = logging.getLogger(__name__)
 
 # Above this many bytes a split is prepared into a memory-mapped .npy file in the
-# workdir instead of RAM (a 224x224 ImageNet-size split does not fit in RAM).
+# scratch directory instead of RAM (a 224x224 ImageNet-size split does not fit in RAM).
 MEMMAP_BYTES = 2 << 30
 
 
@@ -36,10 +36,20 @@ class Split:
   name: str
   images: np.ndarray  # (N, H, W, 3) uint8
   labels: np.ndarray  # (N,) int32
+  ids: list  # the source's example ids (the validation split is drawn by id)
   skipped: int = 0  # examples that failed to decode/preprocess
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def subset(self, idx: np.ndarray, name: str) -> 'Split':
+    """The examples at ``idx`` (in that order)."""
+    idx = np.asarray(idx)
+    return Split(name, self.images[idx], self.labels[idx], [self.ids[i] for i in idx])
+
+  def sorted_by_id(self) -> 'Split':
+    """Eval order: every stage's predictions line up example for example."""
+    return self.subset(np.argsort(np.asarray(self.ids, dtype=object), kind='stable'), self.name)
 
 
 def _hide_gpus_from_tensorflow():
@@ -53,7 +63,7 @@ def _hide_gpus_from_tensorflow():
 
 
 def load_split(source: Source, split: str, cfg: preprocess.PreprocessConfig,
-               limit: Optional[int] = None, cache_dir: Optional[str] = None,
+               limit: Optional[int] = None, scratch_dir: Optional[str] = None,
                memmap_bytes: int = MEMMAP_BYTES, progress: bool = True) -> Split:
   """Reads and prepares ``split`` (at most ``limit`` examples); bad images are skipped."""
   source.check_split(split)
@@ -68,31 +78,40 @@ def load_split(source: Source, split: str, cfg: preprocess.PreprocessConfig,
     it = source.iter_examples(split, 0, n)
   _hide_gpus_from_tensorflow()
   shape = (n, *cfg.output_shape)
-  if cache_dir and np.prod(shape) > memmap_bytes:
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f'{split}.npy')
+  if scratch_dir and np.prod(shape) > memmap_bytes:
+    path = os.path.join(scratch_dir, f'{split}.npy')
     images = np.lib.format.open_memmap(path, mode='w+', dtype=np.uint8, shape=shape)
   else:
     images = np.empty(shape, np.uint8)
   labels = np.empty((n,), np.int32)
+  ids = []
   i = skipped = 0
-  for ex in tqdm.tqdm(it, total=n, desc=f'prepare {split}', unit='img', file=sys.stderr,
-                      disable=not progress, leave=False):
-    if i >= n:
-      break
-    try:
-      images[i] = preprocess.prepare(ex.image, cfg)
-    except preprocess.ImageError as e:
-      skipped += 1
-      log.warning('skipping %s: %s', ex.id, e)
-      continue
-    labels[i] = ex.label
-    i += 1
+  bar = tqdm.tqdm(total=n, desc=f'prepare {split}', unit='img', file=sys.stderr,
+                  disable=not progress, leave=False)
+  try:
+    for ex in it:
+      if i >= n:
+        break
+      bar.update(1)
+      try:
+        images[i] = preprocess.prepare(ex.image, cfg)
+      except Exception as e:  # ImageError, and anything else PIL raises on odd inputs
+        skipped += 1
+        log.warning('skipping %s: %s: %s', ex.id, type(e).__name__, e)
+        continue
+      labels[i] = ex.label
+      ids.append(ex.id)
+      i += 1
+  except OSError as e:  # the source could not read a file (permissions, vanished, network)
+    raise UserError(f'split {split!r}: cannot read an input ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0] if str(e) else ""}); fix or remove it') from None
+  finally:
+    bar.close()
   if skipped:
     log.warning('%s: skipped %d unreadable image(s) of %d', split, skipped, i + skipped)
   if i == 0:
     raise UserError(f'split {split!r} of {source.name} has no usable images')
-  return Split(split, images[:i], labels[:i], skipped)
+  return Split(split, images[:i], labels[:i], ids, skipped)
 
 
 def check_labels(split: Split, num_classes: int) -> None:

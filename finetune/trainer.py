@@ -10,9 +10,11 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -29,49 +31,110 @@ from finetune import groups
 from finetune import input_pipeline
 from finetune import model as model_lib
 from transfer import clip
+from transfer import flags
+from transfer import linear
 from transfer import metrics as metrics_lib
+from transfer import outputs
 from transfer import preprocess
 from transfer import sources
+from transfer import validation
 from transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Config fields that must not change between a run and its --resume.
 RESUME_KEYS = ('dataset', 'train_split', 'model', 'rules', 'backbone_lr_factor', 'epochs',
-               'steps', 'batch_size', 'lr', 'warmup', 'weight_decay', 'clip_norm', 'dtype',
-               'augment', 'seed', 'limit_train')
+               'steps', 'batch_size', 'warmup', 'weight_decay', 'clip_norm', 'dtype',
+               'augment', 'seed', 'limit_train', 'val_fraction', 'eval_every')
+# Learning rates tried when --lr is not given (peak AdamW rates, after warmup). Wide on
+# purpose: real CLIP weights want ~1e-5 for the backbone, a random or small model ~1e-3.
+DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
+# What a fine-tune run writes in its workdir (the rest is the user's, and never touched).
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*')
 
 
 @dataclasses.dataclass
 class Config:
-  """Everything a fine-tune run depends on (the CLI flags, one for one)."""
+  """Everything a fine-tune run depends on; each field is also its CLI flag (transfer.flags)."""
 
-  dataset: str = 'digits'  # 'digits', 'folder:PATH' or a TFDS name
-  data_dir: Optional[str] = None  # TFDS data_dir
-  train_split: str = 'train'
-  eval_split: str = 'test'
-  model: str = clip.DEFAULT_MODEL  # hub id, save_pretrained dir or random:<preset>
-  modes: Sequence[str] = ('linear',)  # each one trained from the same pretrained weights
-  rules: Optional[str] = None  # JSON text or file for mode 'custom'
-  backbone_lr_factor: float = 0.1  # mode 'differential': backbone lr = lr × this
-  epochs: float = 3.0  # ignored when steps is set
-  steps: Optional[int] = None  # total optimizer steps
-  batch_size: int = 64  # global; split evenly over the local devices
-  lr: float = 1e-3  # peak learning rate (after warmup)
-  warmup: float = 0.1  # fraction of the steps spent warming up linearly from 0
-  weight_decay: float = 1e-4  # AdamW decay, on kernels only
-  clip_norm: float = 1.0  # global gradient norm clip (0 = off)
-  dtype: str = 'float32'  # compute dtype: float32 or bfloat16 (params stay float32)
-  augment: bool = False  # random shifts of up to 1/8 of the image
-  seed: int = 0  # shuffling, augmentation and head init
-  num_classes: Optional[int] = None  # must equal the dataset's classes when given
-  limit_train: Optional[int] = None  # use only the first N training examples
-  limit_eval: Optional[int] = None
-  resume: bool = False  # continue from the latest checkpoint in workdir
-  stop_after: Optional[int] = None  # stop (checkpointed) once this many steps are done
-  checkpoint_every: Optional[int] = None  # steps between checkpoints (default: one epoch)
-  log_every: int = 10  # steps between progress-bar metric updates (each one syncs)
-  progress: bool = True
+  dataset: str = flags.field('digits', "'digits', 'folder:PATH' or a TFDS name")
+  data_dir: Optional[str] = flags.field(None, 'TFDS data_dir')
+  train_split: str = flags.field('train', 'split trained on (and validated on: see --val_fraction)')
+  eval_split: str = flags.field('test', 'split scored once, for the selected configuration')
+  model: str = flags.field(clip.DEFAULT_MODEL,
+                           'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+  modes: tuple[str, ...] = flags.field(('linear',), 'comma-separated: ' + ', '.join(groups.MODES)
+                                       + '; each trained from the same pretrained weights',
+                                       flag='mode')
+  rules: Optional[str] = flags.field(
+      None, 'mode custom: JSON (or a JSON file) [[regex, null|"frozen"|lr_mult > 0], …] over '
+      "'/'-joined param paths, e.g. '[[\"backbone/.*\", null], [\"head/.*\", 1]]'")
+  backbone_lr_factor: float = flags.field(0.1, 'mode differential: backbone lr = lr × this (> 0)')
+  lr: tuple[float, ...] = flags.field(
+      (), 'peak learning rates to try, comma-separated; the best (lr, step) on the validation '
+      f'split wins (default: {",".join(map(str, DEFAULT_LR_GRID))}). Modes that train only the '
+      'head are solved exactly instead (see --l2_grid)')
+  l2_grid: tuple[float, ...] = flags.field(
+      linear.DEFAULT_L2_GRID, 'head-only modes (linear, last:0): L2 strengths tried, as the probe')
+  val_fraction: float = flags.field(validation.DEFAULT_FRACTION,
+                                    'fraction of each train class held out to choose lr and step '
+                                    '(the same examples the probe validates on)')
+  epochs: float = flags.field(3.0, 'training length per configuration (ignored with --steps)')
+  steps: Optional[int] = flags.field(None, 'total optimizer steps per configuration')
+  eval_every: Optional[int] = flags.field(None, 'steps between validation scores (default: one '
+                                          'epoch)')
+  batch_size: int = flags.field(64, 'global batch, divisible by the number of local devices')
+  warmup: float = flags.field(0.1, 'fraction of the steps spent warming up linearly from 0')
+  weight_decay: float = flags.field(1e-4, 'AdamW decay, on kernels only')
+  clip_norm: float = flags.field(1.0, 'global gradient norm clip (0 = off)')
+  dtype: str = flags.field('float32', 'compute dtype (params stay float32)',
+                           choices=tuple(clip.DTYPES))
+  augment: bool = flags.field(False, 'random shifts of up to 1/8 of the image')
+  seed: int = flags.field(0, 'validation split, shuffling, augmentation and head init')
+  num_classes: Optional[int] = flags.field(None, 'optional check: the dataset must have this many '
+                                           'classes')
+  limit_train: Optional[int] = flags.field(None, 'use only the first N training examples')
+  limit_eval: Optional[int] = flags.field(None, 'use only the first N eval examples')
+  resume: bool = flags.field(False, 'continue from the latest checkpoints in workdir')
+  stop_after: Optional[int] = flags.field(None, 'stop (checkpointed) once a configuration has '
+                                          'done this many steps; finish with --resume')
+  log_every: int = flags.field(10, 'steps between progress-bar metric updates (each one syncs)')
+  progress: bool = flags.field(True, 'progress bars on stderr')
+
+  def __post_init__(self):
+    """Every flag checked before any data or model is loaded."""
+    self.modes = tuple(m.strip() for m in self.modes if m.strip())
+    if not self.modes:
+      raise UserError('no --mode given')
+    for mode in self.modes:
+      groups.check_mode(mode, self.rules)
+    for name in ('lr', 'l2_grid'):
+      bad = [v for v in getattr(self, name) if not (math.isfinite(v) and v > 0)]
+      if bad:
+        raise UserError(f'--{name} values must be finite and > 0, got {bad[0]}')
+    if not self.l2_grid:
+      raise UserError('--l2_grid is empty')
+    if not 0 < self.val_fraction < 1:
+      raise UserError(f'--val_fraction must be in (0, 1): lr and step are chosen on it, got '
+                      f'{self.val_fraction}')
+    if self.steps is not None and self.steps <= 0:
+      raise UserError('--steps must be positive')
+    if not (math.isfinite(self.epochs) and self.epochs > 0):
+      raise UserError('--epochs must be positive')
+    if self.eval_every is not None and self.eval_every < 1:
+      raise UserError('--eval_every must be >= 1')
+    if self.batch_size < 1:
+      raise UserError(f'--batch_size must be >= 1, got {self.batch_size}')
+    if not 0 <= self.warmup < 1 or self.weight_decay < 0 or self.clip_norm < 0:
+      raise UserError('--warmup must be in [0, 1); --weight_decay and --clip_norm >= 0')
+    if self.dtype not in clip.DTYPES:
+      raise UserError(f'--dtype {self.dtype!r}: choose float32 or bfloat16')
+    if self.train_split == self.eval_split:
+      raise UserError(f'--train_split and --eval_split are both {self.train_split!r}')
+
+  @property
+  def lrs(self) -> tuple[float, ...]:
+    return tuple(self.lr) or DEFAULT_LR_GRID
 
 
 class TrainState(train_state.TrainState):
@@ -143,24 +206,17 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 # --------------------------------------------------------------------------
 
 
-def rules_for(mode: str, params, config: Config) -> list[groups.Rule]:
-  if mode == 'custom':
-    if not config.rules:
-      raise UserError('mode custom needs --rules (JSON text or a JSON file)')
-    return groups.parse_rules(config.rules)
-  return groups.mode_rules(mode, params, config.backbone_lr_factor)
-
-
-def schedule_for(config: Config, total_steps: int):
+def schedule_for(config: Config, lr: float, total_steps: int):
   warmup = int(round(config.warmup * total_steps))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+      init_value=0.0, peak_value=lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 
 
 def create_state(pretrained: clip.Pretrained, num_classes: int, mode: str, config: Config,
-                 total_steps: int, initialised=None, mesh: Optional[Mesh] = None):
-  """(TrainState with pretrained weights, trainable mask, rules) for one mode.
+                 total_steps: int, initialised=None, mesh: Optional[Mesh] = None,
+                 lr: Optional[float] = None):
+  """(TrainState with pretrained weights, trainable mask, groups.Plan) for one mode and lr.
 
   ``initialised``: a ``(model, variables)`` from ``model.create`` to reuse
   across modes (it is copied, never donated). With ``mesh`` the state is
@@ -173,89 +229,145 @@ def create_state(pretrained: clip.Pretrained, num_classes: int, mode: str, confi
   # Copies: the train step donates the state's buffers.
   variables = jax.tree.map(jnp.copy, flax.core.unfreeze(variables))
   params = variables.pop('params')
-  rules = rules_for(mode, params, config)
-  trainable = groups.trainable_mask(params, rules)
-  tx = groups.make_optimizer(params, rules, schedule_for(config, total_steps),
-                             weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+  plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
+                     custom_rules=config.rules)
+  lr = config.lrs[0] if lr is None else lr
+  tx = plan.optimizer(schedule_for(config, lr, total_steps), weight_decay=config.weight_decay,
+                      clip_norm=config.clip_norm)
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rest=variables)
   state = state.replace(step=jnp.zeros((), jnp.int32))  # not a weak-typed Python int
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  return state, trainable, rules
+  return state, plan.trainable, plan
 
 
 def total_steps_for(config: Config, num_train: int) -> int:
   per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
   if config.steps is not None:
-    if config.steps <= 0:
-      raise UserError('--steps must be positive')
     return int(config.steps)
-  if config.epochs <= 0:
-    raise UserError('--epochs must be positive')
   return max(1, int(round(config.epochs * per_epoch)))
 
 
 # --------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: per configuration, the latest state (resume) and the best on validation
 # --------------------------------------------------------------------------
 
 
-def checkpoint_dir(workdir: str, mode: str) -> str:
-  return os.path.abspath(os.path.join(workdir, 'checkpoints', mode.replace(':', '_')))
+def checkpoint_dir(workdir: str, mode: str, lr: Optional[float] = None) -> str:
+  """A mode's checkpoints, or one configuration's (``lr``) below it."""
+  path = os.path.abspath(os.path.join(workdir, 'checkpoints', mode.replace(':', '_')))
+  return path if lr is None else os.path.join(path, f'lr={lr:g}')
 
 
 def _manager(path: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2,
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1,
                                                                           create=True))
 
 
 def _resume_config(config: Config) -> dict:
-  return {k: getattr(config, k) for k in RESUME_KEYS}
+  return json.loads(json.dumps({k: getattr(config, k) for k in RESUME_KEYS}))
 
 
-def restore_state(path: str, state: TrainState, mesh: Mesh, config: Config) -> TrainState:
+def _restore(path: str, state: TrainState, mesh: Mesh) -> TrainState:
   """The latest checkpoint in ``path`` restored into ``state``'s structure, replicated."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  saved_cfg = os.path.join(path, 'config.json')
-  if os.path.exists(saved_cfg):
-    with open(saved_cfg) as fh:
-      saved = json.load(fh)
-    now = json.loads(json.dumps(_resume_config(config)))
-    diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
-    if diff:
-      k = diff[0]
-      raise UserError(f'cannot --resume: {k} was {saved.get(k)!r} in the checkpointed run, '
-                      f'now {now.get(k)!r} (delete {path} to start over)')
   mgr = _manager(path)
   step = mgr.latest_step()
   repl = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
   try:
-    restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # truncated files, wrong shapes, another model's checkpoint
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise UserError(f'cannot read checkpoint {path}/{step} ({type(e).__name__}: {reason}); '
                     'delete it or run without --resume') from None
   finally:
     mgr.close()
-  return restored
 
 
-def load_checkpoint(workdir: str, mode: str) -> dict:
-  """The latest saved state of ``mode`` as a plain tree (for inspection and tests)."""
+@dataclasses.dataclass
+class Checkpoints:
+  """One configuration's directory: ``latest/`` (for --resume), ``best/``, ``curve.json``."""
+
+  path: str
+
+  def __post_init__(self):
+    self.curve_file = os.path.join(self.path, 'curve.json')
+
+  def start(self, config: Config) -> dict:
+    """The saved curve when resuming (after checking the config), else a fresh directory."""
+    if config.resume and os.path.exists(self.curve_file):
+      with open(self.curve_file) as fh:
+        saved = json.load(fh)
+      now = _resume_config(config)
+      diff = [k for k in RESUME_KEYS if saved['config'].get(k) != now.get(k)]
+      if diff:
+        k = diff[0]
+        raise UserError(f'cannot --resume: {k} was {saved["config"].get(k)!r} in the '
+                        f'checkpointed run, now {now.get(k)!r} (delete {self.path} to start over)')
+      return saved
+    if os.path.isdir(self.path):
+      shutil.rmtree(self.path)  # a fresh run: never mix its checkpoints with an older run's
+    os.makedirs(self.path)
+    return {'config': _resume_config(config), 'curve': [], 'done': False, 'wall_s': 0.0}
+
+  def save(self, record: dict, state: TrainState, best: bool) -> None:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    step = int(state.step)
+    for name in ('latest',) + (('best',) if best else ()):
+      mgr = _manager(os.path.join(self.path, name))
+      try:
+        mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+        mgr.wait_until_finished()
+      finally:
+        mgr.close()
+    tmp = self.curve_file + '.tmp'
+    with open(tmp, 'w') as fh:
+      json.dump(record, fh, indent=1)
+    os.replace(tmp, self.curve_file)  # after the states: the curve never names a missing step
+
+  def restore(self, which: str, state: TrainState, mesh: Mesh) -> TrainState:
+    return _restore(os.path.join(self.path, which), state, mesh)
+
+
+def load_checkpoint(workdir: str, mode: str, lr: float, which: str = 'latest') -> dict:
+  """A configuration's saved state as a plain tree (for inspection and tests)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  mgr = _manager(checkpoint_dir(workdir, mode))
+  mgr = _manager(os.path.join(checkpoint_dir(workdir, mode, lr), which))
   try:
     step = mgr.latest_step()
     if step is None:
-      raise UserError(f'no checkpoint for mode {mode} in {workdir}')
+      raise UserError(f'no checkpoint for mode {mode}, lr {lr:g} in {workdir}')
     return mgr.restore(step, args=ocp.args.StandardRestore())
   finally:
     mgr.close()
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+def predict(eval_fn, state: TrainState, split: input_pipeline.Split, batch_size: int,
+            mesh: Mesh) -> np.ndarray:
+  """Logits (N, C) float32 of every example of ``split``, in its order."""
+  logits = []
+  for batch in input_pipeline.eval_batches(split, batch_size):
+    out = np.asarray(jax.device_get(eval_fn(state, shard_batch(batch, mesh))))
+    logits.append(out[batch['mask']])
+  return np.concatenate(logits)
+
+
+def val_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+  """(top-1, log-loss): the selection key, as the probe's (accuracy first, loss breaks ties)."""
+  if not np.isfinite(logits).all():
+    return 0.0, math.inf
+  return float(np.mean(logits.argmax(-1) == labels)), linear.log_loss(logits, labels)
 
 
 # --------------------------------------------------------------------------
@@ -263,98 +375,188 @@ def load_checkpoint(workdir: str, mode: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def train_mode(mode: str, pretrained: clip.Pretrained, train: input_pipeline.Split,
-               evaluation: input_pipeline.Split, class_names: Sequence[str], config: Config,
-               workdir: str, mesh: Mesh, initialised=None) -> Optional[dict]:
-  """Trains and evaluates one mode; returns its metrics entry (None if stopped early)."""
-  t0 = time.perf_counter()
-  total = total_steps_for(config, len(train))
-  per_epoch = input_pipeline.steps_per_epoch(len(train), config.batch_size)
-  state, trainable, rules = create_state(pretrained, len(class_names), mode, config, total,
-                                         initialised, mesh)
-  n_trainable = groups.count(state.params, trainable)
+@dataclasses.dataclass
+class Data:
+  """The prepared splits of one run: fit and validation (from train), eval (sorted by id)."""
 
-  path = checkpoint_dir(workdir, mode)
-  if config.resume and os.path.isdir(path):
-    state = restore_state(path, state, mesh, config)
-    log.info('%s: resumed from step %d', mode, int(state.step))
-  elif os.path.isdir(path):
-    shutil.rmtree(path)  # a fresh run: never mix its checkpoints with an older run's
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, 'config.json'), 'w') as fh:
-    json.dump(_resume_config(config), fh, indent=1)
+  fit: input_pipeline.Split
+  val: input_pipeline.Split
+  eval: input_pipeline.Split
+  class_names: list
+  validation: dict  # the record metrics.json carries
+  wall_s: float  # reading + decoding + resizing, counted into every row's cost
+
+
+def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, config: Config,
+                 workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
+  """Trains one (mode, lr) with validation scores along the way; None when stopped early."""
+  t0 = time.perf_counter()
+  total = total_steps_for(config, len(data.fit))
+  every = config.eval_every or input_pipeline.steps_per_epoch(len(data.fit), config.batch_size)
+  state, trainable, _ = create_state(pretrained, len(data.class_names), mode, config, total,
+                                     initialised, mesh, lr)
+  ckpt = Checkpoints(checkpoint_dir(workdir, mode, lr))
+  record = ckpt.start(config)
+  if record['done']:
+    return record
+  if record['curve']:
+    state = ckpt.restore('latest', state, mesh)
+    log.info('%s lr %g: resumed from step %d', mode, lr, int(state.step))
   start = int(state.step)
   end = total if config.stop_after is None else min(total, max(config.stop_after, start))
-  every = config.checkpoint_every or per_epoch
-
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mgr = _manager(path)
   train_fn, eval_fn = jit_steps(mesh, trainable, pretrained.preprocess)
-  last = {}
-  t_steady, steady_steps = None, 0
-  bar = tqdm.tqdm(total=total, initial=start, desc=f'finetune {mode}', unit='step',
+  best = max((p['val_top1'], -p['val_loss']) for p in record['curve']) if record['curve'] else None
+  bar = tqdm.tqdm(total=total, initial=start, desc=f'finetune {mode} lr={lr:g}', unit='step',
                   file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
+  t_steady, steady = None, 0
   try:
     for step in range(start, end):
-      batch = input_pipeline.train_batch(train, config.batch_size, step, config.seed,
+      batch = input_pipeline.train_batch(data.fit, config.batch_size, step, config.seed,
                                          config.augment)
       state, m = train_fn(state, shard_batch(batch, mesh))
       if step == start:  # the first step compiles: time the rest
         jax.block_until_ready(state)
         t_steady = time.perf_counter()
       else:
-        steady_steps += 1
+        steady += 1
       done = step + 1
-      if done % config.log_every == 0 or done == end:
+      bar.update(1)
+      if done % config.log_every == 0 or done % every == 0 or done == end:
         last = {k: float(v) for k, v in jax.device_get(m).items()}
         bar.set_postfix(loss=f'{last["loss"]:.4f}', acc=f'{last["accuracy"]:.3f}')
-      if done % every == 0 or done == end:
-        mgr.save(done, args=ocp.args.StandardSave(state), force=True)
-      bar.update(1)
+        if not math.isfinite(last['loss']):
+          record['diverged_at_step'] = done  # NaN/inf: this configuration is over
+          break
+      if done % every == 0 or done == total:
+        top1, loss = val_score(predict(eval_fn, state, data.val, config.batch_size, mesh),
+                               data.val.labels)
+        record['curve'].append({'step': done, 'val_top1': top1, 'val_loss': loss})
+        improved = best is None or (top1, -loss) > best
+        best = max(best, (top1, -loss)) if best is not None else (top1, -loss)
+        record['done'] = done == total
+        record['wall_s'] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ckpt.save(record, state, improved)
+      elif done == end:  # stopping early: keep the state for --resume
+        ckpt.save(record, state, best=False)
     jax.block_until_ready(state)
-    t_train_end = time.perf_counter()
-    mgr.wait_until_finished()
   finally:
     bar.close()
-    mgr.close()
+  if steady and t_steady is not None:
+    record['images_per_s'] = steady * config.batch_size / (time.perf_counter() - t_steady)
+  if 'diverged_at_step' in record:
+    log.warning('%s lr %g: the loss became NaN/inf at step %d; configuration dropped', mode, lr,
+                record['diverged_at_step'])
+    record['done'] = True
+    return record
   if end < total:
-    log.warning('%s: stopped after step %d of %d; continue with --resume', mode, end, total)
+    log.warning('%s lr %g: stopped after step %d of %d; continue with --resume', mode, lr, end,
+                total)
     return None
-  images_per_s = None
-  if steady_steps and t_steady is not None:
-    images_per_s = steady_steps * config.batch_size / (t_train_end - t_steady)
+  return record
 
+
+def finetune_mode(mode: str, pretrained: clip.Pretrained, data: Data, config: Config,
+                  workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
+  """Every lr of the grid, the best (lr, step) on validation, the eval split scored once."""
+  t0 = time.perf_counter()
+  records = {}
+  for lr in config.lrs:
+    record = train_config(mode, lr, pretrained, data, config, workdir, mesh, initialised)
+    if record is None:
+      return None  # stopped early (--stop_after): resume finishes the grid
+    records[lr] = record
+  scored = [(p['val_top1'], -p['val_loss'], lr, p['step'])
+            for lr, r in records.items() if 'diverged_at_step' not in r for p in r['curve']]
+  if not scored:
+    raise UserError(f'mode {mode}: every learning rate diverged (NaN/inf loss) '
+                    f'({", ".join(f"{lr:g}" for lr in records)}); try smaller --lr values')
+  _, _, lr, step = max(scored, key=lambda s: (s[0], s[1], -s[2]))
+  state, trainable, plan = create_state(pretrained, len(data.class_names), mode, config,
+                                        total_steps_for(config, len(data.fit)), initialised,
+                                        mesh, lr)
+  state = Checkpoints(checkpoint_dir(workdir, mode, lr)).restore('best', state, mesh)
+  _, eval_fn = jit_steps(mesh, trainable, pretrained.preprocess)
   t_eval = time.perf_counter()
-  logits, labels = [], []
-  for batch in input_pipeline.eval_batches(evaluation, config.batch_size):
-    out = np.asarray(jax.device_get(eval_fn(state, shard_batch(batch, mesh))))
-    logits.append(out[batch['mask']])
-    labels.append(batch['label'][batch['mask']])
-  entry = metrics_lib.classification(np.concatenate(logits), np.concatenate(labels), class_names)
+  logits = predict(eval_fn, state, data.eval, config.batch_size, mesh)
+  entry = metrics_lib.classification(logits, data.eval.labels, data.class_names)
   now = time.perf_counter()
+  sweep_s = sum(r['wall_s'] for r in records.values())
   entry.update({
-      'wall_s': now - t0,
-      'train_wall_s': t_train_end - t0,
+      'wall_s': data.wall_s + sweep_s + (now - t0 - sweep_s if now - t0 > sweep_s else 0.0),
+      'cost': 'its own data preparation, every configuration of the lr grid (with validation '
+              'scoring) and the one eval pass',
       'eval_wall_s': now - t_eval,
-      'trainable_params': n_trainable,
+      'trainable_params': groups.count(state.params, trainable),
       'total_params': groups.count(state.params),
-      'images_per_s': images_per_s,
-      'steps': total,
-      'epochs': total / per_epoch,
-      'batch_size': config.batch_size,
-      'lr': config.lr,
+      'images_per_s': records[lr].get('images_per_s'),
+      'grid': [float(v) for v in records], 'selected': {'lr': lr, 'step': step},
+      'curves': {f'{k:g}': r['curve'] for k, r in records.items()},
+      'diverged': {f'{k:g}': r['diverged_at_step'] for k, r in records.items()
+                   if 'diverged_at_step' in r},
+      'config_wall_s': {f'{k:g}': r['wall_s'] for k, r in records.items()},
+      'steps': total_steps_for(config, len(data.fit)), 'batch_size': config.batch_size,
       'backbone_lr_factor': config.backbone_lr_factor if mode == 'differential' else None,
-      'rules': [[r, s] for r, s in rules],
-      'final_train_loss': last.get('loss'),
-      'final_train_accuracy': last.get('accuracy'),
+      'rules': [[r, s] for r, s in plan.rules],
   })
-  log.info('%s: top1 %.4f, %s trainable params, %.1f s', mode, entry['top1'], n_trainable,
-           entry['wall_s'])
   return entry
 
 
+def features(pretrained: clip.Pretrained, split: input_pipeline.Split, batch_size: int,
+             mesh: Mesh) -> np.ndarray:
+  """The frozen backbone's pooled features of every example (what the probe embeds)."""
+  backbone, variables = pretrained.vision_tower()
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  pre = pretrained.preprocess
+  fn = jax.jit(lambda v, b: backbone.apply(v, preprocess.normalize(b['image'], pre)).pooler_output
+               .astype(jnp.float32), in_shardings=(repl, data), out_shardings=data)
+  out = []
+  for batch in input_pipeline.eval_batches(split, batch_size):
+    got = np.asarray(jax.device_get(fn(variables, shard_batch(batch, mesh))))
+    out.append(got[batch['mask']])
+  return np.concatenate(out)
+
+
+def solve_head_only(mode: str, pretrained: clip.Pretrained, data: Data, config: Config,
+                    mesh: Mesh, initialised) -> dict:
+  """A mode that trains only the head is the probe's convex problem: solved as the probe solves it.
+
+  Standardised frozen features, the L2 grid in one vmapped L-BFGS solve, the
+  L2 chosen on the validation split, the standardisation folded into the
+  Dense head — so `linear` here and `probe:jax` agree up to float noise.
+  """
+  t0 = time.perf_counter()
+  plan = groups.plan(mode, flax.core.unfreeze(initialised[1])['params'],
+                     backbone_lr_factor=config.backbone_lr_factor, custom_rules=config.rules)
+  x = {name: features(pretrained, getattr(data, name), config.batch_size, mesh)
+       for name in ('fit', 'val', 'eval')}
+  fitted = linear.select_and_fit(linear.JaxMethod(), x['fit'], data.fit.labels, x['val'],
+                                 data.val.labels, x['eval'], len(data.class_names),
+                                 config.l2_grid, progress=config.progress)
+  kernel, bias = linear.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
+                             fitted.standardizer.std)
+  logits = x['eval'] @ kernel + bias  # = the Classifier with this head on the eval images
+  entry = metrics_lib.classification(logits, data.eval.labels, data.class_names)
+  entry.update({
+      'wall_s': data.wall_s + time.perf_counter() - t0,
+      'cost': 'its own data preparation, one frozen-backbone pass over fit/validation/eval and '
+              'the exact solve of the L2 grid',
+      'trainable_params': int(kernel.size + bias.size),
+      'grid': list(config.l2_grid), 'selected': {'l2': fitted.l2}, 'sweep': fitted.sweep,
+      'solver': 'lbfgs (exact, as the probe)', 'rules': [[r, s] for r, s in plan.rules],
+  })
+  return entry
+
+
+def _is_head_only(mode: str, params, config: Config) -> bool:
+  plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
+                     custom_rules=config.rules)
+  return all(path.startswith('head/') for path, t in zip(
+      groups.paths(params), jax.tree.leaves(plan.trainable)) if t)
+
+
 def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
-  """Merges into an existing metrics.json of the same dataset/model (other modes kept)."""
+  """Merges into an existing metrics.json of the same run (other modes kept)."""
   path = os.path.join(workdir, 'metrics.json')
   header = json.loads(json.dumps(header))  # tuples → lists, as read back from the file
   out = {**header, 'methods': {}}
@@ -362,79 +564,71 @@ def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
     try:
       with open(path) as fh:
         old = json.load(fh)
-      same = all(old.get(k) == header[k] for k in ('dataset', 'model', 'num_train', 'num_eval'))
+      same = all(old.get(k) == header[k] for k in ('dataset', 'model', 'num_train', 'num_eval',
+                                                     'validation', 'eval'))
       if same:
         out['methods'] = dict(old.get('methods', {}))
     except (OSError, ValueError):
       pass  # unreadable: replace it
   out['methods'].update(methods)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as fh:
-    json.dump(out, fh, indent=1)
-  os.replace(tmp, path)  # readers never see a half-written file
+  metrics_lib.write(workdir, out)
   return out
 
 
-def validate_modes(config: Config) -> None:
-  if not config.modes:
-    raise UserError('no --mode given')
-  for mode in config.modes:
-    if mode == 'custom':
-      if not config.rules:
-        raise UserError('mode custom needs --rules (JSON text or a JSON file)')
-      groups.parse_rules(config.rules)
-    elif mode.startswith('last:'):
-      if not mode[len('last:'):].isdigit():
-        raise UserError(f'mode {mode!r}: expected last:N with an integer N, e.g. last:2')
-    elif mode not in ('linear', 'full', 'differential'):
-      raise UserError(f'unknown mode {mode!r}; choose from {", ".join(groups.MODES)}')
+def prepare_data(source, pretrained: clip.Pretrained, config: Config, scratch: str) -> Data:
+  """Reads and prepares the splits; validation drawn from train by id (transfer.validation)."""
+  t0 = time.perf_counter()
+  class_names = list(source.class_names)
+  train = input_pipeline.load_split(source, config.train_split, pretrained.preprocess,
+                                    config.limit_train, scratch, progress=config.progress)
+  evaluation = input_pipeline.load_split(source, config.eval_split, pretrained.preprocess,
+                                         config.limit_eval, scratch, progress=config.progress)
+  for split in (train, evaluation):
+    input_pipeline.check_labels(split, len(class_names))
+  val = validation.split(train.ids, train.labels, config.val_fraction, config.seed)
+  return Data(train.subset(val.fit, 'fit'), train.subset(val.val, 'validation'),
+              evaluation.sorted_by_id(), class_names, val.record, time.perf_counter() - t0)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
   """Fine-tunes ``config.modes`` one after another; returns (and writes) metrics.json."""
-  validate_modes(config)  # fail on a typo before minutes of data loading
-  if config.dtype not in clip.DTYPES:
-    raise UserError(f'--dtype {config.dtype!r}: choose float32 or bfloat16')
   mesh = make_mesh()
   check_batch_size(config.batch_size, mesh)
-  os.makedirs(workdir, exist_ok=True)
-
+  # Refuses a file, a read-only directory or one holding files this tool did not write.
+  outputs.prepare_output_dir(workdir, overwrite=True, kind='fine-tune workdir',
+                             owned=OWNED_FILES, flag='--workdir', clear=False)
   source = sources.open_source(config.dataset, config.data_dir)
   class_names = list(source.class_names)
   if config.num_classes is not None and config.num_classes != len(class_names):
     raise UserError(f'--num_classes {config.num_classes} but {config.dataset} has '
                     f'{len(class_names)} classes')
+  for split in (config.train_split, config.eval_split):
+    source.check_split(split)
   pretrained = clip.load(config.model, config.dtype)
-  t_data = time.perf_counter()
-  cache = os.path.join(workdir, 'cache')
-  train = input_pipeline.load_split(source, config.train_split, pretrained.preprocess,
-                                    config.limit_train, cache, progress=config.progress)
-  evaluation = input_pipeline.load_split(source, config.eval_split, pretrained.preprocess,
-                                         config.limit_eval, cache, progress=config.progress)
-  for split in (train, evaluation):
-    input_pipeline.check_labels(split, len(class_names))
-  data_wall_s = time.perf_counter() - t_data
-
-  header = {
-      'stage': 'finetune',
-      'num_train': len(train),
-      'num_eval': len(evaluation),
-      'num_classes': len(class_names),
-      'class_names': class_names,
-      'dataset': {'spec': config.dataset, 'name': source.name, 'version': source.version,
-                  'train_split': config.train_split, 'eval_split': config.eval_split,
-                  'skipped': {'train': train.skipped, 'eval': evaluation.skipped}},
-      'model': {'name': pretrained.name, 'revision': pretrained.revision,
-                'checksum': pretrained.checksum(),
-                'preprocess': pretrained.preprocess.to_json(), 'dtype': config.dtype},
-      'devices': {'count': mesh.size, 'platform': jax.local_devices()[0].platform},
-      'data_wall_s': data_wall_s,
-  }
-  out = _write_metrics(workdir, header, {})
-  initialised = model_lib.create(pretrained, len(class_names), config.seed)  # once for all modes
-  for mode in config.modes:
-    entry = train_mode(mode, pretrained, train, evaluation, class_names, config, workdir, mesh,
-                       initialised)
-    if entry is not None:
-      out = _write_metrics(workdir, header, {mode: entry})
+  with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
+    data = prepare_data(source, pretrained, config, scratch)
+    input_pipeline.steps_per_epoch(len(data.fit), config.batch_size)  # batch fits the data
+    header = metrics_lib.header(
+        'finetune',
+        dataset={'spec': config.dataset, 'name': source.name, 'version': source.version,
+                 'train_split': config.train_split, 'eval_split': config.eval_split},
+        model={'name': pretrained.name, 'revision': pretrained.revision,
+               'weights_sha256': pretrained.checksum(),
+               'preprocess': pretrained.preprocess.to_json(), 'dtype': config.dtype},
+        class_names=class_names, num_train=len(data.fit) + len(data.val),
+        num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
+        final_fit='fit', eval={'ids_sha256': validation.ids_sha256(data.eval.ids),
+                               'labels': data.eval.labels.astype(int).tolist()},
+        skipped={'train': 0, 'eval': 0}, data_wall_s=data.wall_s,
+        devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
+    out = _write_metrics(workdir, header, {})
+    initialised = model_lib.create(pretrained, len(class_names), config.seed)  # once for all modes
+    params = flax.core.unfreeze(initialised[1])['params']
+    for mode in config.modes:
+      if _is_head_only(mode, params, config):
+        entry = solve_head_only(mode, pretrained, data, config, mesh, initialised)
+      else:
+        entry = finetune_mode(mode, pretrained, data, config, workdir, mesh, initialised)
+      if entry is not None:
+        out = _write_metrics(workdir, header, {mode: entry})
   return out

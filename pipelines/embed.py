@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -39,6 +40,7 @@ from transfer.errors import UserError, cli_main
 
 NAMESPACE = reads.NAMESPACE
 DEAD = reads.DEAD
+SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
 
 @dataclasses.dataclass
@@ -54,11 +56,13 @@ class EmbedConfig:
                            'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
   batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded: one '
                                 'compilation)')
-  projected: bool = flags.field(False, 'also store the visual_projection output as feature '
-                                '`projected`')
+  projected: Optional[bool] = flags.field(
+      None, 'store the visual_projection output as feature `projected` (zero-shot needs it); '
+      'default: when the model has a projection (--no_projected to skip)')
   examples_per_shard: int = flags.field(emb_lib.EXAMPLES_PER_SHARD,
                                         'sets the number of ArrayRecord shards per split')
-  overwrite: bool = flags.field(False, 'replace an existing dataset in --output_dir')
+  overwrite: bool = flags.field(False, 'replace a dataset this tool wrote in --output_dir '
+                                '(nothing else is ever removed)')
   preprocess_threads: int = flags.field(0, 'threads per worker process that decode and resize '
                                         '(0: one per core; 1: inline, no pool)')
   fast_decode: bool = flags.field(False, 'decode JPEGs at reduced DCT scale (still >= the resize '
@@ -74,6 +78,13 @@ class EmbedConfig:
       raise UserError(f'--examples_per_shard must be >= 1, got {self.examples_per_shard}')
     if not self.splits:
       raise UserError('--splits is empty')
+    twice = sorted({s for s in self.splits if self.splits.count(s) > 1})
+    if twice:
+      raise UserError(f'--splits names {", ".join(twice)} more than once')
+    for split in self.splits:
+      if not SPLIT_NAME.fullmatch(split):
+        raise UserError(f'--splits: {split!r} is not a split name TFDS can store '
+                        '(letters, digits, _ and - only)')
     if self.preprocess_threads < 0:
       raise UserError(f'--preprocess_threads must be >= 0 (0: one per core), got '
                       f'{self.preprocess_threads}')
@@ -97,10 +108,10 @@ def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
 class Preprocess(beam.DoFn):
   """(id, label, image) → ((split, id, label), uint8 HWC); failures are dead letters.
 
-  Images are prepared on a process-wide thread pool (``threads``; 0 = one per
-  core of the worker, 1 = inline),
-  up to ``window`` ahead, outputs in input order: the pool keeps working while
-  RunInference, fused after this step, waits on the device.
+  Images are prepared on a process-wide thread pool (``threads``: 0 = one per
+  core of the worker, 1 = inline), up to ``window`` ahead, outputs in input
+  order: the pool keeps working while RunInference, fused after this step,
+  waits on the device.
   """
 
   def __init__(self, preprocess_json: dict, split: str, threads: int = 1, window: int = 1):
@@ -133,7 +144,7 @@ class Preprocess(beam.DoFn):
     if isinstance(result, Exception):  # ImageError, and anything else PIL raises on odd inputs
       self._dead.inc()
       return beam.pvalue.TaggedOutput(
-          DEAD, WindowedValue((ex_id, f'{type(result).__name__}: {result}'), timestamp, [window]))
+          DEAD, WindowedValue((ex_id, sources_lib.failure_reason(result)), timestamp, [window]))
     return WindowedValue(((self._split, ex_id, label), result), timestamp, [window])
 
 
@@ -187,18 +198,30 @@ def write_dead_letters(split_and_rows, output_dir: str) -> tuple[str, int]:
   return split, len(rows)
 
 
-def finalize(_, output_dir, shard_results, dead_counts, num_shards, dim, class_names,
-             projected_dim, metadata):
-  """Runs once after every shard and dead-letter file: metadata, dataset_info.json last."""
+def finalize(_, output_dir, shard_results, dead_counts, found_counts, num_shards, dim,
+             class_names, projected_dim, metadata):
+  """Runs once after every shard and dead-letter file: metadata, dataset_info.json last.
+
+  Reconciles first: when a split's inputs found != written + dead-lettered, or
+  nothing of a split was written, it writes ``failure.json`` (one line) instead
+  of the metadata, and ``run`` turns that into the run's error.
+  """
   shards: dict[str, dict[int, tuple[int, int]]] = {}
   for split, index, count, nbytes in shard_results:
     shards.setdefault(split, {})[index] = (count, nbytes)
   dead = dict(dead_counts)
+  found: dict[str, int] = {}
+  for split, n in found_counts:
+    found[split] = found.get(split, 0) + n
   counts = {}
   for split in num_shards:
     written = sum(c for c, _ in shards.get(split, {}).values())
-    counts[split] = {'read': written + dead.get(split, 0), 'written': written,
+    counts[split] = {'read': found.get(split, 0), 'written': written,
                      'dead_lettered': dead.get(split, 0)}
+  problem = emb_lib.check_counts(output_dir, counts)
+  if problem:
+    emb_lib.write_failure(output_dir, problem)
+    return
   emb_lib.finalize(output_dir, shards, num_shards, dim, class_names,
                    {**metadata, 'counts': counts}, projected_dim)
 
@@ -214,7 +237,7 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
   cfg = _preprocess_config(args, pretrained)
   dim = pretrained.module.vision_config.hidden_size
   projected_dim = pretrained.module.projection_dim if args.projected else None
-  num_shards, prepared, dead_counts, totals = {}, [], [], []
+  num_shards, prepared, dead_counts, totals, founds = {}, [], [], [], []
   threads = args.preprocess_threads  # 0 is resolved on the worker: its cores, not the launcher's
   # Two device batches ahead: batch k+1 is ready when batch k's results return.
   window = 2 * args.batch_size if threads != 1 else 1
@@ -224,6 +247,8 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
     num_shards[split] = emb_lib.num_shards_for(total, args.examples_per_shard)
     read = reads.read_split(p, source, split, args.data_dir)
     examples, load_dead = read.examples, read.dead
+    founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
+        lambda n, split=split: (split, int(n))))
     ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
         Preprocess(cfg.to_json(), split, threads, window)).with_outputs(DEAD, main='ok')
     prepared.append(ok_and_dead.ok)
@@ -246,11 +271,13 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
              | 'WriteShard' >> beam.Map(_write_shard, args.output_dir, num_shards))
   metadata = _metadata(args, source, pretrained, dim, projected_dim)
   deads = dead_counts | 'FlattenDeadCounts' >> beam.Flatten()
+  found = founds | 'FlattenFound' >> beam.Flatten()
   _ = (p
        | 'Once' >> beam.Create([None])
        | 'Finalize' >> beam.Map(
            finalize, args.output_dir, beam.pvalue.AsList(results), beam.pvalue.AsList(deads),
-           num_shards, dim, source.class_names, projected_dim, metadata))
+           beam.pvalue.AsList(found), num_shards, dim, source.class_names, projected_dim,
+           metadata))
 
 
 def _write_shard(element, output_dir, num_shards):
@@ -304,8 +331,16 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   source = sources_lib.open_source(args.dataset, args.data_dir)
   for split in args.splits:
     source.check_split(split)
+  # Claims the output directory before the model loads: a file in the way, foreign
+  # files or a read-only directory fail here, not after all the inference.
+  emb_lib.prepare_output(args.output_dir, args.overwrite, clear=False)
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
   pretrained = clip.load(args.model)
+  if args.projected is None:  # by default, whenever the model has a projection
+    args.projected = pretrained.module.projection_dim is not None
+  if args.projected and pretrained.module.projection_dim is None:
+    raise UserError(f'--projected: {args.model} has no visual projection (a vision-only '
+                    'checkpoint); drop --projected')
   emb_lib.prepare_output(args.output_dir, args.overwrite)
   options = PipelineOptions(beam_args)
   # Code ships as a package (--setup_file), not a pickled __main__.
@@ -318,6 +353,9 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   result = p.run()
   result.wait_until_finish()
   seconds = time.perf_counter() - start
+  failure = emb_lib.read_failure(args.output_dir)
+  if failure:
+    raise UserError(failure)
   counts = emb_lib.read_metadata(args.output_dir)['counts']
   total = sum(c['read'] for c in counts.values())
   summary = {'output_dir': args.output_dir, 'counts': counts, 'seconds': seconds,

@@ -12,7 +12,6 @@ import dataclasses
 from typing import Callable, Optional
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
@@ -31,43 +30,50 @@ class Read:
 
 
 class ReadRange(beam.DoFn):
-  """(start, stop) of a split of a TFDS source → (id, label, image) (a process-wide open)."""
+  """(start, stop) of a split of a TFDS source → (id, label, image); corrupt records are dead."""
 
   def __init__(self, spec: str, data_dir: Optional[str], split: str):
     self._spec, self._data_dir, self._split = spec, data_dir, split
     self._read = Metrics.counter(NAMESPACE, f'read_{split}')
+    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
 
   def setup(self):
     self._source = sources_lib.open_source(self._spec, self._data_dir)
 
   def process(self, bounds):
-    for ex in self._source.iter_examples(self._split, *bounds):
+    for ex in self._source.iter_records(self._split, *bounds):
       self._read.inc()
-      yield ex.id, ex.label, ex.image
+      if isinstance(ex, sources_lib.DeadRecord):
+        self._dead.inc()
+        yield beam.pvalue.TaggedOutput(DEAD, (ex.id, ex.reason))
+      else:
+        yield ex.id, ex.label, ex.image
 
 
 class LoadFile(beam.DoFn):
-  """A matched image file → (id, label, bytes); unreadable or stray files are dead letters."""
+  """A listed ``FolderEntry`` → (id, label, bytes); unreadable or stray files are dead letters."""
 
-  def __init__(self, root: str, class_names: list[str], split: str):
-    self._source_root, self._class_names, self._split = root, class_names, split
+  def __init__(self, class_names: list[str], split: str):
+    self._class_names, self._split = class_names, split
     self._read = Metrics.counter(NAMESPACE, f'read_{split}')
     self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
 
-  def process(self, readable: fileio.ReadableFile):
-    path = readable.metadata.path
-    parts = sources_lib.relative_path(self._source_root, path).split('/')
-    if parts[-1].startswith('.'):
-      return []  # hidden files (.DS_Store): not inputs, not counted
+  def process(self, entry: sources_lib.FolderEntry):
+    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+
     self._read.inc()
-    ex_id = '/'.join(parts)
-    if len(parts) != 3 or parts[1] not in self._class_names:
-      return self._dead_letter(ex_id, f'not in a known class folder: {path}')
+    if entry.problem:
+      return self._dead_letter(entry.id, entry.problem)
+    if entry.cls not in self._class_names:  # a class folder that appeared after the listing
+      return self._dead_letter(entry.id, f'class folder {entry.cls!r} is not one of the '
+                               'classes listed when the run started')
     try:
-      data = readable.read()
+      # UNCOMPRESSED: AUTO would gunzip a file that happens to end in .gz.
+      with FileSystems.open(entry.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        data = fh.read()
     except Exception as e:  # permissions, vanished file, network
-      return self._dead_letter(ex_id, f'cannot read: {type(e).__name__}: {e}')
-    return [(ex_id, self._class_names.index(parts[1]), data)]
+      return self._dead_letter(entry.id, sources_lib.failure_reason(e, 'cannot read: '))
+    return [(entry.id, self._class_names.index(entry.cls), data)]
 
   def _dead_letter(self, ex_id, reason):
     self._dead.inc()
@@ -75,17 +81,18 @@ class LoadFile(beam.DoFn):
 
 
 def read_folder(p, source: sources_lib.FolderSource, split: str, data_dir=None) -> Read:
-  """Beam's file matching: on Dataflow the files are read in parallel."""
-  matched = p | f'Match[{split}]' >> fileio.MatchFiles(source.split_pattern(split))
-  loaded = (matched
-            # MatchFiles emits every path from one element: without this the
-            # reads fuse onto one Dataflow worker.
+  """Lists the split on a worker (every file, at any depth), then reads them in parallel."""
+  listed = (p
+            | f'Split[{split}]' >> beam.Create([split])
+            | f'List[{split}]' >> beam.FlatMap(
+                lambda s, root=source.root: sources_lib.list_folder_split(root, s)))
+  loaded = (listed
+            # The listing comes from one element: without this the reads fuse
+            # onto one Dataflow worker.
             | f'SpreadFiles[{split}]' >> beam.Reshuffle()
-            | f'ReadMatches[{split}]' >> fileio.ReadMatches(
-                compression=CompressionTypes.UNCOMPRESSED)
             | f'Load[{split}]' >> beam.ParDo(
-                LoadFile(source.root, source.class_names, split)).with_outputs(DEAD, main='ok'))
-  found = matched | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
+                LoadFile(source.class_names, split)).with_outputs(DEAD, main='ok'))
+  found = listed | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
   return Read(loaded.ok, [loaded[DEAD]], found)
 
 
@@ -94,13 +101,18 @@ def read_tfds(p, source: sources_lib.TfdsSource, split: str, data_dir=None) -> R
   total = source.num_examples(split)
   bounds = ([(s, min(s + READ_CHUNK, total)) for s in range(0, total, READ_CHUNK)]
             if total else [(0, None)])
-  examples = (p
-              | f'Ranges[{split}]' >> beam.Create(bounds)
-              # Spreads read tasks over workers (tiny elements: cheap to shuffle).
-              | f'SpreadRanges[{split}]' >> beam.Reshuffle()
-              | f'Read[{split}]' >> beam.ParDo(ReadRange(source.spec, data_dir, split)))
-  found = p | f'Found[{split}]' >> beam.Create([total or 0])
-  return Read(examples, [], found)
+  read = (p
+          | f'Ranges[{split}]' >> beam.Create(bounds)
+          # Spreads read tasks over workers (tiny elements: cheap to shuffle).
+          | f'SpreadRanges[{split}]' >> beam.Reshuffle()
+          | f'Read[{split}]' >> beam.ParDo(
+              ReadRange(source.spec, data_dir, split)).with_outputs(DEAD, main='ok'))
+  if total is None:  # record count unknown (mock data): count what the ranges held
+    found = ((read.ok, read[DEAD]) | f'FlattenFound[{split}]' >> beam.Flatten()
+             | f'Found[{split}]' >> beam.combiners.Count.Globally())
+  else:
+    found = p | f'Found[{split}]' >> beam.Create([total])
+  return Read(read.ok, [read[DEAD]], found)
 
 
 # The reader of each kind of source (looked up along the class's MRO).

@@ -1,91 +1,33 @@
-"""The linear probe on numpy arrays: standardisation, the JAX solver, the sklearn baseline, metrics.
+"""The probe's methods on numpy arrays: the JAX head and scikit-learn's baseline behind one interface.
 
-Both methods minimise the same objective for a given L2 strength ``l2``:
-
-    mean_i CE(x_i W + b, y_i) + l2/2 * ||W||^2          (bias unpenalised)
+A method fits one head per L2 value of a grid (``fit_grid``) and gives the
+logits of the i-th (``logits``). ``select_and_fit`` is the protocol shared by
+both: standardise with the fit set's statistics, fit the grid, choose the L2
+on the validation examples, score the eval examples with that head. The
+final model is the one fit on the fit part alone (``final_fit: fit``), as in
+the fine-tune stage.
 
 scikit-learn's LogisticRegression minimises ``C * sum_i loss_i + 1/2 ||w||^2``
-(intercept unpenalised); dividing by ``C * N`` gives the line above with
-``l2 = 1 / (C * N)``, so ``C = 1 / (N * l2)`` with N the size of the fit set.
-sklearn fits the binary case as one logistic (w = w_1 - w_0), whose optimum
-has W's two softmax columns at ±w/2, so ``||W||^2 = ||w||^2 / 2`` and the same
-regularisation needs twice the C: ``C = 2 / (N * l2)``.
+(intercept unpenalised); dividing by ``C * N`` gives ``transfer.linear``'s
+objective with ``l2 = 1 / (C * N)``, so ``C = 1 / (N * l2)`` with N the size of
+the fit set. sklearn fits the binary case as one logistic (w = w_1 - w_0),
+whose optimum has W's two softmax columns at ±w/2, so ``||W||^2 = ||w||^2 / 2``
+and the same regularisation needs twice the C: ``C = 2 / (N * l2)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
-import time
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
+from transfer import linear
 
-# Decades wide enough for a huge clean set (weak) and a few shots (strong).
-DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-SOLVERS = ('lbfgs', 'adam')
-MAX_ITER = 1000  # sklearn's max_iter in the CLIP paper's protocol
-# Both methods stop when max |gradient| of the mean objective <= TOL. sklearn's
-# default 1e-4 applies to that mean-scaled objective (sklearn >= 1.2) and stops
-# 768-d, 100-class fits after ~5 iterations, far from converged; the CLIP
-# paper's sklearn summed the loss, an N times tighter stop. 1e-5 converges
-# both to within float32 noise of each other (see benchmarks/probe.py).
-TOL = 1e-5
-ADAM_LR = 1e-2  # full-batch Adam on standardised features; L-BFGS needs no step size
-CHUNK = 20  # solver iterations per jitted call, between progress updates
-MAX_BACKTRACK = 30  # step halvings before a problem counts as stalled (2^-30: no progress left)
-# Below this many multiply-adds per loss evaluation (rows x dim x classes),
-# compiling costs more than computing: rows are padded (weight 0) to a
-# power-of-two bucket and the refit shares the sweep's executable, so a run's
-# sweep, refit and few-shot fits compile twice in all instead of once each.
-SMALL_PROBLEM = 1 << 24
-MIN_BUCKET = 256
-
-
-def is_small(rows: int, dim: int, num_classes: int) -> bool:
-  return rows * dim * num_classes <= SMALL_PROBLEM
-
-
-def bucket_rows(rows: int, dim: int, num_classes: int) -> int:
-  """Rows to pad to: a power of two for small problems, the rows themselves otherwise."""
-  if not is_small(rows, dim, num_classes):
-    return rows
-  return max(MIN_BUCKET, 1 << (rows - 1).bit_length())
-
-
-@dataclasses.dataclass
-class Standardizer:
-  """Per-feature mean/std from the fit set; applied to everything the head sees."""
-
-  mean: np.ndarray  # (D,) float32
-  std: np.ndarray  # (D,) float32, constant features get 1 so they map to 0, not NaN
-
-  @classmethod
-  def fit(cls, x: np.ndarray) -> 'Standardizer':
-    mean = x.mean(axis=0, dtype=np.float64)
-    std = x.std(axis=0, dtype=np.float64)
-    std = np.where(std < 1e-8, 1.0, std)
-    return cls(mean.astype(np.float32), std.astype(np.float32))
-
-  def __call__(self, x: np.ndarray) -> np.ndarray:
-    return ((x - self.mean) / self.std).astype(np.float32)
-
-
-def make_head(num_classes: int) -> nn.Dense:
-  """The Flax guide's classifier head: zero-initialised, so every L2 starts from the same point.
-
-  HIGHEST precision keeps float32 matmuls float32 on GPUs (not TF32), so every
-  backend solves the problem sklearn solves; it changes nothing on CPU.
-  """
-  return nn.Dense(num_classes, kernel_init=nn.zeros, precision=jax.lax.Precision.HIGHEST)
+DEFAULT_L2_GRID = linear.DEFAULT_L2_GRID
 
 
 def sklearn_c(l2: float, num_fit: int, num_classes: int) -> float:
@@ -93,287 +35,92 @@ def sklearn_c(l2: float, num_fit: int, num_classes: int) -> float:
   return (2.0 if num_classes == 2 else 1.0) / (num_fit * l2)
 
 
-def _max_abs(tree) -> jax.Array:
-  return jnp.max(jnp.stack([jnp.max(jnp.abs(t)) for t in jax.tree.leaves(tree)]))
-
-
-@functools.lru_cache(maxsize=16)
-def _solver(num_classes: int, solver: str, tol: float):
-  """A jitted, vmapped (over L2) run of the solver up to `stop_at` iterations; compiled once per shape.
-
-  L-BFGS directions come from ``optax.lbfgs(linesearch=None)``; the step size
-  from a backtracking (Armijo) search written here. optax's zoom linesearch
-  branches with ``lax.cond`` on per-problem state, and under ``vmap`` a cond
-  becomes a select that evaluates both branches: three loss+gradient passes
-  per iteration instead of one. The objective is convex, so curvature pairs
-  stay positive without the Wolfe curvature test. The loss and its gradient
-  are traced once (inside the search loop), which keeps compile time down.
-  """
-  head = make_head(num_classes)
-  opt = optax.lbfgs(linesearch=None) if solver == 'lbfgs' else optax.adam(ADAM_LR)
-
-  def loss_fn(params, x, y, w, l2):
-    logits = head.apply({'params': params}, x)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    # Weighted mean: rows of weight 0 pad a set to a shape that is already compiled.
-    return jnp.sum(w * ce) / jnp.sum(w) + 0.5 * l2 * jnp.sum(jnp.square(params['kernel']))
-
-  def start(carry, value_and_grad):
-    params = jax.tree.map(jnp.zeros_like, carry[0])  # the zero-initialised head
-    value, grad = value_and_grad(params)
-    return params, opt.init(params), value, grad, jnp.int32(0), _max_abs(grad), jnp.bool_(False)
-
-  def run_one(carry, l2, x, y, w, stop_at, fresh):
-    value_and_grad = jax.value_and_grad(functools.partial(loss_fn, x=x, y=y, w=w, l2=l2))
-    # `fresh` is the same for every L2, so under vmap this stays a real branch.
-    carry = jax.lax.cond(fresh, lambda c: start(c, value_and_grad), lambda c: c, carry)
-
-    def body(c):
-      params, state, value, grad, it, _, _ = c
-      direction, state = opt.update(grad, state, params)  # already a descent direction
-      if solver == 'adam':
-        new = optax.apply_updates(params, direction)
-        new_value, new_grad = value_and_grad(new)
-        return new, state, new_value, new_grad, it + 1, _max_abs(new_grad), jnp.bool_(False)
-      slope = optax.tree.vdot(grad, direction)
-      # Float32 noise in the curvature pairs can spoil the direction; fall back to the gradient.
-      ascent = ~(slope < 0)
-      direction = jax.tree.map(lambda d, g: jnp.where(ascent, -g, d), direction, grad)
-      slope = jnp.where(ascent, -optax.tree.vdot(grad, grad), slope)
-      # The slack of a few float32 ulps of the loss: below it, decrease cannot be measured.
-      slack = 4 * jnp.finfo(jnp.float32).eps * jnp.abs(value)
-
-      def too_high(ls):  # written as a negation so a NaN value counts as too high
-        eta, v, _, _, k = ls
-        return ~(v <= value + 1e-4 * eta * slope + slack) & (k < MAX_BACKTRACK)
-
-      def halve(ls):  # the first pass (eta 2 -> 1) tries the full L-BFGS step
-        eta = ls[0] * 0.5
-        new = jax.tree.map(lambda p, d: p + eta * d, params, direction)
-        v, g = value_and_grad(new)
-        return eta, v, g, new, ls[4] + 1
-
-      ls = (jnp.float32(2.0), jnp.float32(jnp.inf), grad, params, jnp.int32(-1))
-      _, v, g, new, k = jax.lax.while_loop(too_high, halve, ls)
-      stalled = k >= MAX_BACKTRACK  # no decrease left at float32 precision: stop here
-      new, v, g = jax.tree.map(lambda a, b: jnp.where(stalled, a, b), (params, value, grad),
-                               (new, v, g))
-      return new, state, v, g, it + 1, _max_abs(g), stalled
-
-    def cond(c):
-      return (c[4] < stop_at) & (c[5] > tol) & ~c[6]
-
-    # Under vmap the loop runs until every L2 has stopped; finished ones keep their state.
-    return jax.lax.while_loop(cond, body, carry)
-
-  def empty_carry(dim, num_l2):
-    """Placeholder state of the right shapes; `fresh=True` fills it on the device."""
-    def one(x):
-      params = head.init(jax.random.key(0), x)['params']
-      return (params, opt.init(params), jnp.float32(0), params, jnp.int32(0), jnp.float32(0),
-              jnp.bool_(False))
-    shapes = jax.eval_shape(jax.vmap(one, axis_size=num_l2, in_axes=None),
-                            jax.ShapeDtypeStruct((1, dim), jnp.float32))
-    return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
-
-  run = jax.jit(jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None)))
-  return empty_carry, run
-
-
-def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
-            weights: Optional[np.ndarray] = None, solver: str = 'lbfgs',
-            max_iter: int = MAX_ITER, tol: float = TOL, desc: str = 'jax',
-            progress: bool = True) -> tuple[dict, dict]:
-  """Fits one head per L2 in a single vmapped solve. Returns stacked params (G, …) and info."""
-  if solver not in SOLVERS:
-    raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
-  empty_carry, run = _solver(num_classes, solver, float(tol))
-  w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
-  pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
-  xj = jnp.asarray(np.pad(np.asarray(x, np.float32), ((0, pad), (0, 0))))
-  yj = jnp.asarray(np.pad(np.asarray(y, np.int32), (0, pad)))
-  wj = jnp.asarray(np.pad(w, (0, pad)))
-  l2j = jnp.asarray(l2s, jnp.float32)
-  carry = empty_carry(x.shape[1], len(l2s))
-  bar = tqdm(total=max_iter, desc=desc, file=sys.stderr, leave=False, disable=not progress)
-  done = 0
-  while True:
-    stop_at = min(done + CHUNK, max_iter)
-    carry = run(carry, l2j, xj, yj, wj, jnp.int32(stop_at), jnp.bool_(done == 0))
-    its, gmax, stalled = np.asarray(carry[4]), np.asarray(carry[5]), np.asarray(carry[6])
-    bar.update(stop_at - done)
-    stopped = (gmax <= tol) | (its >= max_iter) | stalled
-    bar.set_postfix_str(f'converged {int((gmax <= tol).sum())}/{len(l2s)} '
-                        f'max|grad| {float(np.max(np.where(stopped, 0, gmax))):.1e}')
-    done = stop_at
-    if stopped.all() or done >= max_iter:
-      break
-  bar.close()
-  params = jax.tree.map(np.asarray, carry[0])
-  # A stalled search (no decrease left in float32) counts as converged: sklearn's ftol stop.
-  return params, {'n_iter': its.tolist(), 'converged': ((gmax <= tol) | stalled).tolist()}
-
-
-def jax_logits(params: dict, x: np.ndarray) -> np.ndarray:
-  """Logits (G, N, C) of stacked heads, or (N, C) for a single head."""
-  kernel, bias = np.asarray(params['kernel']), np.asarray(params['bias'])
-  if kernel.ndim == 2:
-    return x @ kernel + bias
-  return np.einsum('nd,gdc->gnc', x, kernel) + bias[:, None, :]
-
-
-def fit_sklearn(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
-                max_iter: int = MAX_ITER, tol: float = TOL, desc: str = 'sklearn',
-                progress: bool = True) -> tuple[list, dict]:
+@dataclasses.dataclass
+class SklearnMethod(linear.Method):
   """The CLIP paper's baseline: LogisticRegression(lbfgs, max_iter=1000), one fit per L2."""
-  from sklearn.exceptions import ConvergenceWarning  # pylint: disable=g-import-not-at-top
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  models, n_iter = [], []
-  for l2 in tqdm(l2s, desc=desc, file=sys.stderr, leave=False, disable=not progress):
-    clf = LogisticRegression(C=sklearn_c(l2, len(x), num_classes), max_iter=max_iter, tol=tol)
-    with warnings.catch_warnings():
-      # Not converging in max_iter is part of the protocol; n_iter records it.
-      warnings.simplefilter('ignore', ConvergenceWarning)
-      clf.fit(x, y)
-    models.append(clf)
-    n_iter.append(int(np.max(clf.n_iter_)))
-  return models, {'n_iter': n_iter, 'converged': [n < max_iter for n in n_iter]}
+
+  max_iter: int = linear.MAX_ITER
+  tol: float = linear.TOL
+  name: str = 'sklearn'
+  solver: str = 'sklearn-lbfgs'
+
+  def fit_grid(self, x, y, num_classes, l2s, *, progress=False):
+    from sklearn.exceptions import ConvergenceWarning  # pylint: disable=g-import-not-at-top
+    from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+    models, n_iter = [], []
+    for l2 in tqdm(l2s, desc='sklearn', file=sys.stderr, leave=False, disable=not progress):
+      clf = LogisticRegression(C=sklearn_c(l2, len(x), num_classes), max_iter=self.max_iter,
+                               tol=self.tol)
+      with warnings.catch_warnings():
+        # Not converging in max_iter is part of the protocol; n_iter records it.
+        warnings.simplefilter('ignore', ConvergenceWarning)
+        clf.fit(x, y)
+      models.append(clf)
+      n_iter.append(int(np.max(clf.n_iter_)))
+    return models, {'n_iter': n_iter, 'converged': [n < self.max_iter for n in n_iter]}
+
+  def logits(self, fitted, i, x, num_classes):
+    """Classes absent from the fit set get -inf."""
+    clf = fitted[i]
+    d = clf.decision_function(x)
+    if d.ndim == 1:  # binary: one logit for classes_[1] against classes_[0]
+      d = np.stack([np.zeros_like(d), d], axis=1)
+    out = np.full((len(x), num_classes), -np.inf, np.float32)
+    out[:, clf.classes_] = d
+    return out
+
+  def head(self, fitted, i, num_classes, dim):
+    clf = fitted[i]
+    kernel = np.zeros((dim, num_classes), np.float32)
+    bias = np.full((num_classes,), -1e9, np.float32)
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:  # binary
+      coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2,
+                                                                          intercept[0] / 2])
+    kernel[:, clf.classes_] = coef.T
+    bias[clf.classes_] = intercept
+    return kernel, bias
 
 
-def sklearn_logits(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
-  """(N, num_classes) scores; classes absent from the fit set get -inf."""
-  d = clf.decision_function(x)
-  if d.ndim == 1:  # binary: one logit for classes_[1] against classes_[0]
-    d = np.stack([np.zeros_like(d), d], axis=1)
-  out = np.full((len(x), num_classes), -np.inf, np.float32)
-  out[:, clf.classes_] = d
-  return out
-
-
-def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
-  """Mean cross-entropy; the tie-break between L2 values with equal validation accuracy."""
-  logits = logits.astype(np.float64)
-  m = logits.max(axis=1, keepdims=True)
-  lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
-  return float(np.mean(lse - logits[np.arange(len(y)), y]))
-
-
-def select(val_scores: Sequence[tuple[float, float]]) -> int:
-  """Index of the best (top1, log_loss): highest accuracy, then lowest loss."""
-  return min(range(len(val_scores)), key=lambda i: (-val_scores[i][0], val_scores[i][1]))
-
-
-def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(fit_idx, val_idx): `fraction` of every class with ≥2 examples to validation, seeded."""
-  rng = np.random.default_rng(seed)
-  fit, val = [], []
-  for c in np.unique(y):
-    idx = rng.permutation(np.flatnonzero(y == c))
-    n_val = int(round(fraction * len(idx)))
-    n_val = min(max(n_val, 1 if fraction > 0 else 0), len(idx) - 1)  # keep ≥1 for fitting
-    val.append(idx[:n_val])
-    fit.append(idx[n_val:])
-  return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+Method, JaxMethod, Fitted, select_and_fit = (linear.Method, linear.JaxMethod, linear.Fitted,
+                                             linear.select_and_fit)
+METHODS: dict[str, Callable[..., Method]] = {'jax': JaxMethod, 'sklearn': SklearnMethod}
 
 
 def few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
-  """`shots` examples of every class (all of them when a class has fewer), seeded."""
+  """`shots` examples of every class, seeded (callers check every class has that many)."""
   rng = np.random.default_rng(seed)
-  out = [rng.choice(np.flatnonzero(y == c), size=min(shots, int(np.sum(y == c))), replace=False)
-         for c in np.unique(y)]
+  out = [rng.choice(np.flatnonzero(y == c), size=shots, replace=False) for c in np.unique(y)]
   return np.sort(np.concatenate(out))
 
 
-@dataclasses.dataclass
-class MethodResult:
-  """One method's sweep + refit on arrays: the chosen L2, the final model's eval logits, timings."""
+def cv_select_l2(method: Method, x_shots: np.ndarray, y_shots: np.ndarray, num_classes: int,
+                 l2s: Sequence[float]) -> float:
+  """True few-shot: the L2 chosen using only the k shots per class, never other labels.
 
-  l2: float
-  sweep: dict  # str(l2) -> {'val_top1', 'val_log_loss', 'n_iter', 'converged'}
-  eval_logits: np.ndarray
-  wall_s: float
-  final: object  # stacked-params dict of the refit (jax) or the fitted estimator (sklearn)
-  final_info: dict
-
-
-def sweep_and_refit(method: str, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray,
-                    y_val: np.ndarray, x_eval: np.ndarray, num_classes: int,
-                    l2s: Sequence[float], *, refit: bool = True, solver: str = 'lbfgs',
-                    max_iter: int = MAX_ITER, tol: float = TOL, progress: bool = True,
-                    share_compile: Optional[bool] = None) -> MethodResult:
-  """The protocol for one method: fit every L2 on x_fit, pick on x_val, refit on fit+val, score x_eval.
-
-  Inputs are raw features; standardisation statistics come from the fit set
-  of each fit (the fit part for the sweep, fit+val for the refit), so the
-  validation data never shapes the model it selects.
+  k >= 2: k folds, fold j holding out the j-th shot of every class; the L2 with
+  the best mean held-out top-1 (then log-loss) wins. k = 1 leaves nothing to
+  hold out, so the rule is fixed in advance: the grid's largest L2 (the
+  strongest regularisation: the head tends to the class-mean directions).
   """
-  t0 = time.perf_counter()
-  sweep, scores = {}, []
-  std = Standardizer.fit(x_fit)
-  zf, zv = std(x_fit), std(x_val)
-  fitted = None  # (final model, info) when the sweep's fit at the best L2 is already final
-  # Where compiling costs more than computing (an accelerator, or a small
-  # problem), pad the sweep to the refit's rows (weight 0) and refit G copies,
-  # so both reuse one executable. On CPU a large problem's compute dominates,
-  # and the G-1 extra refits would not be free.
-  if share_compile is None:
-    rows = len(x_fit) + len(x_val)
-    share_compile = (jax.default_backend() != 'cpu'
-                     or is_small(rows, x_fit.shape[1], num_classes))
-  share = share_compile and method == 'jax' and refit and len(l2s) > 1
-  if len(l2s) > 1:
-    if method == 'jax':
-      pad, w = 0, None
-      if share:
-        pad = len(x_val)
-        w = np.concatenate([np.ones(len(zf), np.float32), np.zeros(pad, np.float32)])
-      params, info = fit_jax(np.pad(zf, ((0, pad), (0, 0))), np.pad(y_fit, (0, pad)),
-                             num_classes, l2s, weights=w, solver=solver, max_iter=max_iter,
-                             tol=tol, desc=f'jax sweep ({len(l2s)} L2 values)', progress=progress)
-      val_logits = list(jax_logits(params, zv))
-    else:
-      models, info = fit_sklearn(zf, y_fit, num_classes, l2s, max_iter=max_iter, tol=tol,
-                                 desc='sklearn sweep', progress=progress)
-      val_logits = [sklearn_logits(m, zv, num_classes) for m in models]
-    for i, l2 in enumerate(l2s):
-      top1 = float(np.mean(np.argmax(val_logits[i], axis=1) == y_val))
-      loss = log_loss(val_logits[i], y_val)
-      scores.append((top1, loss))
-      sweep[repr(float(l2))] = {'val_top1': top1, 'val_log_loss': loss,
-                                'n_iter': info['n_iter'][i], 'converged': info['converged'][i]}
-    b = select(scores)
-    best = float(l2s[b])
-    if not refit:
-      one = {k: v[b] for k, v in info.items()}
-      fitted = (jax.tree.map(lambda a: a[b:b + 1], params) if method == 'jax' else models[b],
-                {k: [v] for k, v in one.items()})
-  else:
-    best = float(l2s[0])
-  if refit:
-    x_all, y_all = np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val])
-    std = Standardizer.fit(x_all)
-  else:
-    x_all, y_all = x_fit, y_fit  # same statistics as the sweep's
-  za, ze = std(x_all), std(x_eval)
-  if method == 'jax':
-    if fitted:
-      params, info = fitted
-    else:
-      params, info = fit_jax(za, y_all, num_classes, [best] * (len(l2s) if share else 1),
-                             solver=solver, max_iter=max_iter, tol=tol, desc='jax refit',
-                             progress=progress)
-      params, info = jax.tree.map(lambda a: a[:1], params), {k: v[:1] for k, v in info.items()}
-    final = {'kernel': params['kernel'][0], 'bias': params['bias'][0], 'mean': std.mean,
-             'std': std.std}
-    eval_logits = jax_logits({'kernel': final['kernel'], 'bias': final['bias']}, ze)
-  else:
-    if fitted:
-      final, info = fitted
-    else:
-      models, info = fit_sklearn(za, y_all, num_classes, [best], max_iter=max_iter, tol=tol,
-                                 desc='sklearn refit', progress=progress)
-      final = models[0]
-    eval_logits = sklearn_logits(final, ze, num_classes)
-  info = {k: v[0] for k, v in info.items()}
-  return MethodResult(l2=best, sweep=sweep, eval_logits=eval_logits,
-                      wall_s=time.perf_counter() - t0, final=final, final_info=info)
+  classes = np.unique(y_shots)
+  k = int(np.min([np.sum(y_shots == c) for c in classes]))
+  if k < 2 or len(l2s) == 1:
+    return float(max(l2s))
+  # Position of each example among its class's shots: fold j holds out position j.
+  position = np.zeros(len(y_shots), int)
+  for c in classes:
+    idx = np.flatnonzero(y_shots == c)
+    position[idx] = np.arange(len(idx))
+  top1 = np.zeros(len(l2s))
+  loss = np.zeros(len(l2s))
+  for j in range(k):
+    held = position == j
+    std = linear.Standardizer.fit(x_shots[~held])
+    fitted, _ = method.fit_grid(std(x_shots[~held]), y_shots[~held], num_classes, l2s)
+    zh = std(x_shots[held])
+    for i in range(len(l2s)):
+      logits = method.logits(fitted, i, zh, num_classes)
+      top1[i] += np.mean(np.argmax(logits, axis=1) == y_shots[held])
+      loss[i] += linear.log_loss(logits, y_shots[held])
+  return float(l2s[linear.select(list(zip(top1 / k, loss / k)))])

@@ -29,7 +29,7 @@ class LinearHead:
     return self.kernel.shape[0]
 
   def params(self) -> dict:
-    """The head's Flax params, to apply with probe.core.make_head(num_classes)."""
+    """The head's Flax params, to apply with transfer.linear.make_head(num_classes)."""
     return {'kernel': self.kernel, 'bias': self.bias}
 
   def logits(self, embeddings: np.ndarray) -> np.ndarray:

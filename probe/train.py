@@ -2,16 +2,21 @@
 
     python -m probe.train --embeddings=DIR --output_dir=OUT [--shots=1,5,10 --seeds=3]
 
-Writes OUT/metrics.json and OUT/head.npz (apply it with probe.predict). The
-logic lives in `train_probe` / `train_probe_arrays`, which tests call.
+The L2 is chosen on the shared validation split (``transfer.validation``, the
+same examples fine-tune validates on), the eval split is scored once with the
+chosen head, and every accuracy carries a bootstrap 95% interval. Few-shot
+fits choose their L2 within the shots (true few-shot) unless
+``--few_shot_selection=validation``. Writes OUT/metrics.json and OUT/head.npz
+(apply it with probe.predict). The logic lives in ``train_probe`` /
+``train_probe_arrays``, which tests call; ``main`` only parses and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import math
 import os
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -19,11 +24,78 @@ import numpy as np
 
 from probe import core
 from probe.head import LinearHead
+from transfer import flags
+from transfer import metrics as metrics_lib
+from transfer import outputs
+from transfer import stats
+from transfer import validation
 from transfer.errors import UserError, cli_main
-from transfer.metrics import classification
 
 BASELINES = ('sklearn',)
-METHODS = ('jax',) + BASELINES
+FEW_SHOT_SELECTION = ('within-shots', 'validation')
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'head.npz')  # what a probe run writes
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+  """Every probe flag, declared once (``python -m probe.train --help`` lists them)."""
+
+  embeddings: str = flags.field(help='embedding dataset directory (pipelines.embed)')
+  output_dir: str = flags.field(help='where metrics.json and head.npz go')
+  train_split: str = flags.field('train', 'split the head is fit (and validated) on')
+  eval_split: str = flags.field('test', 'split scored once, with the chosen head')
+  val_fraction: float = flags.field(validation.DEFAULT_FRACTION,
+                                    'fraction of each train class held out to choose the L2 '
+                                    '(the same examples fine-tune validates on)')
+  seed: int = flags.field(0, 'validation split and few-shot draws')
+  l2_grid: tuple[float, ...] = flags.field(core.DEFAULT_L2_GRID,
+                                           'L2 strengths on the mean loss; sklearn gets '
+                                           'C = 1/(N*l2)')
+  solver: str = flags.field('lbfgs', 'the JAX head\'s solver', choices=core.linear.SOLVERS)
+  baselines: tuple[str, ...] = flags.field(BASELINES, "comma-separated; '' for none")
+  shots: tuple[int, ...] = flags.field((), 'few-shot sizes (examples per class), e.g. 1,5,10')
+  seeds: int = flags.field(3, 'few-shot draws per size')
+  few_shot_selection: str = flags.field(
+      'within-shots', 'how a few-shot fit chooses its L2: within-shots (true few-shot: '
+      'cross-validation inside the k shots; k=1 takes the grid\'s largest L2) or validation '
+      '(the common protocol: the whole validation split, labels beyond the shots)',
+      choices=FEW_SHOT_SELECTION)
+  max_iter: int = flags.field(core.linear.MAX_ITER, 'solver iterations, both methods')
+  tol: float = flags.field(core.linear.TOL, 'stop at max |gradient| <= tol')
+  progress: bool = flags.field(True, 'progress bars on stderr')
+
+  def __post_init__(self):
+    """Every flag checked before any data is read."""
+    self.l2_grid = tuple(float(v) for v in self.l2_grid)
+    if not self.l2_grid or any(not math.isfinite(v) or v <= 0 for v in self.l2_grid):
+      raise UserError(f'--l2_grid needs positive numbers, got {list(self.l2_grid)}')
+    if self.solver not in core.linear.SOLVERS:
+      raise UserError(f'--solver must be one of {", ".join(core.linear.SOLVERS)}, '
+                      f'got {self.solver!r}')
+    unknown = [b for b in self.baselines if b not in BASELINES]
+    if unknown:
+      raise UserError(f'unknown baseline {unknown[0]!r}; choose from {", ".join(BASELINES)}')
+    if not 0 <= self.val_fraction < 1:
+      raise UserError(f'--val_fraction must be in [0, 1), got {self.val_fraction}')
+    bad = [k for k in self.shots if k < 1]
+    if bad:
+      raise UserError(f'--shots must be positive integers, got {bad[0]}')
+    if self.seeds < 1:
+      raise UserError(f'--seeds must be at least 1, got {self.seeds}')
+    if self.few_shot_selection not in FEW_SHOT_SELECTION:
+      raise UserError(f'--few_shot_selection must be one of {", ".join(FEW_SHOT_SELECTION)}')
+    if self.max_iter < 1 or not self.tol > 0:
+      raise UserError('--max_iter must be >= 1 and --tol > 0')
+    if self.train_split == self.eval_split:
+      raise UserError(f'--train_split and --eval_split are both {self.train_split!r}; the L2 is '
+                      'chosen on part of train, so evaluate on another split')
+    if self.output_dir and os.path.isfile(self.output_dir):
+      raise UserError(f'--output_dir {self.output_dir} is a file; pass a directory')
+
+  def methods(self) -> list[core.Method]:
+    jax_method = core.JaxMethod(solver=self.solver, max_iter=self.max_iter, tol=self.tol)
+    return [jax_method] + [core.METHODS[b](max_iter=self.max_iter, tol=self.tol)
+                           for b in self.baselines]
 
 
 def check_split(name: str, x: np.ndarray, y: np.ndarray, num_classes: int,
@@ -57,192 +129,168 @@ def check_splits(train: tuple, evaluation: tuple, num_classes: int,
                     'needs at least two')
 
 
-def _method_entry(method: str, r: core.MethodResult, y_eval: np.ndarray,
-                  class_names: Sequence[str], solver: str) -> dict:
-  m = classification(r.eval_logits, y_eval, class_names)
-  return {**m, 'l2': r.l2, 'wall_s': r.wall_s,
-          'solver': solver if method == 'jax' else 'sklearn-lbfgs',
-          'refit_iterations': r.final_info['n_iter'], 'sweep': r.sweep}
 
 
-def _mean_std(runs: list[dict], key: str):
-  vals = [r[key] for r in runs]
-  if any(v is None for v in vals):
-    return None, None
-  return float(np.mean(vals)), float(np.std(vals))
+def _entry(fitted: core.Fitted, y_eval: np.ndarray, class_names: Sequence[str], method,
+           trainable_params: int) -> dict:
+  m = metrics_lib.classification(fitted.eval_logits, y_eval, class_names)
+  return {**m, 'l2': fitted.l2, 'wall_s': fitted.wall_s, 'solver': method.solver,
+          'iterations': fitted.n_iter, 'sweep': fitted.sweep,
+          'trainable_params': trainable_params,
+          'cost': 'the L2 sweep and the chosen head\'s eval (the one-off embedding apart)'}
 
 
-def _few_shot(method, k, seeds, x_fit, y_fit, x_val, y_val, x_eval, y_eval, class_names,
-              l2s, solver, seed, progress, **kw) -> dict:
-  """k examples per class from the fit part, L2 chosen on validation, fit on the shots alone."""
-  runs, t0 = [], time.perf_counter()
-  for s in range(seeds):
-    idx = core.few_shot_indices(y_fit, k, seed * 1000 + s)
-    r = core.sweep_and_refit(method, x_fit[idx], y_fit[idx], x_val, y_val, x_eval,
-                             len(class_names), l2s, refit=False, solver=solver,
-                             progress=progress, **kw)
-    m = classification(r.eval_logits, y_eval, class_names)
-    runs.append({**m, 'l2': r.l2, 'num_fit': int(len(idx))})
-  entry = {'shots': k, 'seeds': seeds}
-  for key in ('top1', 'top5', 'balanced_accuracy'):
-    entry[key], entry[f'{key}_std'] = _mean_std(runs, key)
-  entry['per_class'] = {
-      n: (None if runs[0]['per_class'][n] is None
-          else float(np.mean([r['per_class'][n] for r in runs]))) for n in class_names}
-  entry['l2'] = [r['l2'] for r in runs]
-  entry['wall_s'] = time.perf_counter() - t0
-  entry['runs'] = [{k2: v for k2, v in r.items() if k2 != 'per_class'} for r in runs]
-  return entry
+def _few_shot(method: core.Method, k: int, x_fit, y_fit, x_val, y_val, x_eval, y_eval,
+              class_names, config: ProbeConfig) -> dict:
+  """k examples per class from the fit part; the L2 chosen within them or on validation."""
+  t0 = time.perf_counter()
+  runs, correct = [], []
+  for s in range(config.seeds):
+    idx = core.few_shot_indices(y_fit, k, config.seed * 1000 + s)
+    if config.few_shot_selection == 'within-shots':
+      l2 = core.cv_select_l2(method, x_fit[idx], y_fit[idx], len(class_names), config.l2_grid)
+      fitted = core.select_and_fit(method, x_fit[idx], y_fit[idx], x_val[:0], y_val[:0], x_eval,
+                                   len(class_names), [l2])
+    else:
+      fitted = core.select_and_fit(method, x_fit[idx], y_fit[idx], x_val, y_val, x_eval,
+                                   len(class_names), config.l2_grid)
+    ok = np.argmax(fitted.eval_logits, axis=1) == y_eval
+    correct.append(ok)
+    runs.append({'top1': float(ok.mean()), 'l2': fitted.l2, 'num_fit': int(len(idx))})
+  mean_correct = np.mean(correct, axis=0)  # per eval example, over the seeds
+  top1s = [r['top1'] for r in runs]
+  return {'shots': k, 'seeds': config.seeds, 'selection': config.few_shot_selection,
+          'top1': float(np.mean(top1s)), 'top1_std': float(np.std(top1s)), 'top5': None,
+          **metrics_lib.summarise(mean_correct, y_eval, class_names),
+          'l2': [r['l2'] for r in runs], 'runs': runs, 'wall_s': time.perf_counter() - t0,
+          'trainable_params': int(x_eval.shape[1] * len(class_names) + len(class_names))}
+
+
+def _check_shots(shots: Sequence[int], y_fit: np.ndarray, class_names: Sequence[str]) -> None:
+  if not shots:
+    return
+  counts = np.bincount(y_fit, minlength=len(class_names))
+  present = counts[counts > 0]
+  if max(shots) > present.min():
+    c = int(np.flatnonzero(counts == present.min())[0])
+    raise UserError(f'--shots {max(shots)}: class {class_names[c]!r} has only {present.min()} '
+                    'training examples outside the validation split; use at most that many')
 
 
 def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray,
                        y_eval: np.ndarray, class_names: Sequence[str],
-                       output_dir: Optional[str] = None, *, val_fraction: float = 0.1,
-                       l2_grid: Sequence[float] = core.DEFAULT_L2_GRID, solver: str = 'lbfgs',
-                       baselines: Sequence[str] = BASELINES, seed: int = 0,
-                       shots: Sequence[int] = (), seeds: int = 3,
-                       max_iter: int = core.MAX_ITER, tol: float = core.TOL,
-                       split_names: tuple[str, str] = ('train', 'test'),
-                       extra: Optional[dict[str, Any]] = None, progress: bool = True) -> dict:
-  """The probe protocol on arrays; returns the metrics dict (and writes it when output_dir is set)."""
+                       output_dir: Optional[str] = None, *,
+                       ids_train: Optional[Sequence[str]] = None,
+                       ids_eval: Optional[Sequence[str]] = None,
+                       header: Optional[dict] = None, **options) -> dict:
+  """The probe protocol on arrays; returns the metrics dict (and writes it when output_dir is set).
+
+  ``options`` are ``ProbeConfig`` fields. Without ids, row numbers stand in.
+  """
+  config = ProbeConfig(embeddings='', output_dir=output_dir or '', **options)
   class_names = list(class_names)
   num_classes = len(class_names)
   x_train, x_eval = np.asarray(x_train, np.float32), np.asarray(x_eval, np.float32)
   y_train, y_eval = np.asarray(y_train, np.int64), np.asarray(y_eval, np.int64)
-  check_splits((x_train, y_train), (x_eval, y_eval), num_classes, split_names)
-  l2_grid = [float(v) for v in l2_grid]
-  if not l2_grid or any(not np.isfinite(v) or v <= 0 for v in l2_grid):
-    raise UserError(f'--l2_grid needs positive numbers, got {l2_grid}')
-  if solver not in core.SOLVERS:
-    raise UserError(f'--solver must be one of {", ".join(core.SOLVERS)}, got {solver!r}')
-  unknown = [b for b in baselines if b not in BASELINES]
-  if unknown:
-    raise UserError(f'unknown baseline {unknown[0]!r}; choose from {", ".join(BASELINES)}')
-  if not 0 <= val_fraction < 1:
-    raise UserError(f'--val_fraction must be in [0, 1), got {val_fraction}')
-  fit_idx, val_idx = core.stratified_split(y_train, val_fraction, seed)
-  if len(val_idx) == 0 and (len(l2_grid) > 1 or shots):
-    raise UserError(f'no validation examples (--val_fraction={val_fraction} of {len(y_train)}) '
-                    'to choose the L2 on; raise --val_fraction or pass a single --l2_grid value')
-  x_fit, y_fit, x_val, y_val = x_train[fit_idx], y_train[fit_idx], x_train[val_idx], y_train[val_idx]
-  del x_train  # the sweep sees x_fit/x_val only; the refit concatenates them
+  names = (config.train_split, config.eval_split)
+  check_splits((x_train, y_train), (x_eval, y_eval), num_classes, names)
+  ids_train = [str(i) for i in (ids_train if ids_train is not None else range(len(y_train)))]
+  ids_eval = [str(i) for i in (ids_eval if ids_eval is not None else range(len(y_eval)))]
+  # Eval examples in id order: every stage's predictions line up for paired comparisons.
+  order = np.argsort(np.asarray(ids_eval, dtype=object), kind='stable')
+  x_eval, y_eval, ids_eval = x_eval[order], y_eval[order], [ids_eval[i] for i in order]
+  val = validation.split(ids_train, y_train, config.val_fraction, config.seed)
+  if len(val.val) == 0 and (len(config.l2_grid) > 1 or
+                            (config.shots and config.few_shot_selection == 'validation')):
+    raise UserError(f'no validation examples (--val_fraction={config.val_fraction} of '
+                    f'{len(y_train)}) to choose the L2 on; raise --val_fraction or pass a single '
+                    '--l2_grid value')
+  x_fit, y_fit = x_train[val.fit], y_train[val.fit]
+  x_val, y_val = x_train[val.val], y_train[val.val]
+  _check_shots(config.shots, y_fit, class_names)
+  del x_train  # selection sees x_fit/x_val only
 
-  # One schema with the fine-tune stage: a header plus one entry per method.
-  out: dict[str, Any] = {'stage': 'probe', 'methods': {}}
-  results = {}
   head_params = int(x_eval.shape[1] * num_classes + num_classes)  # the Dense head, both methods
-  for method in ('jax',) + tuple(baselines):
-    print(f'{method}: sweeping {len(l2_grid)} L2 values on {len(y_fit)} examples, validating on '
-          f'{len(y_val)}, then refitting on {len(y_fit) + len(y_val)}', file=sys.stderr)
-    r = core.sweep_and_refit(method, x_fit, y_fit, x_val, y_val, x_eval, num_classes, l2_grid,
-                             solver=solver, max_iter=max_iter, tol=tol, progress=progress)
-    results[method] = r
-    out['methods'][method] = {**_method_entry(method, r, y_eval, class_names, solver),
-                              'trainable_params': head_params}
-  for k in shots:
-    for method in ('jax',) + tuple(baselines):
-      print(f'{method}: {k}-shot, {seeds} seeds', file=sys.stderr)
-      out['methods'][f'{method}_{k}shot'] = _few_shot(
-          method, k, seeds, x_fit, y_fit, x_val, y_val, x_eval, y_eval, class_names, l2_grid,
-          solver, seed, progress=False, max_iter=max_iter, tol=tol)
-  out.update({
-      'num_train': int(len(y_fit) + len(y_val)), 'num_fit': int(len(y_fit)),
-      'num_val': int(len(y_val)), 'num_eval': int(len(y_eval)), 'dim': int(x_eval.shape[1]),
-      'num_classes': num_classes, 'class_names': class_names, 'train_split': split_names[0],
-      'eval_split': split_names[1], 'val_fraction': val_fraction, 'seed': seed,
-      'l2_grid': l2_grid, 'solver': solver, 'max_iter': max_iter, 'tol': tol,
-  })
-  out.update(extra or {})
-  jr = results['jax'].final
-  head = LinearHead(kernel=jr['kernel'], bias=jr['bias'], mean=jr['mean'], std=jr['std'],
-                    class_names=class_names, l2=results['jax'].l2)
+  out = dict(header or {}) or {'stage': 'probe', 'class_names': class_names,
+                               'num_classes': num_classes}
+  out.update({'num_train': int(len(y_fit) + len(y_val)), 'num_fit': int(len(y_fit)),
+              'num_eval': int(len(y_eval)), 'dim': int(x_eval.shape[1]),
+              'validation': val.record, 'final_fit': 'fit',
+              'eval': {'ids_sha256': validation.ids_sha256(ids_eval),
+                       'labels': y_eval.astype(int).tolist()},
+              'l2_grid': list(config.l2_grid), 'solver': config.solver,
+              'max_iter': config.max_iter, 'tol': config.tol, 'methods': {}})
+  heads = {}
+  for method in config.methods():
+    fitted = core.select_and_fit(method, x_fit, y_fit, x_val, y_val, x_eval, num_classes,
+                                 config.l2_grid, progress=config.progress)
+    out['methods'][method.name] = _entry(fitted, y_eval, class_names, method, head_params)
+    heads[method.name] = fitted
+  for k in config.shots:
+    for method in config.methods():
+      out['methods'][f'{method.name}_{k}shot'] = _few_shot(
+          method, k, x_fit, y_fit, x_val, y_val, x_eval, y_eval, class_names, config)
+  jax_fit = heads['jax']
+  head = LinearHead(kernel=jax_fit.kernel, bias=jax_fit.bias, mean=jax_fit.standardizer.mean,
+                    std=jax_fit.standardizer.std, class_names=class_names, l2=jax_fit.l2)
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
     head.save(output_dir)
-    with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
-      json.dump(out, f, indent=2)
-  print(summary_table(out))
+    metrics_lib.write(output_dir, out)
   return out
 
 
 def summary_table(metrics: dict) -> str:
-  """A few lines: one per method and few-shot entry (few-shot: mean ± std, median L2)."""
+  """A few lines: one per method and few-shot entry (top-1 with its 95% interval)."""
   pct = lambda v: '   -  ' if v is None else f'{100 * v:6.2f}'
-  lines = [f'{"method":14s} {"top1":>13s} {"top5":>6s} {"bal.acc":>7s} {"l2":>9s} {"wall_s":>8s}']
+  lines = [f'{"method":14s} {"top1":>7s} {"95% interval":>15s} {"bal.acc":>7s} {"l2":>9s} '
+           f'{"wall_s":>8s}']
   for key, m in metrics['methods'].items():
-    top1 = pct(m['top1']) + (f' ±{100 * m["top1_std"]:5.2f}' if 'top1_std' in m else '')
+    lo, hi = m['top1_ci95']
     l2 = m['l2'] if isinstance(m['l2'], float) else float(np.median(m['l2']))
-    lines.append(f'{key:14s} {top1:>13s} {pct(m["top5"]):>6s} {pct(m["balanced_accuracy"]):>7s} '
-                 f'{l2:9.1e} {m["wall_s"]:8.2f}')
+    lines.append(f'{key:14s} {pct(m["top1"]):>7s} {f"[{pct(lo)}, {pct(hi)}]":>15s} '
+                 f'{pct(m["balanced_accuracy"]):>7s} {l2:9.1e} {m["wall_s"]:8.2f}')
   return '\n'.join(lines)
 
 
-def train_probe(embeddings: str, output_dir: Optional[str], *, train_split: str = 'train',
-                eval_split: str = 'test', **kwargs) -> dict:
-  """Loads two splits of an embedding dataset and runs train_probe_arrays on them."""
+def train_probe(config: ProbeConfig) -> dict:
+  """Reads two splits of an embedding dataset and runs the probe protocol on them."""
   from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
-  if train_split == eval_split:
-    raise UserError(f'--train_split and --eval_split are both {train_split!r}; the L2 is '
-                    'chosen on part of train, so evaluate on another split')
-  metadata = emb.read_metadata(embeddings)
-  class_names = emb.class_names(embeddings)
-  x_train, y_train, ids_train = emb.read_split(embeddings, train_split)
-  x_eval, y_eval, ids_eval = emb.read_split(embeddings, eval_split)
+  # Refuses a file, a read-only directory or one holding files this tool did not write;
+  # a rerun replaces only its own metrics.json and head.npz.
+  outputs.prepare_output_dir(config.output_dir, overwrite=True, kind='probe run',
+                             owned=OWNED_FILES, clear=False)
+  metadata = emb.read_metadata(config.embeddings)
+  class_names = emb.class_names(config.embeddings)
+  x_train, y_train, ids_train = emb.read_split(config.embeddings, config.train_split)
+  x_eval, y_eval, ids_eval = emb.read_split(config.embeddings, config.eval_split)
   # Checked here too, so NaN errors can name the offending example's id.
-  check_split(train_split, x_train, y_train, len(class_names), ids_train)
-  check_split(eval_split, x_eval, y_eval, len(class_names), ids_eval)
-  src = metadata.get('source', {})
-  extra = {
-      'embeddings': embeddings, 'metadata': metadata,
-      # The same header keys as the fine-tune stage, so report.compare can line them up.
-      'dataset': {'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
-                  'train_split': train_split, 'eval_split': eval_split},
-      'model': metadata.get('model', {}),
-      'embedding': emb.read_run_info(embeddings),  # the one-off cost, for the report
-  }
-  return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, output_dir,
-                            split_names=(train_split, eval_split), extra=extra, **kwargs)
-
-
-def _floats(s: str) -> list[float]:
-  try:
-    return [float(v) for v in s.split(',') if v.strip()]
-  except ValueError:
-    raise UserError(f'expected comma-separated numbers, got {s!r}') from None
-
-
-def _ints(s: str) -> list[int]:
-  try:
-    return [int(v) for v in s.split(',') if v.strip()]
-  except ValueError:
-    raise UserError(f'expected comma-separated integers, got {s!r}') from None
+  check_split(config.train_split, x_train, y_train, len(class_names), ids_train)
+  check_split(config.eval_split, x_eval, y_eval, len(class_names), ids_eval)
+  src, model = metadata.get('source', {}), metadata.get('model', {})
+  header = metrics_lib.header(
+      'probe',
+      dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
+               'train_split': config.train_split, 'eval_split': config.eval_split},
+      model={'name': model.get('name'), 'revision': model.get('revision'),
+             'weights_sha256': model.get('params_sha256')},
+      class_names=class_names, num_train=len(y_train), num_eval=len(y_eval),
+      embeddings=config.embeddings, metadata=metadata,
+      embedding=emb.read_run_info(config.embeddings))  # the one-off cost, for the report
+  options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name not in ('embeddings', 'output_dir')}
+  return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, config.output_dir,
+                            ids_train=ids_train, ids_eval=ids_eval, header=header, **options)
 
 
 @cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--embeddings', required=True, help='embedding dataset directory (pipelines.embed)')
-  p.add_argument('--output_dir', required=True, help='where metrics.json and head.npz go')
-  p.add_argument('--train_split', default='train')
-  p.add_argument('--eval_split', default='test')
-  p.add_argument('--val_fraction', type=float, default=0.1,
-                 help='fraction of each train class held out to choose the L2')
-  p.add_argument('--l2_grid', default=','.join(map(repr, core.DEFAULT_L2_GRID)),
-                 help='L2 strengths on the mean loss; sklearn gets C = 1/(N*l2)')
-  p.add_argument('--solver', default='lbfgs', choices=core.SOLVERS)
-  p.add_argument('--baselines', default='sklearn', help="comma-separated; '' for none")
-  p.add_argument('--seed', type=int, default=0, help='validation split and few-shot draws')
-  p.add_argument('--shots', default='', help='few-shot sizes, e.g. 1,5,10')
-  p.add_argument('--seeds', type=int, default=3, help='few-shot draws per size')
-  p.add_argument('--max_iter', type=int, default=core.MAX_ITER)
-  p.add_argument('--tol', type=float, default=core.TOL, help='stop at max |gradient| <= tol')
-  a = p.parse_args(argv)
-  if a.seeds < 1:
-    raise UserError(f'--seeds must be at least 1, got {a.seeds}')
-  train_probe(a.embeddings, a.output_dir, train_split=a.train_split, eval_split=a.eval_split,
-              val_fraction=a.val_fraction, l2_grid=_floats(a.l2_grid), solver=a.solver,
-              baselines=[b.strip() for b in a.baselines.split(',') if b.strip()],
-              seed=a.seed, shots=_ints(a.shots), seeds=a.seeds, max_iter=a.max_iter, tol=a.tol)
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  flags.add_flags(p, ProbeConfig)
+  config = flags.from_args(ProbeConfig, p.parse_args(argv))
+  metrics = train_probe(config)
+  print(summary_table(metrics))
+  print(f'metrics: {os.path.join(config.output_dir, "metrics.json")}')
 
 
 if __name__ == '__main__':

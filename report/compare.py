@@ -1,10 +1,15 @@
-"""Probe vs fine-tune: one table (report.md) and one plot (report.png) from metrics.json files.
+"""The transfer ladder in one table (report.md) and one plot (report.png), from metrics.json files.
 
     python -m report.compare RUN_DIR [RUN_DIR …] [--output_dir DIR]
 
-Each RUN_DIR is a probe output dir or a fine-tune workdir (anything holding a
-``metrics.json``), or a directory whose subdirectories hold them (the demo's
-run directory). Runs on different datasets or eval splits are refused.
+Each RUN_DIR is a zero-shot or probe output dir or a fine-tune workdir (anything
+holding a ``metrics.json``), or a directory whose subdirectories hold them (the
+demo's run directory). Rows run up the ladder: zero-shot, probe, head-only
+fine-tune, LP-FT, fine-tune, WiSE-FT. Each carries its 95% interval and a paired
+comparison with the best probe on the same eval examples.
+
+Runs are refused (one line, exit 2) when they differ in dataset, eval split, eval
+examples, model weights or validation split, or when a file holds NaN or inf.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import os
 import sys
 from typing import Any, Optional
 
+import numpy as np
+
+from transfer import stats
 from transfer.errors import UserError, cli_main
+
+SELECTION = {'within-shots': 'true few-shot (L2 chosen within the shots)',
+             'validation': 'L2 chosen on the validation split'}
+# Said of a method whose entry has no "cost" text (files written before it was recorded).
+NO_COST = 'not described in its metrics.json'
 
 
 def find_metrics(paths: list[str]) -> list[str]:
@@ -38,14 +51,35 @@ def find_metrics(paths: list[str]) -> list[str]:
   return found
 
 
+def _non_finite(obj, where: str = '') -> Optional[str]:
+  """The key path of the first NaN or inf number in ``obj`` (json.load accepts both), or None."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return where or '(top level)'
+  if isinstance(obj, dict):
+    items = obj.items()
+  elif isinstance(obj, list):
+    items = enumerate(obj)
+  else:
+    return None
+  for k, v in items:
+    found = _non_finite(v, f'{where}[{k}]' if isinstance(k, int) else f'{where}.{k}'.lstrip('.'))
+    if found:
+      return found
+  return None
+
+
 def _load(path: str) -> dict:
   try:
     with open(path) as fh:
       m = json.load(fh)
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f'{path}: not readable JSON ({e})') from None
   if not isinstance(m, dict) or not isinstance(m.get('methods'), dict) or 'stage' not in m:
     raise UserError(f'{path}: not a probe/fine-tune metrics.json (no "stage" and "methods")')
+  bad = _non_finite(m)
+  if bad:
+    raise UserError(f'{path}: {bad} is NaN or inf; the run that wrote it diverged or is broken, '
+                    'rerun it')
   return m
 
 
@@ -54,103 +88,323 @@ def _task(m: dict) -> tuple:
   return (d.get('name'), d.get('eval_split'), m.get('num_eval'), m.get('num_classes'))
 
 
-def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict], Optional[dict]]:
-  """(table rows, few-shot points, embedding cost) from loaded metrics files."""
+def _refuse_if_differ(runs: list[tuple[str, dict]], what: str, key, show) -> None:
+  """One-line refusal when ``key(metrics)`` differs between runs (None: the run is exempt)."""
+  seen: dict[str, tuple[str, Any]] = {}
+  for path, m in runs:
+    v = key(m)
+    if v is not None:
+      seen.setdefault(json.dumps(v, sort_keys=True), (path, v))
+  if len(seen) > 1:
+    desc = '; '.join(f'{p}: {show(v)}' for p, v in seen.values())
+    raise UserError(f'runs are not comparable (different {what}): {desc}')
+
+
+def check_comparable(runs: list[tuple[str, dict]]) -> None:
+  """Refuses runs that do not measure the same task, model, validation split and eval examples."""
   tasks = {_task(m): path for path, m in runs}
   if len(tasks) > 1:
     desc = '; '.join(f'{p}: dataset {t[0]!r}, eval split {t[1]!r}, {t[2]} examples, '
                      f'{t[3]} classes' for t, p in tasks.items())
     raise UserError(f'runs are not comparable (different dataset or eval split): {desc}')
-  rows, shots, embed = [], [], None
+  _refuse_if_differ(runs, 'model weights', lambda m: (m.get('model') or {}).get('weights_sha256'),
+                    lambda v: f'weights sha256 {str(v)[:12]}…')
+  # Zero-shot tunes nothing and records no validation split: exempt.
+  _refuse_if_differ(runs, 'validation split', lambda m: m.get('validation'),
+                    lambda v: json.dumps(v, sort_keys=True))
+  _refuse_if_differ(runs, 'eval examples', lambda m: (m.get('eval') or {}).get('ids_sha256'),
+                    lambda v: f'eval ids sha256 {str(v)[:12]}…')
+  # Same examples but in another order would pair example i of one run with example j of another.
+  _refuse_if_differ(runs, 'eval example order (eval.labels)',
+                    lambda m: (m.get('eval') or {}).get('labels'),
+                    lambda v: f'labels {v[:8]}…')
+
+
+def _rung(stage: str, name: str, e: dict) -> tuple:
+  """Sort key along the ladder: zero-shot, probe, head-only, LP-FT, other fine-tunes, WiSE-FT."""
+  if name.endswith('+wise'):
+    return (5, 0)
+  if stage == 'zeroshot':
+    return (0, 0)
+  if stage == 'probe':
+    return (1, {'jax': 0, 'sklearn': 1}.get(name, 2))
+  if stage == 'finetune':
+    mode, _, init = name.partition('@')
+    if mode == 'linear' or 'l2' in (e.get('selected') or {}):
+      return (2, 0)
+    return (3, 0) if init == 'probe' else (4, 0)
+  return (6, 0)
+
+
+def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
+  """(table rows in ladder order, few-shot points) from loaded metrics files."""
+  rows, shots = [], []
   for path, m in runs:
     stage = m['stage']
-    if stage == 'probe' and m.get('embedding'):
-      embed = m['embedding']
+    labels = (m.get('eval') or {}).get('labels')
+    embed = m.get('embedding') if stage in ('probe', 'zeroshot') else None
     for name, e in m['methods'].items():
       if 'shots' in e:  # few-shot entries are named '<method>_<k>shot'
         base = name[:-len(f"_{e['shots']}shot")] if name.endswith('shot') else name
         shots.append({'method': base, 'stage': stage, **e})
         continue
+      correct = None
+      if labels is not None and e.get('predictions') is not None:
+        if len(e['predictions']) != len(labels):
+          raise UserError(f'{path}: methods.{name}.predictions has {len(e["predictions"])} '
+                          f'entries but eval.labels has {len(labels)}')
+        correct = np.asarray(e['predictions']) == np.asarray(labels)
       rows.append({
-          'method': f'{stage}:{name}', 'top1': e.get('top1'),
+          'method': f'{stage}:{name}', 'stage': stage, 'name': name, 'source': path,
+          'top1': e.get('top1'), 'top1_ci95': e.get('top1_ci95'),
           'balanced_accuracy': e.get('balanced_accuracy'),
+          'balanced_accuracy_ci95': e.get('balanced_accuracy_ci95'),
           'trainable_params': e.get('trainable_params'), 'wall_s': e.get('wall_s'),
-          'images_per_s': e.get('images_per_s'), 'stage': stage, 'source': path})
-  return rows, shots, embed
+          'images_per_s': e.get('images_per_s'), 'cost': e.get('cost'),
+          'embed_s': (embed or {}).get('wall_s'), 'correct': correct,
+          'labels': None if labels is None else np.asarray(labels),
+          'rung': _rung(stage, name, e)})
+      rows[-1]['ci'] = _intervals(rows[-1])
+  rows.sort(key=lambda r: r['rung'])  # stable: file order within a rung
+  return rows, shots
+
+
+def reference(rows: list[dict]) -> Optional[dict]:
+  """The best probe row (highest top-1), the one every row is paired against."""
+  probes = [r for r in rows if r['stage'] == 'probe' and r['top1'] is not None]
+  return max(probes, key=lambda r: r['top1']) if probes else None
+
+
+def paired(rows: list[dict], ref: Optional[dict]) -> tuple[dict, Optional[str]]:
+  """{method: paired_difference against ref} for rows with predictions, and a note on what is missing."""
+  if ref is None:
+    return {}, 'No paired comparison: no probe row to compare against.'
+  if ref['correct'] is None:
+    return {}, (f'No paired comparison: {ref["method"]} ({ref["source"]}) has no per-example '
+                'predictions (a metrics.json from before they were recorded); rerun it.')
+  out = {}
+  for r in rows:
+    if r is not ref and r['correct'] is not None:
+      out[r['method']] = stats.paired_difference(r['correct'], ref['correct'])
+  missing = [r['method'] for r in rows if r is not ref and r['correct'] is None]
+  note = (f'No paired comparison for {", ".join(missing)}: no per-example predictions in '
+          'its metrics.json (written before they were recorded).') if missing else None
+  return out, note
 
 
 def _fmt(v, spec):
   return '—' if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def markdown(rows: list[dict], shots: list[dict], embed: Optional[dict], task: tuple,
-             model: Any) -> str:
-  """The report table (and few-shot table) as Markdown."""
-  name, split, n_eval, n_classes = task
-  lines = [f'# Probe vs fine-tune: {name}, eval split {split!r} '
+def _with_ci(v, ci, spec='.4f') -> str:
+  if v is None:
+    return '—'
+  return f'{v:{spec}} [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else f'{v:{spec}}'
+
+
+def _p(p: float) -> str:
+  return f'{p:.3f}' if p >= 0.001 else f'{p:.1e}'
+
+
+def _intervals(r: dict) -> dict:
+  """The row's intervals: from the file, else from its predictions (files that lack them)."""
+  out = {'top1': r['top1_ci95'], 'balanced_accuracy': r['balanced_accuracy_ci95']}
+  if r['correct'] is not None and r['labels'] is not None:
+    if out['top1'] is None:
+      out['top1'] = stats.top1_ci(r['correct'])
+    if out['balanced_accuracy'] is None:
+      out['balanced_accuracy'] = stats.balanced_ci(r['correct'], r['labels'])
+  return out
+
+
+def cost_lines(runs: list[tuple[str, dict]], rows: list[dict]) -> list[str]:
+  """One line per stage saying what its wall times cover."""
+  lines = []
+  for stage in ('zeroshot', 'probe', 'finetune'):
+    stage_rows = [r for r in rows if r['stage'] == stage]
+    if not stage_rows:
+      continue
+    costs = {}
+    for r in stage_rows:
+      costs.setdefault(r['cost'] or NO_COST, []).append(r['name'])
+    said = '; '.join(f'{", ".join(names)}: {text}' for text, names in costs.items())
+    if stage == 'finetune':
+      data = [m.get('data_wall_s') for _, m in runs if m['stage'] == stage]
+      data_s = ', '.join(_fmt(d, '.1f') for d in data)
+      lines.append(f'- **fine-tune** wall s ({said}) includes its own data preparation '
+                   f'(decode/resize: {data_s} s); the same number appears in both wall columns.')
+    else:
+      embeds = [m.get('embedding') for _, m in runs if m['stage'] == stage]
+      embed = next((e for e in embeds if e), None)
+      label = 'zero-shot' if stage == 'zeroshot' else stage
+      if embed:
+        extra = (f'"incl. embedding" adds the one-off embedding ({_fmt(embed.get("wall_s"), ".1f")}'
+                 f' s for {embed.get("num_images", "?")} images, '
+                 f'{_fmt(embed.get("images_per_s"), ".1f")} images/s).')
+      else:
+        extra = 'the embedding cost was not recorded, so "incl. embedding" shows the stage alone.'
+      lines.append(f'- **{label}** wall s ({said}) excludes embedding; {extra}')
+  return lines
+
+
+def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) -> str:
+  """The report (ladder table, what the times cover, few-shot table) as Markdown."""
+  first = runs[0][1]
+  name, split, n_eval, n_classes = _task(first)
+  lines = [f'# Transfer ladder: {name}, eval split {split!r} '
            f'({n_eval} examples, {n_classes} classes)', '']
-  if model:
-    lines += [f'Model: `{model}`', '']
-  embed_s = embed.get('wall_s') if embed else None
-  lines += ['| method | top-1 | balanced acc. | trainable params | wall s | '
-            'wall s incl. embedding | images/s |', '|---|---:|---:|---:|---:|---:|---:|']
+  models = {}
+  for _, m in runs:
+    model = m.get('model') or {}
+    if model.get('name'):
+      sha = model.get('weights_sha256')
+      models[model['name']] = f'`{model["name"]}`' + (f' (weights sha256 {sha[:12]}…)' if sha
+                                                          else '')
+  if models:
+    lines += ['Model: ' + ', '.join(models[k] for k in sorted(models)), '']
+  val = next((m['validation'] for _, m in runs if m.get('validation')), None)
+  if val:
+    fits = sorted({str(m['final_fit']) for _, m in runs if m.get('final_fit')})
+    lines += [f'Validation split (every hyperparameter chosen on it): fraction '
+              f'{val.get("fraction")}, seed {val.get("seed")}, {val.get("num_examples")} examples, '
+              f'ids sha256 {str(val.get("ids_sha256"))[:12]}…'
+              + (f'; final models trained on `{", ".join(fits)}`.' if fits else '.'), '']
+
+  ref = reference(rows)
+  pairs, note = paired(rows, ref)
+  show_pairs = ref is not None and ref['correct'] is not None
+  head = ['method', 'top-1 [95% CI]', 'balanced acc. [95% CI]']
+  if show_pairs:
+    head += [f'Δ top-1 vs {ref["method"]} [95% CI]', 'McNemar p', 'verdict']
+  head += ['trainable params', 'wall s', 'wall s incl. embedding', 'images/s']
+  align = ['---' if h in ('method', 'verdict') else '---:' for h in head]
+  lines += ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(align) + '|']
   for r in rows:
-    total = r['wall_s'] + embed_s if (r['stage'] == 'probe' and embed_s is not None
-                                      and r['wall_s'] is not None) else r['wall_s']
-    lines.append(f"| {r['method']} | {_fmt(r['top1'], '.4f')} | "
-                 f"{_fmt(r['balanced_accuracy'], '.4f')} | {_fmt(r['trainable_params'], ',')} | "
-                 f"{_fmt(r['wall_s'], '.2f')} | {_fmt(total, '.2f')} | "
-                 f"{_fmt(r['images_per_s'], '.1f')} |")
-  if embed:
-    lines += ['', f"Embedding (one-off, shared by every probe row): {_fmt(embed_s, '.1f')} s for "
-              f"{embed.get('num_images', '?')} images, {_fmt(embed.get('images_per_s'), '.1f')} "
-              'images/s. Probe rows show the probe alone and with that cost added.']
+    ci = r['ci']
+    cells = [r['method'], _with_ci(r['top1'], ci['top1']),
+             _with_ci(r['balanced_accuracy'], ci['balanced_accuracy'])]
+    if show_pairs:
+      d = pairs.get(r['method'])
+      if r is ref:
+        cells += ['(reference)', '—', '—']
+      elif d is None:
+        cells += ['—', '—', '—']
+      else:
+        cells += [f'{d["diff"]:+.4f} [{d["ci95"][0]:+.3f}, {d["ci95"][1]:+.3f}]',
+                  _p(d['mcnemar_p']), stats.verdict(d)]
+    total = r['wall_s']
+    if r['stage'] in ('probe', 'zeroshot') and r['embed_s'] is not None and total is not None:
+      total = total + r['embed_s']
+    cells += [_fmt(r['trainable_params'], ','), _fmt(r['wall_s'], '.2f'), _fmt(total, '.2f'),
+              _fmt(r['images_per_s'], '.1f')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines.append('')
+  if show_pairs:
+    lines += [f'Δ: top-1 of the row minus {ref["method"]} on the same eval examples, with its '
+              'paired-bootstrap 95% interval; McNemar: exact test on the examples where the two '
+              'disagree. Verdict "better"/"worse" when p < 0.05 and the interval excludes 0.', '']
+  if note:
+    lines += [note, '']
+  for _, m in runs:
+    for name, e in m['methods'].items():
+      w = e.get('wise')
+      if w and w.get('selected_alpha') in w.get('alphas', []):
+        i = w['alphas'].index(w['selected_alpha'])
+        lines += [f'WiSE-FT {m["stage"]}:{name}: α = {w["selected_alpha"]:g} chosen on validation '
+                  f'(validation top-1 {w["val_top1"][i]:.4f}) among α ∈ '
+                  f'{{{", ".join(f"{a:g}" for a in w["alphas"])}}}; its row is '
+                  f'{m["stage"]}:{name}+wise.', '']
+  lines += ['What the times cover:', ''] + cost_lines(runs, rows)
   if shots:
     lines += ['', '## Few-shot (mean ± std over seeds)', '',
-              '| method | shots | seeds | top-1 | balanced acc. |', '|---|---:|---:|---:|---:|']
-    for s in sorted(shots, key=lambda s: (s['method'], s['shots'])):
+              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. |',
+              '|---|---:|---:|---|---:|---:|---:|']
+    for s in sorted(shots, key=lambda s: (s['stage'], s['method'], s.get('selection') or '',
+                                          s['shots'])):
+      ci = s.get('top1_ci95')
       lines.append(f"| {s['stage']}:{s['method']} | {s['shots']} | {s.get('seeds', '—')} | "
+                   f"{SELECTION.get(s.get('selection'), 'not recorded')} | "
                    f"{_fmt(s.get('top1'), '.4f')} ± {_fmt(s.get('top1_std'), '.4f')} | "
+                   f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
                    f"{_fmt(s.get('balanced_accuracy'), '.4f')} |")
   return '\n'.join(lines) + '\n'
 
 
-def plot(rows: list[dict], shots: list[dict], path: str, title: str) -> None:
-  """Accuracy vs wall time (log x), one point per method; few-shot curve beside it."""
+def _yerr(points: list[tuple[float, Optional[list]]]) -> np.ndarray:
+  """Asymmetric error bars (2, N) from (value, [lo, hi]) pairs; 0 where no interval."""
+  return np.array([[max(v - ci[0], 0.0), max(ci[1] - v, 0.0)] if ci else [0.0, 0.0]
+                   for v, ci in points]).T.reshape(2, -1)
+
+
+def plot(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict], path: str,
+         title: str) -> None:
+  """Accuracy vs cost (log x, 95% bars); few-shot curve; WiSE-FT α curve when any run has one."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')  # files only; no display here or on CI
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
-  ncols = 2 if shots else 1
+  wise = [(f'{m["stage"]}:{name}', e['wise']) for _, m in runs
+          for name, e in m['methods'].items() if e.get('wise')]
+  ncols = 1 + bool(shots) + bool(wise)
   fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.5), squeeze=False)
-  ax = axes[0][0]
+  panels = iter(axes[0])
+  ax = next(panels)
+  markers = {'zeroshot': '^', 'probe': 'o', 'finetune': 's'}
   for r in rows:
-    if r['top1'] is None or not r['wall_s']:
+    total = r['wall_s']
+    if r['stage'] in ('probe', 'zeroshot') and r['embed_s'] is not None and total is not None:
+      total += r['embed_s']
+    if r['top1'] is None or not total or total <= 0:
       continue
-    ax.scatter(r['wall_s'], r['top1'], s=50, marker='o' if r['stage'] == 'probe' else 's')
-    ax.annotate(r['method'], (r['wall_s'], r['top1']), textcoords='offset points',
-                xytext=(5, 5), fontsize=8)
+    ax.errorbar([total], [r['top1']], yerr=_yerr([(r['top1'], r['ci']['top1'])]), capsize=3,
+                marker=markers.get(r['stage'], 'D'), linestyle='none')
+    ax.annotate(r['method'], (total, r['top1']), textcoords='offset points', xytext=(5, 5),
+                fontsize=8)
   ax.set_xscale('log')
-  ax.set_xlabel('wall time, s (log)')
-  ax.set_ylabel('top-1 accuracy')
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))  # '20', not '2×10¹'
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
+  ax.tick_params(axis='x', which='minor', labelsize=7)
+  ax.set_xlabel('wall time incl. embedding / data preparation, s (log)')
+  ax.set_ylabel('top-1 accuracy (95% CI)')
   ax.set_title(title, fontsize=10)
   ax.grid(True, alpha=0.3)
   if shots:
-    ax = axes[0][1]
+    ax = next(panels)
     by_method: dict[str, list] = {}
     for s in shots:
-      by_method.setdefault(f"{s['stage']}:{s['method']}", []).append(s)
+      sel = {'within-shots': 'true few-shot', 'validation': 'L2 on validation'}.get(
+          s.get('selection'), 'selection not recorded')
+      by_method.setdefault(f"{s['stage']}:{s['method']} ({sel})", []).append(s)
     for name, pts in sorted(by_method.items()):
       pts.sort(key=lambda s: s['shots'])
       ax.errorbar([s['shots'] for s in pts], [s['top1'] for s in pts],
-                  yerr=[s.get('top1_std') or 0 for s in pts], marker='o', capsize=3, label=name)
+                  yerr=_yerr([(s['top1'], s.get('top1_ci95')) for s in pts]), marker='o',
+                  capsize=3, label=name)
     ax.set_xscale('log')
     ticks = sorted({s['shots'] for s in shots})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel('examples per class (log)')
-    ax.set_ylabel('top-1 accuracy')
+    ax.set_ylabel('top-1 accuracy (mean over seeds, 95% CI)')
     ax.set_title('few-shot', fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+  if wise:
+    ax = next(panels)
+    for name, w in wise:
+      line, = ax.plot(w['alphas'], w['val_top1'], '--o', markersize=4, label=f'{name} validation')
+      ax.plot(w['alphas'], w['eval_top1'], '-s', markersize=4, color=line.get_color(),
+              label=f'{name} eval')
+      a = w.get('selected_alpha')
+      if a is not None:
+        ax.axvline(a, color=line.get_color(), alpha=0.4, linestyle=':')
+        if a in w['alphas']:
+          ax.plot([a], [w['eval_top1'][w['alphas'].index(a)]], marker='*', markersize=14,
+                  color=line.get_color(), linestyle='none', label=f'{name} chosen α={a:g}')
+    ax.set_xlabel('WiSE-FT α (0: initialised model, 1: fine-tuned)')
+    ax.set_ylabel('top-1 accuracy')
+    ax.set_title('WiSE-FT: α chosen on validation', fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
   fig.tight_layout()
@@ -167,18 +421,17 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   """Writes report.md and report.png; returns the Markdown."""
   files = find_metrics(paths)
   runs = [(f, _load(f)) for f in files]
-  rows, shots, embed = rows_from(runs)
-  task = _task(runs[0][1])
-  models = {(m.get('model') or {}).get('name') for _, m in runs}
-  models.discard(None)
-  model = ', '.join(sorted(models))
-  md = markdown(rows, shots, embed, task, model)
+  check_comparable(runs)
+  rows, shots = rows_from(runs)
+  md = markdown(runs, rows, shots)
   output_dir = output_dir or default_output_dir(paths)
   os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, 'report.md'), 'w') as fh:
     fh.write(md)
-  plot(rows, shots, os.path.join(output_dir, 'report.png'),
-       f'{task[0]} / {task[1]} — {model}')
+  task = _task(runs[0][1])
+  models = sorted({(m.get('model') or {}).get('name') or '?' for _, m in runs})
+  plot(runs, rows, shots, os.path.join(output_dir, 'report.png'),
+       f'{task[0]} / {task[1]} — {", ".join(models)}')
   return md
 
 

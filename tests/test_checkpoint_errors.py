@@ -80,3 +80,20 @@ def test_pytorch_bin_without_torch_says_what_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
   with pytest.raises(ModelLoadError, match=r'needs PyTorch.*pip install torch==2.13.0'):
     checkpoints.read(str(tmp_path))
+
+
+def test_malformed_config_and_truncated_weights_are_one_line(tmp_path):
+  transformers = pytest.importorskip('transformers')
+  cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=16, patch_size=8)
+  transformers.CLIPVisionModel(cfg).save_pretrained(tmp_path)
+  weights = tmp_path / 'model.safetensors'
+  data = weights.read_bytes()
+  weights.write_bytes(data[:len(data) // 2])
+  with pytest.raises(checkpoints.ModelLoadError, match='cannot read the weights') as e:
+    checkpoints.read(str(tmp_path))
+  assert '\n' not in str(e.value)
+  (tmp_path / 'config.json').write_text('{"model_type": "clip_vision_model",')
+  with pytest.raises(checkpoints.ModelLoadError, match='cannot read it as JSON') as e:
+    checkpoints.read(str(tmp_path))
+  assert '\n' not in str(e.value)

@@ -50,13 +50,9 @@ def _run(root, out, *argv):
 
 
 def _files(path):
-  """The dataset's files (shards, metadata); dead letters as ids (issue 13 makes reasons stable)."""
-  out = {f: open(os.path.join(path, f), 'rb').read()
-         for f in sorted(os.listdir(path)) if f != 'run.json' and not f.startswith('dead_')}
-  for f in sorted(os.listdir(path)):
-    if f.startswith('dead_'):
-      out[f] = [json.loads(l)['id'] for l in open(os.path.join(path, f))]
-  return out
+  """Every file of the dataset (shards, metadata, dead letters) except run.json (the run's cost)."""
+  return {f: open(os.path.join(path, f), 'rb').read()
+          for f in sorted(os.listdir(path)) if f != 'run.json'}
 
 
 def test_parallel_path_writes_the_serial_paths_bytes(jpeg_folder, tmp_path, count_compiles):
@@ -72,7 +68,7 @@ def test_parallel_path_writes_the_serial_paths_bytes(jpeg_folder, tmp_path, coun
   assert s['inference']['num_inferences'] == p['inference']['num_inferences'] == 14
   files = _files(serial)
   assert sum('.array_record-' in f for f in files) == 2
-  assert files == _files(parallel) == _files(again)  # shards, metadata, dead-letter ids
+  assert files == _files(parallel) == _files(again)  # shards, dead letters and metadata
   dead = [json.loads(l) for l in open(os.path.join(parallel, 'dead_letters.train.jsonl'))]
   assert [d['id'] for d in dead] == ['train/c0/broken.jpg']
   assert dead[0]['reason'].startswith('ImageError: cannot decode image')

@@ -22,7 +22,7 @@ def run():
   module = clip.CLIP(vision)
   pre = clip.Pretrained(module, {'params': clip.init_params(module)},
                                preprocess.PreprocessConfig.for_image_size(16), 'micro')
-  cfg = trainer.Config(model='random:tiny', lr=1e-2, warmup=0.0)
+  cfg = trainer.Config(model='random:tiny', lr=(1e-2,), warmup=0.0)
   mesh = trainer.make_mesh()
   state, trainable, _ = trainer.create_state(pre, 5, 'full', cfg, 10, mesh=mesh)
   step, evaluate = trainer.jit_steps(mesh, trainable, pre.preprocess)

@@ -41,7 +41,7 @@ def _batch(n=8, seed=0):
 
 
 def _train(pretrained, initialised, mode, steps=3, **kw):
-  cfg = trainer.Config(model='micro', lr=1e-2, warmup=0.0, **kw)
+  cfg = trainer.Config(model='micro', lr=(1e-2,), warmup=0.0, **kw)
   mesh = trainer.make_mesh()
   state, trainable, _ = trainer.create_state(pretrained, NUM_CLASSES, mode, cfg, 100, initialised,
                                              mesh)
@@ -133,7 +133,7 @@ def test_frozen_leaves_bit_for_bit_trainable_moved_no_state(pretrained, initiali
 
 def test_differential_scales_backbone_updates(pretrained, initialised):
   # Adam's first update is lr × g/|g| per scalar: its magnitude is the group's lr alone.
-  cfg = trainer.Config(model='micro', lr=1e-2, warmup=0.0, weight_decay=0.0, clip_norm=0.0,
+  cfg = trainer.Config(model='micro', lr=(1e-2,), warmup=0.0, weight_decay=0.0, clip_norm=0.0,
                        backbone_lr_factor=0.1)
   updates = {}
   for mode in ('full', 'differential'):
@@ -171,3 +171,14 @@ def test_transfer_carries_other_collections():
   np.testing.assert_array_equal(out['params']['backbone']['bn']['scale'], [1., 1., 1.])
   with pytest.raises(model_lib.TransferError, match="lack the collection 'batch_stats'"):
     model_lib.transfer(init, {'params': pre['params']})
+
+
+def test_last_0_is_exactly_linear_and_zero_rates_are_refused(initialised):
+  params = flax.core.unfreeze(initialised[1])['params']
+  assert groups.mode_rules('last:0', params) == groups.mode_rules('linear', params)
+  linear_plan, last0 = groups.plan('linear', params), groups.plan('last:0', params)
+  assert jax.tree.leaves(linear_plan.trainable) == jax.tree.leaves(last0.trainable)
+  with pytest.raises(groups.RuleError, match='multiplier > 0'):
+    groups.parse_rules('[["backbone/.*", 0], ["head/.*", 1]]')
+  with pytest.raises(UserError, match='backbone_lr_factor must be > 0'):
+    groups.mode_rules('differential', params, backbone_lr_factor=0.0)

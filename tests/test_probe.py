@@ -8,7 +8,7 @@ import pytest
 
 import probe
 from probe import core, train
-from transfer import embeddings
+from transfer import embeddings, linear, validation
 from transfer.errors import UserError
 
 META = {'model': {'name': 'random:tiny', 'checksum': 'abc'}, 'source': {'name': 'test'}}
@@ -42,7 +42,8 @@ def digits_run(tmp_path_factory):
   from sklearn.datasets import load_digits
   d = load_digits()
   x, y = d.data.astype(np.float32), d.target
-  fit, ev = core.stratified_split(y, 0.2, 0)
+  split = validation.split([str(i) for i in range(len(y))], y, 0.2, 0)
+  fit, ev = split.fit, split.val
   tmp = tmp_path_factory.mktemp('digits')
   ds = _write(tmp / 'emb', {'train': (x[fit], y[fit]), 'test': (x[ev], y[ev])},
               [str(i) for i in range(10)])
@@ -97,7 +98,7 @@ def test_saved_head_reloads_and_reproduces_eval_predictions(digits_run):
     assert np.mean(pred[y_eval == c] == c) == pytest.approx(m['methods']['jax']['per_class'][str(c)])
   # The Flax head applied to the saved params gives the same logits.
   z = (x_eval - head.mean) / head.std
-  flax_logits = core.make_head(10).apply({'params': head.params()}, z)
+  flax_logits = linear.make_head(10).apply({'params': head.params()}, z)
   np.testing.assert_allclose(np.asarray(flax_logits), head.logits(x_eval), rtol=1e-4, atol=1e-4)
   with pytest.raises(UserError, match='do not fit this head'):
     probe.predict(head, x_eval[:, :10])
@@ -221,14 +222,70 @@ def test_bad_flags(small_ds, tmp_path, capsys):
   assert 'no validation examples' in _cli_error(base + ['--val_fraction=0'], capsys)
 
 
-def test_sharing_one_executable_between_sweep_and_refit_changes_nothing():
-  # What accelerators do (pad the sweep with weight-0 rows, refit G copies), checked on CPU.
-  x, y = _noisy(300, 20, 3, 0.3, 0)
-  xe, ye = _noisy(90, 20, 3, 0.3, 1)
-  fit, val = core.stratified_split(y, 0.2, 0)
-  runs = [core.sweep_and_refit('jax', x[fit], y[fit], x[val], y[val], xe, 3, core.DEFAULT_L2_GRID,
-                               progress=False, share_compile=share) for share in (False, True)]
-  assert runs[0].l2 == runs[1].l2
-  for key in runs[0].sweep:
-    assert runs[0].sweep[key]['val_top1'] == pytest.approx(runs[1].sweep[key]['val_top1'], abs=0.02)
-  np.testing.assert_allclose(runs[0].eval_logits, runs[1].eval_logits, atol=1e-3)
+def test_bad_shots_are_refused_before_any_fit(small_ds, tmp_path, capsys):
+  base = [f'--embeddings={small_ds}', f'--output_dir={tmp_path / "o"}']
+  assert 'positive integers' in _cli_error(base + ['--shots=0'], capsys)
+  assert 'positive integers' in _cli_error(base + ['--shots=-1'], capsys)
+  assert 'has only' in _cli_error(base + ['--shots=50'], capsys)  # 6 per class in small_ds
+  assert not (tmp_path / 'o' / 'metrics.json').exists()
+
+
+def test_every_accuracy_has_an_interval_and_predictions(digits_run):
+  m, _, _, y_eval = digits_run
+  assert len(m['eval']['labels']) == m['num_eval'] == len(y_eval)
+  assert m['validation']['num_examples'] > 0 and len(m['validation']['ids_sha256']) == 64
+  assert m['final_fit'] == 'fit'
+  for name, e in m['methods'].items():
+    lo, hi = e['top1_ci95']
+    assert lo <= e['top1'] <= hi and hi - lo < 0.2, name
+    lo, hi = e['balanced_accuracy_ci95']
+    assert lo <= e['balanced_accuracy'] <= hi, name
+    if 'shots' not in e:
+      assert len(e['predictions']) == m['num_eval']
+      correct = np.mean(np.asarray(e['predictions']) == np.asarray(m['eval']['labels']))
+      assert correct == pytest.approx(e['top1'])
+
+
+def test_true_few_shot_selection_sees_only_the_shots(monkeypatch):
+  """The code that picks a few-shot L2 receives the k x C shots and nothing else."""
+  x, y = _noisy(400, 8, 4, 0.8, 0)
+  xe, ye = _noisy(80, 8, 4, 0.8, 1)
+  train_rows = {r.tobytes() for r in x}
+  seen = []
+  real = core.cv_select_l2
+
+  def spy(method, x_shots, y_shots, num_classes, l2s):
+    seen.append((method.name, len(x_shots), {r.tobytes() for r in x_shots}, np.bincount(y_shots)))
+    return real(method, x_shots, y_shots, num_classes, l2s)
+
+  monkeypatch.setattr(core, 'cv_select_l2', spy)
+  m = train.train_probe_arrays(x, y, xe, ye, list('abcd'), shots=(1, 3), seeds=2, progress=False)
+  assert len(seen) == 2 * 2 * 2  # 2 sizes x 2 seeds x 2 methods
+  for name, n, rows, per_class in seen:
+    assert n in (4, 12) and set(per_class) == {n // 4}  # k per class, nothing more
+    assert rows <= train_rows  # training examples only (never eval, never extra labels)
+  for k in (1, 3):
+    assert m['methods'][f'jax_{k}shot']['selection'] == 'within-shots'
+    assert all(r['num_fit'] == 4 * k for r in m['methods'][f'jax_{k}shot']['runs'])
+  # k=1: the documented rule (the grid's largest L2), whatever the data.
+  assert m['methods']['jax_1shot']['l2'] == [max(core.DEFAULT_L2_GRID)] * 2
+
+
+def test_few_shot_on_the_validation_split_is_labelled(monkeypatch):
+  x, y = _noisy(400, 8, 4, 0.8, 0)
+  called = []
+  monkeypatch.setattr(core, 'cv_select_l2', lambda *a: called.append(a))
+  m = train.train_probe_arrays(x, y, x, y, list('abcd'), shots=(2,), seeds=1, baselines=(),
+                               few_shot_selection='validation', progress=False)
+  assert not called and m['methods']['jax_2shot']['selection'] == 'validation'
+
+
+def test_validation_split_is_by_id_whatever_the_order():
+  ids = [f'img{i:03d}' for i in range(60)]
+  y = np.arange(60) % 3
+  a = validation.split(ids, y, 0.2, 7)
+  perm = np.random.default_rng(0).permutation(60)
+  b = validation.split([ids[i] for i in perm], y[perm], 0.2, 7)
+  assert sorted(ids[i] for i in a.val) == sorted(ids[perm[i]] for i in b.val)
+  assert a.record == b.record and a.record['num_examples'] == 12
+  assert validation.split(ids, y, 0.2, 8).record['ids_sha256'] != a.record['ids_sha256']

@@ -9,7 +9,7 @@ from PIL import Image
 
 from transfer import preprocess
 from transfer.errors import UserError
-from transfer.sources import open_source
+from transfer.sources import failure_reason, open_source
 
 
 def _png(color, size=(12, 10)) -> bytes:
@@ -102,3 +102,49 @@ def test_tfds_catalog_name_with_mock_data():
   assert [e.id for e in exs] == [f'mnist/train/{i}' for i in range(6)]
   assert exs[0].image.shape == (28, 28, 1) and exs[0].image.dtype == np.uint8
   assert all(0 <= e.label < 10 for e in exs)
+
+
+def test_folder_listing_skips_hidden_alike_and_keeps_strays(tmp_path):
+  root = make_folder(tmp_path / 'imgs', {'train': {'cat': [_png((1, 2, 3))]}})
+  for rel in ('train/cat/.hidden.png', 'train/.hiddendir/x.png', 'train/cat/.cache/y.png',
+              'train/s.png', 'train/cat/sub/z.png'):
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(b'x')
+  src = open_source(f'folder:{root}')
+  assert [(e.id, e.problem is None) for e in src.entries('train')] == [
+      ('train/cat/00.png', True), ('train/cat/sub/z.png', False), ('train/s.png', False)]
+  assert src.num_examples('train') == 1 and len(list(src.iter_examples('train'))) == 1
+
+
+def test_failure_reasons_hold_no_memory_address():
+  with pytest.raises(Exception) as e:
+    Image.open(io.BytesIO(b'not an image'))
+  reason = failure_reason(e.value)
+  assert reason == 'UnidentifiedImageError: cannot identify image file <_io.BytesIO object>'
+
+
+def test_corrupt_tfrecord_record_is_a_dead_record(tmp_path):
+  """Catalog datasets are mostly TFRecord: reading goes on after the bad record."""
+  import struct
+
+  from transfer import digits
+  from transfer.sources import DeadRecord, TfdsSource
+
+  digits.Digits(data_dir=str(tmp_path), file_format='tfrecord').download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  (path,) = (tmp_path / 'digits' / '1.0.0').glob('digits-test.tfrecord-*')
+  data, offset = bytearray(path.read_bytes()), 0
+  for k in range(6):  # TFRecord: length (8), its crc (4), data, data crc (4)
+    (n,) = struct.unpack('<Q', data[offset:offset + 8])
+    if k == 5:
+      data[offset + 12 + n // 2] ^= 0xff  # the data crc no longer matches
+    offset += 12 + n + 4
+  path.write_bytes(bytes(data))
+  records = list(TfdsSource('digits', str(tmp_path)).iter_records('test'))
+  dead = [r for r in records if isinstance(r, DeadRecord)]
+  assert len(records) == 360
+  assert dead == [DeadRecord('digits/test/5',
+                             'corrupt record: DataLossError: corrupted record at 1005')]
+  with pytest.raises(UserError, match='cannot read record digits/test/5'):
+    list(TfdsSource('digits', str(tmp_path)).iter_examples('test'))

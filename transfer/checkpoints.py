@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  num_attention_heads=4, image_size=32, patch_size=8),
         text=clip.TextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
                              num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=16),
+                             max_position_embeddings=16, eos_token_id=999),
         projection_dim=32),
     # The real ViT-B/32 shapes (openai/clip-vit-base-patch32), for benchmarks.
     'vit-b32': dict(vision=clip.VisionConfig(), text=clip.TextConfig(), projection_dim=512),
@@ -114,8 +114,14 @@ def _read_config(path: str) -> tuple[dict, str]:
   f = os.path.join(path, 'config.json')
   if not os.path.exists(f):
     raise ModelLoadError(f'{path} has no config.json (not a save_pretrained directory)')
-  with open(f) as fh:
-    cfg = json.load(fh)
+  try:
+    with open(f) as fh:
+      cfg = json.load(fh)
+  except (OSError, ValueError) as e:  # unreadable, or not JSON
+    raise ModelLoadError(f'{f}: cannot read it as JSON ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0][:200]})') from None
+  if not isinstance(cfg, dict):
+    raise ModelLoadError(f'{f}: expected a JSON object, got {type(cfg).__name__}')
   kind = cfg.get('model_type')
   if kind not in ('clip', 'clip_vision_model'):
     raise ModelLoadError(f'{path}/config.json: model_type {kind!r} is not a CLIP model '
@@ -198,10 +204,15 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
 
   out = {}
   for f in files:
-    # framework='flax' reads bfloat16 too (numpy has no bfloat16).
-    with safe_open(f, framework='flax') as fh:
-      for k in fh.keys():
-        out[k] = np.asarray(fh.get_tensor(k).astype(jnp.float32))
+    try:
+      # framework='flax' reads bfloat16 too (numpy has no bfloat16).
+      with safe_open(f, framework='flax') as fh:
+        for k in fh.keys():
+          out[k] = np.asarray(fh.get_tensor(k).astype(jnp.float32))
+    except Exception as e:  # truncated or corrupt file (safetensors raises its own types)
+      raise ModelLoadError(f'{f}: cannot read the weights ({type(e).__name__}: '
+                           f'{(str(e).splitlines() or [""])[0][:200]}); the file may be '
+                           'truncated: save or download it again') from None
   return out
 
 

@@ -7,6 +7,7 @@ ships inside scikit-learn, so CI and tests prepare it in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -68,11 +69,34 @@ def default_data_dir() -> str:
 
 
 def prepare(data_dir: Optional[str] = None) -> Digits:
-  """The digits builder, prepared in ``data_dir`` (array_record) if not yet there."""
-  builder = Digits(data_dir=data_dir or default_data_dir(), file_format='array_record')
-  if not builder.is_prepared():
-    # Writes to a temporary directory and renames it: concurrent prepares are safe.
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  """The digits builder, prepared in ``data_dir`` (array_record) if not yet there.
+
+  Two processes preparing into the same empty ``data_dir`` would both write and
+  then race to rename their result into place: a lock file makes the second
+  wait and then find the dataset prepared.
+  """
+  data_dir = data_dir or default_data_dir()
+  builder = Digits(data_dir=data_dir, file_format='array_record')
+  if builder.is_prepared():
+    return builder
+  with _lock(data_dir):
+    builder = Digits(data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
+
+
+@contextlib.contextmanager
+def _lock(data_dir: str):
+  """An exclusive lock on ``data_dir/digits.lock`` (local dirs; others go unlocked)."""
+  if '://' in data_dir:
+    yield
+    return
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, 'digits.lock'), 'a') as fh:
+    fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+    yield

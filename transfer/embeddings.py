@@ -25,6 +25,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from transfer import outputs
 from transfer.errors import UserError
 
 DATASET_NAME = 'clip_embeddings'
@@ -35,6 +36,8 @@ METADATA_FILE = 'metadata.json'
 # What the embed run cost (wall time, runner). Kept out of metadata.json so the
 # dataset's files stay byte-identical across runs; written after the dataset.
 RUN_FILE = 'run.json'
+# Written instead of dataset_info.json when the books do not balance (one line).
+FAILURE_FILE = 'failure.json'
 EXAMPLES_PER_SHARD = 10_000  # ~30 MB of 768-d float32 per shard
 # Same options as TFDS' own ArrayRecord writer: group_size:1 for fast random access.
 ARRAY_RECORD_OPTIONS = 'group_size:1'
@@ -166,24 +169,51 @@ def is_complete(out_dir: str) -> bool:
   return _fs().exists(_fs().join(out_dir, INFO_FILE))
 
 
-def prepare_output(out_dir: str, overwrite: bool) -> None:
-  """Refuses an existing dataset unless ``overwrite``; then clears the directory."""
-  fs = _fs()
-  complete = is_complete(out_dir)
-  existing = [m.path for m in fs.match([fs.join(out_dir, '*')])[0].metadata_list]
-  if existing and not overwrite:
-    what = 'an embedding dataset' if complete else 'files (an incomplete run?)'
-    raise UserError(f'{out_dir} already holds {what}; pass --overwrite to replace it, '
-                    'or choose another --output_dir')
-  if existing:
-    # The completeness marker goes first, so an interrupted delete is never "complete".
-    if complete:
-      fs.delete([fs.join(out_dir, INFO_FILE)])
-    rest = [p for p in existing if os.path.basename(p) != INFO_FILE]
-    if rest:
-      fs.delete(rest)
-  if '://' not in out_dir:
-    os.makedirs(out_dir, exist_ok=True)
+# Every file the embed stage writes into its output directory (fnmatch
+# patterns): --overwrite removes these and nothing else.
+OWNED_FILES = (f'{DATASET_NAME}-*.{FILE_FORMAT}-*', INFO_FILE, METADATA_FILE, 'features.json',
+               '*.labels.txt', RUN_FILE, FAILURE_FILE, 'dead_letters.*.jsonl')
+
+
+def prepare_output(out_dir: str, overwrite: bool, clear: bool = True) -> None:
+  """Claims ``out_dir`` (see ``transfer.outputs``); ``overwrite`` clears a previous dataset."""
+  outputs.prepare_output_dir(out_dir, overwrite, 'embedding dataset', OWNED_FILES,
+                             complete=INFO_FILE, clear=clear)
+
+
+def check_counts(out_dir: str, counts: dict[str, dict[str, int]]) -> Optional[str]:
+  """One line when the books of a split do not balance or it holds nothing; else None."""
+  for split, c in sorted(counts.items()):
+    found, written, dead = c['read'], c['written'], c['dead_lettered']
+    if found != written + dead:
+      return (f'split {split!r}: found {found} inputs but wrote {written} and dead-lettered '
+              f'{dead} ({found - written - dead:+d} unaccounted for); the dataset was not '
+              'completed')
+    if not written:
+      if dead:
+        letters = _fs().join(out_dir, f'dead_letters.{split}.jsonl')
+        return (f'split {split!r}: every input failed ({dead} dead-lettered, reasons in '
+                f'{letters}); nothing to embed')
+      return f'split {split!r} holds no inputs; nothing to embed'
+  return None
+
+
+def write_failure(out_dir: str, message: str) -> None:
+  """Marks a run that must not be read, with its one-line reason (instead of the metadata)."""
+  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
+
+  with _fs().create(_fs().join(out_dir, FAILURE_FILE),
+                    compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    fh.write(json.dumps({'error': message}).encode() + b'\n')
+
+
+def read_failure(out_dir: str) -> Optional[str]:
+  """The reason a run failed after its pipeline ran, or None."""
+  path = _fs().join(out_dir, FAILURE_FILE)
+  if not _fs().exists(path):
+    return None
+  with _fs().open(path) as fh:
+    return json.loads(fh.read().decode())['error']
 
 
 def write_dataset(out_dir: str, splits: dict[str, Iterable[tuple]], class_names: Sequence[str],

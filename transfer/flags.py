@@ -97,7 +97,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
     if _unwrap_optional(tp) is bool:
       group = parser.add_mutually_exclusive_group()
       group.add_argument(f'--{name}', action='store_true', **kw)
-      group.add_argument(f'--no_{name}', action='store_false', dest=f.name,
+      group.add_argument(f'--no_{name}', f'--no-{name}', action='store_false', dest=f.name,
                          help=argparse.SUPPRESS)
       continue
     kw['type'], _ = _parser_for(tp, name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import posixpath
+import re
 from typing import Iterator, Optional, Union
 
 import numpy as np
@@ -30,6 +31,21 @@ class Example:
   id: str  # stable, unique per split
   label: int
   image: Union[np.ndarray, bytes]  # HWC uint8, or encoded image bytes
+
+
+# Parts of exception text that differ between runs of the same input: memory
+# addresses in reprs, TF's numbered function names and op suffixes.
+_VOLATILE = (re.compile(r' at 0x[0-9a-fA-F]+'), re.compile(r'\{\{function_node [^}]*\}\}\s*'),
+             re.compile(r'\s*\[Op:\w+\].*$'))
+
+
+def failure_reason(e: BaseException, prefix: str = '') -> str:
+  """A dead letter's reason: one line, the same on every run (no memory addresses)."""
+  text = ' '.join(str(e).split())
+  for volatile in _VOLATILE:
+    text = volatile.sub('', text)
+  text = text[:500]
+  return f'{prefix}{type(e).__name__}: {text}' if text else f'{prefix}{type(e).__name__}'
 
 
 class Source:
@@ -110,6 +126,18 @@ class TfdsSource(Source):
     return None
 
   def iter_examples(self, split, start=0, stop=None):
+    for ex in self.iter_records(split, start, stop):
+      if isinstance(ex, DeadRecord):
+        raise UserError(f'{self.spec}: cannot read record {ex.id}: {ex.reason}')
+      yield ex
+
+  def iter_records(self, split: str, start: int = 0,
+                   stop: Optional[int] = None) -> Iterator[Union[Example, 'DeadRecord']]:
+    """Like ``iter_examples``, but a record that cannot be read is a ``DeadRecord``.
+
+    A dead record's id is its key (``<name>/<split>/<index>``): its own id
+    feature is inside the bytes that could not be read.
+    """
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     self.check_split(split)
@@ -117,19 +145,51 @@ class TfdsSource(Source):
     stop = n if stop is None else stop
     try:
       if self._builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-        # Random access: a range costs only its own records.
+        # Random access: a range costs only its own records, one at a time.
         data = self._builder.as_data_source(split=split)
-        rows = (data[i] for i in range(start, len(data) if stop is None else stop))
-      else:
-        sub = split if (start == 0 and stop == n) else f'{split}[{start}:{stop}]'
+        stop = len(data) if stop is None else stop
+        for i in range(start, stop):
+          try:
+            ex = self._example(split, i, data[i])
+          except Exception as e:  # a corrupt record: bad bytes, undecodable image
+            yield DeadRecord(self._key(split, i), failure_reason(e, 'corrupt record: '))
+            continue
+          yield ex
+        return
+      i = start
+      while stop is None or i < stop:
+        # A failed tf.data iterator cannot go on: restart after the bad record.
+        sub = split if (i == 0 and stop == n) else f'{split}[{i}:{"" if stop is None else stop}]'
         rows = tfds.as_numpy(self._builder.as_dataset(split=sub, shuffle_files=False))
+        try:
+          for row in rows:
+            ex = self._example(split, i, row)
+            i += 1
+            yield ex
+          return
+        except Exception as e:  # DataLossError, a bad image
+          if isinstance(e, AssertionError):
+            raise
+          yield DeadRecord(self._key(split, i), failure_reason(e, 'corrupt record: '))
+          i += 1
     except AssertionError as e:  # TFDS: "could not find data in …"
       raise UserError(f'{self.spec} is not prepared in data_dir={self.data_dir or "default"}; '
                       f'prepare it first (tfds build {self.spec} --data_dir=…) '
                       f'({str(e).splitlines()[0]})') from None
-    for i, ex in enumerate(rows, start):
-      ex_id = _text(ex['id']) if self._has_id else f'{self.name}/{split}/{i}'
-      yield Example(ex_id, int(ex[self._label_key]), np.asarray(ex[self._image_key]))
+
+  def _key(self, split: str, index: int) -> str:
+    return f'{self.name}/{split}/{index}'
+
+  def _example(self, split: str, index: int, row) -> Example:
+    ex_id = _text(row['id']) if self._has_id else self._key(split, index)
+    return Example(ex_id, int(row[self._label_key]), np.asarray(row[self._image_key]))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadRecord:
+  """A record of a TFDS split that could not be read (dead-lettered by the embed stage)."""
+  id: str
+  reason: str
 
 
 def _text(v) -> str:
@@ -147,6 +207,115 @@ def relative_path(root: str, path: str) -> str:
   return rel.replace('\\', '/').lstrip('/')
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderEntry:
+  """One input found below ``ROOT/<split>/``: an image, or something that cannot be one."""
+
+  id: str  # the path below the root ('train/cat/001.jpg'): the example's id
+  path: str  # what to open
+  cls: Optional[str]  # the class folder; None outside the <split>/<class>/ layout
+  problem: Optional[str] = None  # why it cannot be an example (it is dead-lettered)
+
+
+LAYOUT = '<split>/<class>/<image>'
+
+
+def _hidden(name: str) -> bool:
+  return name.startswith('.')
+
+
+def _entry(root: str, path: str, exists: bool = True, regular: bool = True) -> FolderEntry:
+  """Classifies one listed file by where it sits below ``root``."""
+  rel = relative_path(root, path)
+  parts = rel.split('/')
+  if not exists:
+    return FolderEntry(rel, path, None, f'broken symlink: {path}')
+  if not regular:
+    return FolderEntry(rel, path, None, f'not a regular file: {path}')
+  if len(parts) == 2:
+    return FolderEntry(rel, path, None, f'directly in the split folder, not in a class folder '
+                       f'(expected {LAYOUT})')
+  if len(parts) > 3:
+    return FolderEntry(rel, path, None, f'in a nested folder {"/".join(parts[1:-1])} '
+                       f'(expected {LAYOUT})')
+  return FolderEntry(rel, path, parts[1])
+
+
+def list_folder_split(root: str, split: str) -> list[FolderEntry]:
+  """Every non-hidden file below ``root/split`` (at any depth), sorted by id.
+
+  Hidden files and folders (a name starting with '.') are skipped and not
+  counted. Local folders are walked following symlinks; a folder that cannot
+  be listed, a broken link, a symlink loop, or a file outside the layout is an
+  entry with a ``problem`` (so it is dead-lettered, never silently dropped).
+  """
+  root = root.rstrip('/')
+  if '://' not in root:
+    return _list_local(root, split)
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+
+  pattern = FileSystems.join(root, split, '**')
+  try:
+    metadata = FileSystems.match([pattern])[0].metadata_list
+  except Exception as e:  # no such directory, unknown scheme, permissions
+    raise UserError(f'cannot list {pattern}: {str(e).splitlines()[0][:200]}') from None
+  entries = [_entry(root, m.path) for m in metadata]
+  return sorted((e for e in entries if not any(_hidden(p) for p in e.id.split('/'))),
+                key=lambda e: e.id)
+
+
+def _list_local(root: str, split: str) -> list[FolderEntry]:
+  import os  # pylint: disable=g-import-not-at-top
+
+  base = os.path.join(root, split)
+  entries: list[FolderEntry] = []
+
+  def unlistable(e: OSError):
+    path = e.filename or base
+    entries.append(FolderEntry(relative_path(root, path) + '/', path, None,
+                               f'cannot list folder: {failure_reason(e)}'))
+
+  chains: dict[str, tuple[str, ...]] = {}  # folder → real paths of it and its ancestors
+  for dirpath, dirnames, filenames in os.walk(base, onerror=unlistable, followlinks=True):
+    real = os.path.realpath(dirpath)
+    above = chains.get(os.path.dirname(dirpath), ())
+    if real in above:  # a symlink back up the tree
+      entries.append(FolderEntry(relative_path(root, dirpath) + '/', dirpath, None,
+                                 f'symlink loop: {dirpath} -> {real}'))
+      dirnames[:] = []
+      continue
+    chains[dirpath] = above + (real,)
+    dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+    for name in filenames:
+      if _hidden(name):
+        continue  # .DS_Store and friends: not inputs, not counted
+      path = os.path.join(dirpath, name)
+      entries.append(_entry(root, path, exists=os.path.exists(path),
+                            regular=not os.path.exists(path) or os.path.isfile(path)))
+  return sorted(entries, key=lambda e: e.id)
+
+
+def _list_splits(root: str) -> list[str]:
+  """The non-hidden folders directly below ``root`` (any Beam filesystem)."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+
+  if '://' not in root:
+    import os  # pylint: disable=g-import-not-at-top
+    try:
+      return sorted(d for d in os.listdir(root)
+                    if not _hidden(d) and os.path.isdir(os.path.join(root, d)))
+    except OSError as e:
+      if not os.path.exists(root):
+        return []
+      raise UserError(f'cannot list {root}: {failure_reason(e)}') from None
+  try:
+    metadata = FileSystems.match([FileSystems.join(root, '**')])[0].metadata_list
+  except Exception as e:  # no such directory, unknown scheme, permissions
+    raise UserError(f'cannot list {root}: {str(e).splitlines()[0][:200]}') from None
+  parts = (relative_path(root, m.path).split('/') for m in metadata)
+  return sorted({p[0] for p in parts if len(p) > 1 and not _hidden(p[0])})
+
+
 class FolderSource(Source):
   """``PATH/<split>/<class>/<image>``; files listed with Beam's FileSystems."""
 
@@ -156,55 +325,45 @@ class FolderSource(Source):
     self.root = path.rstrip('/')
     self.name = posixpath.basename(self.root) or self.root
     self.version = '0.0.0'
-    by_split = self._files
+    by_split = self._entries
     if not by_split:
-      raise UserError(f'{self.root} holds no images: expected {self.root}/<split>/<class>/<image>')
+      raise UserError(f'{self.root} holds no images: expected {self.root}/{LAYOUT}')
     self.splits = sorted(by_split)
-    self.class_names = sorted({c for files in by_split.values() for c, _ in files})
+    self.class_names = sorted({e.cls for entries in by_split.values() for e in entries
+                               if e.cls and not e.problem})
 
   @functools.cached_property
-  def _files(self) -> dict[str, list[tuple[str, str]]]:
-    return self._listing()
+  def _entries(self) -> dict[str, list[FolderEntry]]:
+    """{split: every entry found below it} (splits with nothing in them left out)."""
+    out = {}
+    for split in _list_splits(self.root):
+      entries = list_folder_split(self.root, split)
+      if entries:
+        out[split] = entries
+    return out
 
-  def _listing(self) -> dict[str, list[tuple[str, str]]]:
-    """{split: sorted [(class, path)]} (hidden files skipped)."""
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  def entries(self, split: str) -> list[FolderEntry]:
+    """Everything found below ``split``, problems included (what the embed stage reads)."""
+    self.check_split(split)
+    return self._entries[split]
 
-    pattern = FileSystems.join(self.root, '*', '*', '*')
-    try:
-      metadata = FileSystems.match([pattern])[0].metadata_list
-    except Exception as e:  # no such directory, unknown scheme, permissions
-      raise UserError(f'cannot list {pattern}: {str(e).splitlines()[0][:200]}') from None
-    out: dict[str, list[tuple[str, str]]] = {}
-    for m in metadata:
-      split, cls, name = self.relative(m.path).split('/')[-3:]
-      if name.startswith('.') or cls.startswith('.') or split.startswith('.'):
-        continue
-      out.setdefault(split, []).append((cls, m.path))
-    return {s: sorted(v, key=lambda cp: cp[1]) for s, v in out.items()}
+  def _examples(self, split: str) -> list[FolderEntry]:
+    return [e for e in self.entries(split) if not e.problem]
 
   def relative(self, path: str) -> str:
     """Path below the root, '/'-separated: the example id ('train/cat/001.jpg')."""
     return relative_path(self.root, path)
 
-  def split_pattern(self, split: str) -> str:
-    """The glob that matches one split's images (for Beam's MatchFiles)."""
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-
-    self.check_split(split)
-    return FileSystems.join(self.root, split, '*', '*')
-
   def num_examples(self, split):
-    self.check_split(split)
-    return len(self._files[split])
+    """Files in the layout (entries with a problem are not examples)."""
+    return len(self._examples(split))
 
   def iter_examples(self, split, start=0, stop=None):
     from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
 
-    self.check_split(split)
-    for cls, path in self._files[split][start:stop]:
+    for e in self._examples(split)[start:stop]:
       # UNCOMPRESSED: AUTO would gunzip a file that happens to end in .gz.
-      with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+      with FileSystems.open(e.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         data = fh.read()
-      yield Example(self.relative(path), self.class_names.index(cls), data)
+      yield Example(e.id, self.class_names.index(e.cls), data)

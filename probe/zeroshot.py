@@ -1,0 +1,251 @@
+"""Zero-shot classification with CLIP's text tower: the first rung of the ladder.
+
+    python -m probe.zeroshot --embeddings=DIR --output_dir=OUT [--templates=openai_imagenet]
+
+Each class is the mean of its L2-normalised prompt embeddings ("a photo of a
+{}." …), renormalised (the CLIP paper's prompt ensembling); an image scores
+``exp(logit_scale) * cos(image, class)``. The images come from the embedding
+dataset's ``projected`` feature, so no image is read again. Writes
+OUT/metrics.json and OUT/zeroshot_head.npz (class embeddings, logit scale,
+class names, templates), which a fine-tune can start its head from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from transfer import templates as templates_lib
+from transfer.errors import UserError, cli_main
+from transfer import metrics as metrics_lib
+from transfer import validation
+from transfer.metrics import classification
+
+HEAD_FILE = 'zeroshot_head.npz'
+METHOD = 'zeroshot'
+BATCH_SIZE = 256  # prompts per text-tower call; every call has this shape (one compile)
+
+
+def _normalize(x, xp=np):
+  return x / xp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def encode_texts(module, variables, tokenizer, texts: Sequence[str],
+                 batch_size: int = BATCH_SIZE) -> np.ndarray:
+  """L2-normalised ``get_text_features`` of each text: float32 (N, projection_dim)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  ids, mask = tokenizer(texts)
+  eos = module.text_config.eos_token_id
+  if eos != 2:  # legacy configs (eos_token_id == 2) pool at the highest id instead
+    missing = ~(ids == eos).any(axis=1)
+    if missing.any():
+      raise UserError(f'prompt {texts[int(np.argmax(missing))]!r} has no EOS token '
+                      f'({eos}) after tokenizing: the text tower would pool at the wrong position')
+  n = len(ids)
+  batch = max(1, min(batch_size, n))
+  pad = -n % batch
+  # Edge padding: the extra rows are real prompts (finite norms), dropped below.
+  ids = np.pad(ids, ((0, pad), (0, 0)), mode='edge')
+  mask = np.pad(mask, ((0, pad), (0, 0)), mode='edge')
+
+  @jax.jit
+  def features(variables, ids, mask):
+    f = module.apply(variables, ids, mask, method=type(module).get_text_features)
+    return _normalize(f.astype(jnp.float32), jnp)
+
+  out = [np.asarray(features(variables, ids[i:i + batch], mask[i:i + batch]))
+         for i in range(0, n + pad, batch)]
+  return np.concatenate(out)[:n]
+
+
+def zeroshot_head(module, variables, tokenizer, class_names: Sequence[str],
+                  templates: Sequence[str], batch_size: int = BATCH_SIZE) -> np.ndarray:
+  """Class embeddings float32 (C, P): per class, mean of normalised prompt features, renormalised."""
+  if not class_names or not templates:
+    raise UserError('zero-shot needs at least one class name and one template')
+  prompts = [templates_lib.fill(t, c) for c in class_names for t in templates]
+  feats = encode_texts(module, variables, tokenizer, prompts, batch_size)
+  feats = feats.reshape(len(class_names), len(templates), -1)
+  return _normalize(feats.mean(axis=1)).astype(np.float32)
+
+
+def logit_scale(module, variables) -> float:
+  """The model's learned temperature, log-space (CLIP multiplies cosines by its exp)."""
+  return float(module.apply(variables, method=lambda m: m.logit_scale))
+
+
+def zeroshot_logits(projected_image_features, head, logit_scale) -> np.ndarray:  # pylint: disable=redefined-outer-name
+  """``exp(logit_scale) * normalize(img) @ head.T``: float32 (N, C), as CLIPModel.logits_per_image."""
+  img = _normalize(np.asarray(projected_image_features, np.float32))
+  return (np.exp(np.float32(logit_scale)) * img @ np.asarray(head, np.float32).T).astype(
+      np.float32)
+
+
+def read_projected(embeddings: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(projected float32 (N, P), labels int64 (N,), ids) of one split of an embedding dataset."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
+
+  emb.read_metadata(embeddings)  # refuses an incomplete or foreign directory
+  builder = tfds.builder_from_directory(embeddings)
+  if 'projected' not in builder.info.features:
+    raise UserError(f'{embeddings} has no projected feature (the visual_projection output '
+                    'zero-shot compares with text); re-embed with pipelines.embed --projected')
+  if split not in builder.info.splits:
+    raise UserError(f'{embeddings} has no split {split!r}; available: '
+                    f'{", ".join(sorted(builder.info.splits))}')
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  x = np.empty((n, builder.info.features['projected'].shape[0]), np.float32)
+  y = np.empty((n,), np.int64)
+  ids: list[str] = []
+  step = 1024
+  for start in range(0, n, step):
+    for i, row in enumerate(source.__getitems__(list(range(start, min(n, start + step)))), start):
+      x[i], y[i] = row['projected'], row['label']
+      ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
+  return x, y, ids
+
+
+def read_class_names(path: str, expected: int) -> list[str]:
+  """One class name per line (blank lines skipped); exactly ``expected`` of them."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      names = [line.strip() for line in f if line.strip()]
+  except OSError as e:
+    raise UserError(f'cannot read --class_names {path}: {e.strerror}') from None
+  if len(names) != expected:
+    raise UserError(f'{path} holds {len(names)} class names but the dataset has {expected} '
+                    'classes (one name per line, in label order)')
+  return names
+
+
+def metrics_json(entry: dict, header: dict) -> dict:
+  """The metrics.json of this stage: one method entry under the shared header."""
+  return {**header, 'methods': {METHOD: entry}}
+
+
+def save_head(output_dir: str, head: np.ndarray, scale: float, class_names: Sequence[str],
+              templates: Sequence[str]) -> str:
+  path = os.path.join(output_dir, HEAD_FILE)
+  np.savez(path, head=np.asarray(head, np.float32), logit_scale=np.float32(scale),
+           class_names=np.asarray(list(class_names)), templates=np.asarray(list(templates)))
+  return path
+
+
+def load_head(output_dir: str) -> dict[str, Any]:
+  """What save_head wrote: head (C, P), logit_scale, class_names, templates."""
+  with np.load(os.path.join(output_dir, HEAD_FILE)) as z:
+    return {'head': z['head'], 'logit_scale': float(z['logit_scale']),
+            'class_names': [str(c) for c in z['class_names']],
+            'templates': [str(t) for t in z['templates']]}
+
+
+def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[str] = None,
+                 templates: str = 'openai_imagenet', class_names_file: Optional[str] = None,
+                 eval_split: str = 'test', batch_size: int = BATCH_SIZE) -> dict:
+  """Zero-shot eval of an embedding dataset; returns the metrics dict (written when output_dir)."""
+  from transfer import clip  # pylint: disable=g-import-not-at-top
+  from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
+  from transfer import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
+  if batch_size < 1:
+    raise UserError(f'--batch_size must be at least 1, got {batch_size}')
+  prompts = templates_lib.load_templates(templates)
+  metadata = emb.read_metadata(embeddings)
+  names = emb.class_names(embeddings)
+  if class_names_file:
+    names = read_class_names(class_names_file, len(names))
+  x, y, ids = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
+  order = np.argsort(np.asarray(ids, dtype=object), kind='stable')  # eval in id order, as every stage
+  x, y, ids = x[order], y[order], [ids[i] for i in order]
+  recorded = metadata.get('model') or {}
+  model = model or recorded.get('name')
+  if not model:
+    raise UserError(f'{embeddings}/metadata.json names no model; pass --model')
+  pretrained = clip.load(model)
+  module, variables = pretrained.module, pretrained.variables
+  if module.text_config is None or module.projection_dim is None:
+    raise UserError(f'{model} has no text tower and projections; zero-shot needs a full CLIP')
+  if x.shape[1] != module.projection_dim:
+    raise UserError(f'{embeddings}: projected features are {x.shape[1]}-d but {model} projects '
+                    f'to {module.projection_dim}')
+  # The images were embedded by some weights; only the same weights' text tower matches them.
+  want = recorded.get('params_sha256')
+  if not want:
+    raise UserError(f'{embeddings}/metadata.json records no model.params_sha256 to check '
+                    f'{model} against')
+  got = pretrained.checksum()
+  if got != want:
+    raise UserError(f'{model} is not the model that embedded {embeddings}: weights sha256 '
+                    f'{got[:12]}… != {want[:12]}… recorded (model {recorded.get("name")!r})')
+  tok = tokenizer_lib.load_tokenizer(model, module.text_config)
+
+  t0 = time.perf_counter()
+  head = zeroshot_head(module, variables, tok, names, prompts, batch_size)
+  scale = logit_scale(module, variables)
+  logits = zeroshot_logits(x, head, scale)
+  wall_s = time.perf_counter() - t0
+  del variables  # the text tower's work is done
+
+  entry = {**classification(logits, y, names), 'wall_s': wall_s, 'trainable_params': 0,
+           'templates': templates, 'num_templates': len(prompts),
+           'cost': 'the text tower over every class and template, then scoring the cached '
+                   'projected embeddings (the one-off embedding apart)'}
+  src = metadata.get('source', {})
+  header = metrics_lib.header(
+      'zeroshot',
+      dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
+               'train_split': None, 'eval_split': eval_split},
+      model={'name': model, 'revision': recorded.get('revision'), 'weights_sha256': got},
+      class_names=names, num_train=0, num_eval=len(y),
+      eval={'ids_sha256': validation.ids_sha256(ids), 'labels': y.astype(int).tolist()},
+      embeddings=embeddings, metadata=metadata, embedding=emb.read_run_info(embeddings),
+      logit_scale=scale, batch_size=batch_size)
+  out = metrics_json(entry, header)
+  if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
+    save_head(output_dir, head, scale, names, prompts)
+    metrics_lib.write(output_dir, out)
+  return out
+
+
+def summary(metrics: dict) -> str:
+  m = metrics['methods'][METHOD]
+  pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
+  return (f'zeroshot ({m["num_templates"]} templates from {m["templates"]}): top1 {pct(m["top1"])}'
+          f'  top5 {pct(m["top5"])}  bal.acc {pct(m["balanced_accuracy"])}  '
+          f'{m["wall_s"]:.2f} s')
+
+
+@cli_main
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--embeddings', required=True,
+                 help='embedding dataset directory with the projected feature (pipelines.embed)')
+  p.add_argument('--output_dir', required=True, help='where metrics.json and zeroshot_head.npz go')
+  p.add_argument('--model', default=None,
+                 help="default: the model recorded in the dataset's metadata.json")
+  p.add_argument('--templates', default='openai_imagenet',
+                 help=f'a bundled list ({", ".join(templates_lib.available())}) or a .json/.txt '
+                      'file; each template holds {} for the class name')
+  p.add_argument('--class_names', default=None,
+                 help="file with one class name per line, in label order (default: the "
+                      "dataset's label names)")
+  p.add_argument('--eval_split', default='test')
+  p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='prompts per text-tower call')
+  a = p.parse_args(argv)
+  out = run_zeroshot(a.embeddings, a.output_dir, model=a.model, templates=a.templates,
+                     class_names_file=a.class_names, eval_split=a.eval_split,
+                     batch_size=a.batch_size)
+  print(summary(out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,316 @@
+"""The linear head both stages fit: standardised features, L2-regularised softmax regression, solved exactly.
+
+For an L2 strength ``l2`` the objective is
+
+    mean_i CE(x_i W + b, y_i) + l2/2 * ||W||^2          (bias unpenalised)
+
+on features standardised with the fit set's statistics; ``fit_jax`` solves a
+whole grid of ``l2`` values in one ``vmap``ped L-BFGS program. The probe fits
+it on cached embeddings; fine-tune modes that train only the head fit it on the
+frozen backbone's features, so "linear" means the same thing in both stages.
+``fold`` turns a standardised head into a plain Dense head on raw features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+# Decades wide enough for a huge clean set (weak) and a few shots (strong).
+DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+SOLVERS = ('lbfgs', 'adam')
+MAX_ITER = 1000  # sklearn's max_iter in the CLIP paper's protocol
+# Both methods stop when max |gradient| of the mean objective <= TOL. sklearn's
+# default 1e-4 applies to that mean-scaled objective (sklearn >= 1.2) and stops
+# 768-d, 100-class fits after ~5 iterations, far from converged; the CLIP
+# paper's sklearn summed the loss, an N times tighter stop. 1e-5 converges
+# both to within float32 noise of each other (see benchmarks/probe.py).
+TOL = 1e-5
+ADAM_LR = 1e-2  # full-batch Adam on standardised features; L-BFGS needs no step size
+CHUNK = 20  # solver iterations per jitted call, between progress updates
+MAX_BACKTRACK = 30  # step halvings before a problem counts as stalled (2^-30: no progress left)
+# Below this many multiply-adds per loss evaluation (rows x dim x classes),
+# compiling costs more than computing: rows are padded (weight 0) to a
+# power-of-two bucket and the refit shares the sweep's executable, so a run's
+# sweep, refit and few-shot fits compile twice in all instead of once each.
+SMALL_PROBLEM = 1 << 24
+MIN_BUCKET = 256
+
+
+def is_small(rows: int, dim: int, num_classes: int) -> bool:
+  return rows * dim * num_classes <= SMALL_PROBLEM
+
+
+def bucket_rows(rows: int, dim: int, num_classes: int) -> int:
+  """Rows to pad to: a power of two for small problems, the rows themselves otherwise."""
+  if not is_small(rows, dim, num_classes):
+    return rows
+  return max(MIN_BUCKET, 1 << (rows - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Standardizer:
+  """Per-feature mean/std from the fit set; applied to everything the head sees."""
+
+  mean: np.ndarray  # (D,) float32
+  std: np.ndarray  # (D,) float32, constant features get 1 so they map to 0, not NaN
+
+  @classmethod
+  def fit(cls, x: np.ndarray) -> 'Standardizer':
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    std = np.where(std < 1e-8, 1.0, std)
+    return cls(mean.astype(np.float32), std.astype(np.float32))
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    return ((x - self.mean) / self.std).astype(np.float32)
+
+
+def make_head(num_classes: int) -> nn.Dense:
+  """The Flax guide's classifier head: zero-initialised, so every L2 starts from the same point.
+
+  HIGHEST precision keeps float32 matmuls float32 on GPUs (not TF32), so every
+  backend solves the problem sklearn solves; it changes nothing on CPU.
+  """
+  return nn.Dense(num_classes, kernel_init=nn.zeros, precision=jax.lax.Precision.HIGHEST)
+
+def _max_abs(tree) -> jax.Array:
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(t)) for t in jax.tree.leaves(tree)]))
+
+
+@functools.lru_cache(maxsize=16)
+def _solver(num_classes: int, solver: str, tol: float):
+  """A jitted, vmapped (over L2) run of the solver up to `stop_at` iterations; compiled once per shape.
+
+  L-BFGS directions come from ``optax.lbfgs(linesearch=None)``; the step size
+  from a backtracking (Armijo) search written here. optax's zoom linesearch
+  branches with ``lax.cond`` on per-problem state, and under ``vmap`` a cond
+  becomes a select that evaluates both branches: three loss+gradient passes
+  per iteration instead of one. The objective is convex, so curvature pairs
+  stay positive without the Wolfe curvature test. The loss and its gradient
+  are traced once (inside the search loop), which keeps compile time down.
+  """
+  head = make_head(num_classes)
+  opt = optax.lbfgs(linesearch=None) if solver == 'lbfgs' else optax.adam(ADAM_LR)
+
+  def loss_fn(params, x, y, w, l2):
+    logits = head.apply({'params': params}, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    # Weighted mean: rows of weight 0 pad a set to a shape that is already compiled.
+    return jnp.sum(w * ce) / jnp.sum(w) + 0.5 * l2 * jnp.sum(jnp.square(params['kernel']))
+
+  def start(carry, value_and_grad):
+    params = jax.tree.map(jnp.zeros_like, carry[0])  # the zero-initialised head
+    value, grad = value_and_grad(params)
+    return params, opt.init(params), value, grad, jnp.int32(0), _max_abs(grad), jnp.bool_(False)
+
+  def run_one(carry, l2, x, y, w, stop_at, fresh):
+    value_and_grad = jax.value_and_grad(functools.partial(loss_fn, x=x, y=y, w=w, l2=l2))
+    # `fresh` is the same for every L2, so under vmap this stays a real branch.
+    carry = jax.lax.cond(fresh, lambda c: start(c, value_and_grad), lambda c: c, carry)
+
+    def body(c):
+      params, state, value, grad, it, _, _ = c
+      direction, state = opt.update(grad, state, params)  # already a descent direction
+      if solver == 'adam':
+        new = optax.apply_updates(params, direction)
+        new_value, new_grad = value_and_grad(new)
+        return new, state, new_value, new_grad, it + 1, _max_abs(new_grad), jnp.bool_(False)
+      slope = optax.tree.vdot(grad, direction)
+      # Float32 noise in the curvature pairs can spoil the direction; fall back to the gradient.
+      ascent = ~(slope < 0)
+      direction = jax.tree.map(lambda d, g: jnp.where(ascent, -g, d), direction, grad)
+      slope = jnp.where(ascent, -optax.tree.vdot(grad, grad), slope)
+      # The slack of a few float32 ulps of the loss: below it, decrease cannot be measured.
+      slack = 4 * jnp.finfo(jnp.float32).eps * jnp.abs(value)
+
+      def too_high(ls):  # written as a negation so a NaN value counts as too high
+        eta, v, _, _, k = ls
+        return ~(v <= value + 1e-4 * eta * slope + slack) & (k < MAX_BACKTRACK)
+
+      def halve(ls):  # the first pass (eta 2 -> 1) tries the full L-BFGS step
+        eta = ls[0] * 0.5
+        new = jax.tree.map(lambda p, d: p + eta * d, params, direction)
+        v, g = value_and_grad(new)
+        return eta, v, g, new, ls[4] + 1
+
+      ls = (jnp.float32(2.0), jnp.float32(jnp.inf), grad, params, jnp.int32(-1))
+      _, v, g, new, k = jax.lax.while_loop(too_high, halve, ls)
+      stalled = k >= MAX_BACKTRACK  # no decrease left at float32 precision: stop here
+      new, v, g = jax.tree.map(lambda a, b: jnp.where(stalled, a, b), (params, value, grad),
+                               (new, v, g))
+      return new, state, v, g, it + 1, _max_abs(g), stalled
+
+    def cond(c):
+      return (c[4] < stop_at) & (c[5] > tol) & ~c[6]
+
+    # Under vmap the loop runs until every L2 has stopped; finished ones keep their state.
+    return jax.lax.while_loop(cond, body, carry)
+
+  def empty_carry(dim, num_l2):
+    """Placeholder state of the right shapes; `fresh=True` fills it on the device."""
+    def one(x):
+      params = head.init(jax.random.key(0), x)['params']
+      return (params, opt.init(params), jnp.float32(0), params, jnp.int32(0), jnp.float32(0),
+              jnp.bool_(False))
+    shapes = jax.eval_shape(jax.vmap(one, axis_size=num_l2, in_axes=None),
+                            jax.ShapeDtypeStruct((1, dim), jnp.float32))
+    return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
+
+  run = jax.jit(jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None)))
+  return empty_carry, run
+
+
+def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
+            weights: Optional[np.ndarray] = None, solver: str = 'lbfgs',
+            max_iter: int = MAX_ITER, tol: float = TOL, desc: str = 'jax',
+            progress: bool = True) -> tuple[dict, dict]:
+  """Fits one head per L2 in a single vmapped solve. Returns stacked params (G, …) and info."""
+  if solver not in SOLVERS:
+    raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
+  empty_carry, run = _solver(num_classes, solver, float(tol))
+  w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
+  pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
+  xj = jnp.asarray(np.pad(np.asarray(x, np.float32), ((0, pad), (0, 0))))
+  yj = jnp.asarray(np.pad(np.asarray(y, np.int32), (0, pad)))
+  wj = jnp.asarray(np.pad(w, (0, pad)))
+  l2j = jnp.asarray(l2s, jnp.float32)
+  carry = empty_carry(x.shape[1], len(l2s))
+  bar = tqdm(total=max_iter, desc=desc, file=sys.stderr, leave=False, disable=not progress)
+  done = 0
+  while True:
+    stop_at = min(done + CHUNK, max_iter)
+    carry = run(carry, l2j, xj, yj, wj, jnp.int32(stop_at), jnp.bool_(done == 0))
+    its, gmax, stalled = np.asarray(carry[4]), np.asarray(carry[5]), np.asarray(carry[6])
+    bar.update(stop_at - done)
+    stopped = (gmax <= tol) | (its >= max_iter) | stalled
+    bar.set_postfix_str(f'converged {int((gmax <= tol).sum())}/{len(l2s)} '
+                        f'max|grad| {float(np.max(np.where(stopped, 0, gmax))):.1e}')
+    done = stop_at
+    if stopped.all() or done >= max_iter:
+      break
+  bar.close()
+  params = jax.tree.map(np.asarray, carry[0])
+  # A stalled search (no decrease left in float32) counts as converged: sklearn's ftol stop.
+  return params, {'n_iter': its.tolist(), 'converged': ((gmax <= tol) | stalled).tolist()}
+
+
+def jax_logits(params: dict, x: np.ndarray) -> np.ndarray:
+  """Logits (G, N, C) of stacked heads, or (N, C) for a single head."""
+  kernel, bias = np.asarray(params['kernel']), np.asarray(params['bias'])
+  if kernel.ndim == 2:
+    return x @ kernel + bias
+  return np.einsum('nd,gdc->gnc', x, kernel) + bias[:, None, :]
+
+
+def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+  """Mean cross-entropy; the tie-break between L2 values with equal validation accuracy."""
+  logits = logits.astype(np.float64)
+  m = logits.max(axis=1, keepdims=True)
+  lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
+  return float(np.mean(lse - logits[np.arange(len(y)), y]))
+
+
+def select(val_scores: Sequence[tuple[float, float]]) -> int:
+  """Index of the best (top1, log_loss): highest accuracy, then lowest loss."""
+  return min(range(len(val_scores)), key=lambda i: (-val_scores[i][0], val_scores[i][1]))
+
+
+def fold(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray,
+         std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A head on standardised features as (kernel, bias) of a Dense head on raw features."""
+  kernel = np.asarray(kernel, np.float32) / np.asarray(std, np.float32)[:, None]
+  return kernel, np.asarray(bias, np.float32) - np.asarray(mean, np.float32) @ kernel
+
+
+class Method:
+  """One way to fit the head; ``name`` is its metrics.json key."""
+
+  name: str
+  solver: str
+
+  def fit_grid(self, x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
+               progress: bool = False) -> tuple[Any, dict]:
+    """Fits one head per L2 on standardised ``x``; returns (fitted, {'n_iter', 'converged'})."""
+    raise NotImplementedError
+
+  def logits(self, fitted, i: int, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, num_classes) logits of the i-th fitted head."""
+    raise NotImplementedError
+
+  def head(self, fitted, i: int, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (D, C), bias (C,)) of the i-th head, on standardised features."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass
+class JaxMethod(Method):
+  """The Flax guide's zero-initialised ``nn.Dense`` head, the whole grid in one vmapped solve."""
+
+  solver: str = 'lbfgs'
+  max_iter: int = MAX_ITER
+  tol: float = TOL
+  name: str = 'jax'
+
+  def fit_grid(self, x, y, num_classes, l2s, *, progress=False):
+    return fit_jax(x, y, num_classes, l2s, solver=self.solver, max_iter=self.max_iter,
+                          tol=self.tol, desc=f'jax ({len(l2s)} L2 values)', progress=progress)
+
+  def logits(self, fitted, i, x, num_classes):
+    return jax_logits({'kernel': fitted['kernel'][i], 'bias': fitted['bias'][i]}, x)
+
+  def head(self, fitted, i, num_classes, dim):
+    return np.asarray(fitted['kernel'][i]), np.asarray(fitted['bias'][i])
+
+
+@dataclasses.dataclass
+class Fitted:
+  """One method's chosen head: the L2, the sweep, eval logits, the head on raw features, timings."""
+
+  l2: float
+  sweep: dict  # str(l2) -> {'val_top1', 'val_log_loss', 'n_iter', 'converged'}
+  eval_logits: np.ndarray
+  kernel: np.ndarray  # (D, C): standardised-feature head
+  bias: np.ndarray
+  standardizer: Standardizer
+  n_iter: int
+  wall_s: float
+
+
+def select_and_fit(method: Method, x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray,
+                   y_val: np.ndarray, x_eval: np.ndarray, num_classes: int,
+                   l2s: Sequence[float], *, progress: bool = False) -> Fitted:
+  """Fit every L2 on x_fit, choose on (x_val, y_val), score x_eval with the chosen head.
+
+  Inputs are raw features; the statistics come from x_fit alone, so the
+  validation data never shapes the model it selects. With a single L2 the
+  validation set may be empty.
+  """
+  t0 = time.perf_counter()
+  std = Standardizer.fit(x_fit)
+  fitted, info = method.fit_grid(std(x_fit), y_fit, num_classes, l2s, progress=progress)
+  sweep, scores = {}, []
+  if len(l2s) > 1:
+    zv = std(x_val)
+    for i, l2 in enumerate(l2s):
+      val_logits = method.logits(fitted, i, zv, num_classes)
+      top1 = float(np.mean(np.argmax(val_logits, axis=1) == y_val))
+      loss = log_loss(val_logits, y_val)
+      scores.append((top1, loss))
+      sweep[repr(float(l2))] = {'val_top1': top1, 'val_log_loss': loss,
+                                'n_iter': info['n_iter'][i], 'converged': info['converged'][i]}
+  b = select(scores) if scores else 0
+  kernel, bias = method.head(fitted, b, num_classes, x_fit.shape[1])
+  eval_logits = method.logits(fitted, b, std(x_eval), num_classes)
+  return Fitted(float(l2s[b]), sweep, eval_logits, kernel, bias, std, int(info['n_iter'][b]),
+                time.perf_counter() - t0)

@@ -1,0 +1,139 @@
+"""Output directories: a run may only ever remove what a run of this tool wrote.
+
+Every stage claims its output directory with ``prepare_output_dir`` before any
+expensive work. Claiming writes a small marker file first (which also proves
+the directory is writable: a read-only directory fails here, not after all the
+inference), refuses a path that is a file, and refuses a directory holding any
+file the stage does not write. ``overwrite`` then deletes only the stage's own
+files, the completion file first, so an interrupted delete never looks complete.
+
+Works on local paths and on any Beam filesystem (gs://, …).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from typing import Optional, Sequence
+
+from transfer.errors import UserError
+
+# Written first into every output directory the tool claims.
+MARKER = '.clip-transfer-output'
+
+
+def _fs():
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  return FileSystems
+
+
+def is_local(path: str) -> bool:
+  return '://' not in path
+
+
+def list_files(path: str) -> list[str]:
+  """Every file below ``path`` (hidden ones included), as '/'-separated relative paths.
+
+  Local directories are walked without following symlinks: a link is listed as
+  a file (so it is foreign unless its name is one we write) and never entered.
+  """
+  if is_local(path):
+    if not os.path.isdir(path):
+      return []
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path, onerror=_raise):
+      rel = os.path.relpath(dirpath, path)
+      for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+        out.append(name if rel == '.' else f'{rel}/{name}'.replace(os.sep, '/'))
+      if not filenames and not dirnames and rel != '.':
+        out.append(rel.replace(os.sep, '/') + '/')  # an empty folder is still something
+    return sorted(out)
+  fs = _fs()
+  prefix = path.rstrip('/') + '/'
+  metadata = fs.match([prefix + '**'])[0].metadata_list
+  return sorted(m.path[len(prefix):] if m.path.startswith(prefix) else m.path for m in metadata)
+
+
+def _raise(e):
+  raise e
+
+
+def _owned(rel: str, owned: Sequence[str]) -> bool:
+  return rel == MARKER or any(fnmatch.fnmatchcase(rel, pat) for pat in owned)
+
+
+def prepare_output_dir(path: str, overwrite: bool, kind: str, owned: Sequence[str],
+                       complete: Optional[str] = None, flag: str = '--output_dir',
+                       clear: bool = True) -> None:
+  """Claims ``path`` for a stage's output; see the module docstring.
+
+  Args:
+    path: the output directory (local or any Beam filesystem).
+    overwrite: delete the stage's own files from a previous run.
+    kind: what the directory holds, for messages ('embedding dataset').
+    owned: fnmatch patterns of the files the stage writes, relative to ``path``
+      ('metadata.json', 'dead_letters.*.jsonl', 'checkpoints/*'). The marker is
+      always owned. Anything else found there is foreign: the run is refused.
+    complete: the file whose presence marks a finished run (deleted first).
+    flag: the flag that names ``path``, for messages.
+    clear: False checks and claims only (call it before loading a model, then
+      again with True once nothing else can fail cheaply).
+
+  Raises:
+    UserError: one line, naming the path and what to do.
+  """
+  path = path.rstrip('/') or path
+  if is_local(path) and os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'{flag}={path} is a file, not a directory; choose another {flag}')
+  try:
+    existing = list_files(path)
+  except Exception as e:  # permissions, unknown scheme
+    raise UserError(f'cannot list {flag}={path}: {_one_line(e)}') from None
+  foreign = [f for f in existing if not _owned(f, owned)]
+  if foreign:
+    # Never suggest --overwrite here: it would not (and must not) remove these.
+    more = f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''
+    raise UserError(f'{flag}={path} holds files this tool did not write ({foreign[0]}{more}); '
+                    f'choose an empty or new {flag}')
+  ours = [f for f in existing if f != MARKER]
+  if ours and not overwrite:
+    done = complete is not None and complete in ours
+    article = 'an' if kind[:1].lower() in 'aeiou' else 'a'
+    what = (f'{article} {kind}' if done or complete is None
+            else f'the files of an incomplete run (no {complete})')
+    raise UserError(f'{flag}={path} already holds {what}; pass --overwrite to replace it, '
+                    f'or choose another {flag}')
+  _claim(path, kind)
+  if ours and clear:
+    fs = _fs()
+    # The completion file first, so an interrupted delete is never "complete".
+    ours.sort(key=lambda f: f != complete)
+    try:
+      fs.delete([fs.join(path, *f.rstrip('/').split('/')) for f in ours])
+    except Exception as e:
+      raise UserError(f'cannot remove the previous {kind} in {path}: {_one_line(e)}') from None
+    if is_local(path):  # folders left empty by the delete
+      for dirpath, _, _ in sorted(os.walk(path), reverse=True):
+        if dirpath != path and not os.listdir(dirpath):
+          os.rmdir(dirpath)
+
+
+def _claim(path: str, kind: str) -> None:
+  """Writes the marker (proves the directory is ours and writable)."""
+  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
+
+  fs = _fs()
+  try:
+    if is_local(path):
+      os.makedirs(path, exist_ok=True)
+    with fs.create(fs.join(path, MARKER),
+                   compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+      fh.write(json.dumps({'written_by': 'clip-transfer', 'kind': kind}).encode() + b'\n')
+  except Exception as e:  # read-only, no permission, a file in the way
+    raise UserError(f'cannot write to {path}: {_one_line(e)}') from None
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:200] if text else ""}'.rstrip(': ')

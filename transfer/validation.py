@@ -1,0 +1,66 @@
+"""The one validation protocol: a stratified, seeded split of the train split, by example id.
+
+Both stages hold out the same examples for the same ids, fraction and seed,
+whatever order they read them in (the probe reads embedding shards, fine-tune
+the source): within each class, examples are ordered by ``sha256(seed/id)``
+and the first ``round(fraction × n)`` go to validation (at least one when
+``fraction > 0``, never the class's last one). Every hyperparameter — the
+probe's L2, fine-tune's learning rate and step, WiSE-FT's α — is chosen on it;
+``record`` goes into metrics.json so ``report.compare`` can check both stages
+used the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from transfer.errors import UserError
+
+DEFAULT_FRACTION = 0.1
+
+
+def _key(seed: int, ex_id: str) -> bytes:
+  return hashlib.sha256(f'{seed}/{ex_id}'.encode()).digest()
+
+
+def ids_sha256(ids: Sequence[str]) -> str:
+  """sha256 of the sorted ids, one per line: names a set of examples independent of order."""
+  return hashlib.sha256('\n'.join(sorted(ids)).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  fit: np.ndarray  # indices into the train split, sorted
+  val: np.ndarray
+  record: dict  # {fraction, seed, num_examples, ids_sha256}
+
+
+def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRACTION,
+          seed: int = 0) -> Split:
+  """Stratified by label, seeded, a pure function of (ids, labels, fraction, seed)."""
+  if not 0 <= fraction < 1:
+    raise UserError(f'--val_fraction must be in [0, 1), got {fraction}')
+  ids = [str(i) for i in ids]
+  labels = np.asarray(labels)
+  if len(ids) != len(labels):
+    raise ValueError(f'{len(ids)} ids for {len(labels)} labels')
+  if len(set(ids)) != len(ids):
+    raise UserError('example ids are not unique within the train split; the validation split '
+                    'is drawn by id')
+  fit, val = [], []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    idx = idx[np.argsort([_key(seed, ids[i]) for i in idx], kind='stable')]
+    n_val = int(round(fraction * len(idx)))
+    n_val = min(max(n_val, 1 if fraction > 0 else 0), len(idx) - 1)  # keep >= 1 for fitting
+    val.append(idx[:n_val])
+    fit.append(idx[n_val:])
+  fit_idx = np.sort(np.concatenate(fit)) if fit else np.zeros(0, int)
+  val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, int)
+  record = {'fraction': float(fraction), 'seed': int(seed), 'num_examples': int(len(val_idx)),
+            'ids_sha256': ids_sha256([ids[i] for i in val_idx])}
+  return Split(fit_idx, val_idx, record)
