@@ -76,6 +76,13 @@ class EmbedConfig:
       None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
   default_split: str = flags.field(
       'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
+  preprocess_threads: int = flags.field(0, 'threads per worker process that decode and resize '
+                                        '(0: one per core; 1: inline, no pool)')
+  fast_decode: bool = flags.field(False, 'decode JPEGs at reduced DCT scale (still >= the resize '
+                                  'target) before the exact resize: faster, not bit-identical to '
+                                  'CLIPImageProcessor; recorded in metadata')
+  dtype: str = flags.field('float32', 'compute dtype of the vision tower (float32 or bfloat16; '
+                           'parameters stay float32); recorded in metadata')
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -91,6 +98,11 @@ class EmbedConfig:
       if not SPLIT_NAME.fullmatch(split):
         raise UserError(f'--splits: {split!r} is not a split name TFDS can store '
                         '(letters, digits, _ and - only)')
+    if self.preprocess_threads < 0:
+      raise UserError(f'--preprocess_threads must be >= 0 (0: one per core), got '
+                      f'{self.preprocess_threads}')
+    if self.dtype not in clip.DTYPES:
+      raise UserError(f'--dtype must be one of {", ".join(clip.DTYPES)}, got {self.dtype!r}')
 
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
@@ -107,26 +119,46 @@ def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
 
 
 class Preprocess(beam.DoFn):
-  """(id, label, image) → ((split, id, label), uint8 HWC); failures are dead letters."""
+  """(id, label, image) → ((split, id, label), uint8 HWC); failures are dead letters.
 
-  def __init__(self, preprocess_json: dict, split: str):
+  Images are prepared on a process-wide thread pool (``threads``: 0 = one per
+  core of the worker, 1 = inline), up to ``window`` ahead, outputs in input
+  order: the pool keeps working while RunInference, fused after this step,
+  waits on the device.
+  """
+
+  def __init__(self, preprocess_json: dict, split: str, threads: int = 1, window: int = 1):
     self._cfg_json, self._split = preprocess_json, split
+    self._threads, self._window = threads, window
     self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
 
   def setup(self):
     from transfer.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top
     self._cfg = PreprocessConfig.from_json(self._cfg_json)
 
-  def process(self, element):
-    from transfer.preprocess import prepare  # pylint: disable=g-import-not-at-top
+  def start_bundle(self):
+    from transfer.preprocess import ParallelPrepare  # pylint: disable=g-import-not-at-top
+    self._prepare = ParallelPrepare(self._cfg, self._threads, self._window)
 
+  def process(self, element, timestamp=beam.DoFn.TimestampParam,
+              window=beam.DoFn.WindowParam):
     ex_id, label, image = element
-    try:
-      pixels = prepare(image, self._cfg)
-    except Exception as e:  # ImageError, and anything else PIL raises on odd inputs
+    for tag, result in self._prepare.put((ex_id, label, timestamp, window), image):
+      yield self._output(tag, result)
+
+  def finish_bundle(self):
+    for tag, result in self._prepare.drain():
+      yield self._output(tag, result)
+
+  def _output(self, tag, result):
+    from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
+
+    ex_id, label, timestamp, window = tag
+    if isinstance(result, Exception):  # ImageError, and anything else PIL raises on odd inputs
       self._dead.inc()
-      return [beam.pvalue.TaggedOutput(DEAD, (ex_id, sources_lib.failure_reason(e)))]
-    return [((self._split, ex_id, label), pixels)]
+      return beam.pvalue.TaggedOutput(
+          DEAD, WindowedValue((ex_id, sources_lib.failure_reason(result)), timestamp, [window]))
+    return WindowedValue(((self._split, ex_id, label), result), timestamp, [window])
 
 
 class Encode(beam.DoFn):
@@ -215,10 +247,13 @@ def finalize(_, output_dir, shard_results, dead_counts, found_counts, num_shards
 def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
           show_progress: bool = False) -> None:
   """Adds the embed transforms for every split of ``args.splits`` to ``p``."""
-  cfg = pretrained.preprocess
+  cfg = _preprocess_config(args, pretrained)
   dim = pretrained.module.vision_config.hidden_size
   projected_dim = pretrained.module.projection_dim if args.projected else None
   num_shards, prepared, dead_counts, totals, founds = {}, [], [], [], []
+  threads = args.preprocess_threads  # 0 is resolved on the worker: its cores, not the launcher's
+  # Two device batches ahead: batch k+1 is ready when batch k's results return.
+  window = 2 * args.batch_size if threads != 1 else 1
   for split in args.splits:
     total = source.num_examples(split)
     totals.append(total)
@@ -230,7 +265,7 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
     founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
     ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
-        Preprocess(cfg.to_json(), split)).with_outputs(DEAD, main='ok')
+        Preprocess(cfg.to_json(), split, threads, window)).with_outputs(DEAD, main='ok')
     prepared.append(ok_and_dead.ok)
     dead_counts.append(
         (load_dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
@@ -239,7 +274,8 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
         | f'WriteDead[{split}]' >> beam.Map(write_dead_letters, args.output_dir))
   # One RunInference for all splits: one model load and one compilation per process.
   handler = KeyedModelHandler(
-      ClipVisionModelHandler(args.model, args.batch_size, projected=args.projected))
+      ClipVisionModelHandler(args.model, args.batch_size, projected=args.projected,
+                             dtype=args.dtype))
   total = None if None in totals else sum(totals)
   results = (prepared
              | 'FlattenSplits' >> beam.Flatten()
@@ -276,12 +312,17 @@ class _GroupWithEmpty(beam.PTransform):
     return (pcoll, empty) | 'Both' >> beam.Flatten() | 'Group' >> beam.GroupByKey()
 
 
+def _preprocess_config(args, pretrained):
+  return dataclasses.replace(pretrained.preprocess, fast_decode=args.fast_decode)
+
+
 def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
   return {
       'model': {'name': pretrained.name, 'revision': pretrained.revision,
                 'params_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
-                'embedding_dim': dim, 'projected_dim': projected_dim},
-      'preprocessing': pretrained.preprocess.to_json(),
+                'embedding_dim': dim, 'projected_dim': projected_dim,
+                'compute_dtype': args.dtype},
+      'preprocessing': _preprocess_config(args, pretrained).to_json(),
       'source': {'spec': args.dataset, 'name': source.name, 'version': source.version,
                  'splits': list(args.splits), 'class_names': list(source.class_names)},
       'batch_size': args.batch_size,

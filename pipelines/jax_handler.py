@@ -5,6 +5,11 @@ One model load per worker process (RunInference keeps it in a process-wide
 ``batch_size`` and the last one is padded, because jit recompiles for every
 new shape and ``BatchElements`` would otherwise vary sizes from 1 to 10000.
 Only ``uint8`` NHWC crosses to the device; normalisation runs inside jit.
+``run_inference`` dispatches every device batch of its input before it waits
+for the first result (JAX dispatches asynchronously), and the host-side
+preprocessing pool (``transfer.preprocess.ParallelPrepare``) keeps preparing
+the next images meanwhile. ``dtype='bfloat16'`` computes in bfloat16 with
+float32 parameters; embeddings are returned as float32 either way.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class VisionModel:
 def build_forward(pretrained, projected: bool = False) -> Callable:
   """The jitted vision tower of a ``transfer.clip.Pretrained`` (uint8 in, normalised inside)."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from transfer.preprocess import normalize  # pylint: disable=g-import-not-at-top
 
   vision, vision_vars = pretrained.vision_tower()
@@ -47,8 +53,10 @@ def build_forward(pretrained, projected: bool = False) -> Callable:
   def clip_vision_forward(variables, kernel, pixels):
     pooled = vision.apply(variables, normalize(pixels, cfg)).pooler_output
     if kernel is None:
-      return pooled, None
-    return pooled, pooled @ kernel
+      return pooled.astype(jnp.float32), None
+    # The projection in the tower's compute dtype, as nn.Dense(dtype=…) would do it.
+    projected = pooled @ kernel.astype(pooled.dtype)
+    return pooled.astype(jnp.float32), projected.astype(jnp.float32)
 
   return functools.partial(clip_vision_forward, vision_vars, proj_kernel)
 
@@ -56,30 +64,36 @@ def build_forward(pretrained, projected: bool = False) -> Callable:
 class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):
   """uint8 HWC images → (embedding (D,), projected (P,) or None) per image."""
 
-  def __init__(self, model: str, batch_size: int, projected: bool = False):
+  def __init__(self, model: str, batch_size: int, projected: bool = False,
+               dtype: str = 'float32'):
     super().__init__()
     self._model_name = model
     self._batch_size = batch_size
     self._projected = projected
+    self._dtype = dtype
 
   def load_model(self) -> VisionModel:
     from transfer import clip  # pylint: disable=g-import-not-at-top
-    pre = clip.load(self._model_name)
+    pre = clip.load(self._model_name, self._dtype)  # bfloat16: compute dtype; params stay fp32
     forward = build_forward(pre, self._projected)
     return VisionModel(forward, self._batch_size, pre.preprocess.output_shape)
 
   def run_inference(self, batch: Sequence[np.ndarray], model: VisionModel,
                     inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
-    out = []
+    shape = (model.batch_size, *model.image_shape)
+    dispatched = []
+    # Dispatch every device batch first; the device works while we pad the next.
     for start in range(0, len(batch), model.batch_size):
       chunk = batch[start:start + model.batch_size]
-      pixels = np.zeros((model.batch_size, *model.image_shape), np.uint8)  # pad to a fixed shape
+      pixels = np.zeros(shape, np.uint8)  # pad to a fixed shape
       for i, image in enumerate(chunk):
         pixels[i] = image
-      pooled, projected = model.forward(pixels)
-      pooled = np.asarray(pooled)[:len(chunk)]
-      projected = None if projected is None else np.asarray(projected)[:len(chunk)]
-      for i in range(len(chunk)):
+      dispatched.append((len(chunk), model.forward(pixels)))
+    out = []
+    for n, (pooled, projected) in dispatched:
+      pooled = np.asarray(pooled)[:n]  # blocks until this batch is done
+      projected = None if projected is None else np.asarray(projected)[:n]
+      for i in range(n):
         # example=None: the image is not carried past inference (memory).
         out.append(PredictionResult(None, (pooled[i], None if projected is None else projected[i])))
     return out
