@@ -107,8 +107,12 @@ def load_split(source: Source, split: str, cfg: preprocess.PreprocessConfig,
                     f'{str(e).splitlines()[0] if str(e) else ""}); fix or remove it') from None
   finally:
     bar.close()
+  problems = source.problems(split) if limit is None else []
+  for ex_id, reason in problems[:5]:  # found but unusable: counted, never silently dropped
+    log.warning('skipping %s: %s', ex_id, reason)
+  skipped += len(problems)
   if skipped:
-    log.warning('%s: skipped %d unreadable image(s) of %d', split, skipped, i + skipped)
+    log.warning('%s: skipped %d unusable input(s) of %d', split, skipped, i + skipped)
   if i == 0:
     raise UserError(f'split {split!r} of {source.name} has no usable images')
   return Split(split, images[:i], labels[:i], ids, skipped)

@@ -46,7 +46,10 @@ def main(argv=None):
   from finetune import trainer  # pylint: disable=g-import-not-at-top
 
   out = trainer.train_and_evaluate(config, workdir)
+  names = {config.method_name(mode) for mode in config.modes}
   for mode, m in out['methods'].items():
+    if mode.split('+')[0] not in names:
+      continue  # from an earlier run into the same workdir
     lo, hi = m['top1_ci95']
     chosen = ', '.join(f'{k} {v:g}' for k, v in m['selected'].items())
     print(f'{mode:>14}: top1 {m["top1"]:.4f} [{lo:.4f}, {hi:.4f}]  balanced '

@@ -416,6 +416,7 @@ class Data:
   class_names: list
   validation: dict  # the record metrics.json carries
   wall_s: float  # reading + decoding + resizing, counted into every row's cost
+  skipped: dict  # inputs found but unusable, per split ('train', 'eval')
 
 
 def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, config: Config,
@@ -570,7 +571,7 @@ def wise_ft(entry: dict, initialised, tuned: TrainState, eval_fn, data: Data, co
       'cost': 'the fine-tune run it mixes, plus scoring every α on validation and eval (no '
               'retraining)',
       'trainable_params': entry['trainable_params'], 'selected': {'alpha': chosen},
-      'wise': entry['wise'], 'head_init': config.head_init,
+      'head_init': config.head_init,  # the α curve is on the fine-tuned method's entry
   })
   return out
 
@@ -696,7 +697,8 @@ def prepare_data(source, pretrained: clip.Pretrained, config: Config, scratch: s
     input_pipeline.check_labels(split, len(class_names))
   val = validation.split(train.ids, train.labels, config.val_fraction, config.seed)
   return Data(train.subset(val.fit, 'fit'), train.subset(val.val, 'validation'),
-              evaluation.sorted_by_id(), class_names, val.record, time.perf_counter() - t0)
+              evaluation.sorted_by_id(), class_names, val.record, time.perf_counter() - t0,
+              {'train': train.skipped, 'eval': evaluation.skipped})
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
@@ -730,7 +732,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
         final_fit='fit', eval={'ids_sha256': validation.ids_sha256(data.eval.ids),
                                'labels': data.eval.labels.astype(int).tolist()},
-        skipped={'train': 0, 'eval': 0}, data_wall_s=data.wall_s,
+        skipped=data.skipped, data_wall_s=data.wall_s,
         devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
     out = _write_metrics(workdir, header, {})
     initialised = model_lib.create(pretrained, len(class_names), config.seed, head=head,

@@ -13,6 +13,7 @@ class names, templates), which a fine-tune can start its head from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -21,7 +22,9 @@ import numpy as np
 
 from transfer import templates as templates_lib
 from transfer.errors import UserError, cli_main
+from transfer import flags
 from transfer import metrics as metrics_lib
+from transfer import outputs
 from transfer import validation
 from transfer.metrics import classification
 
@@ -165,6 +168,9 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   x, y, ids = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
   order = np.argsort(np.asarray(ids, dtype=object), kind='stable')  # eval in id order, as every stage
   x, y, ids = x[order], y[order], [ids[i] for i in order]
+  if output_dir:  # a file, a read-only directory or foreign files: refused before the model loads
+    outputs.prepare_output_dir(output_dir, overwrite=True, kind='zero-shot run',
+                               owned=('metrics.json', 'metrics.json.tmp', HEAD_FILE), clear=False)
   recorded = metadata.get('model') or {}
   model = model or recorded.get('name')
   if not model:
@@ -210,7 +216,6 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
       logit_scale=scale, batch_size=batch_size)
   out = metrics_json(entry, header)
   if output_dir:
-    os.makedirs(output_dir, exist_ok=True)
     save_head(output_dir, head, scale, names, prompts)
     metrics_lib.write(output_dir, out)
   return out
@@ -224,26 +229,32 @@ def summary(metrics: dict) -> str:
           f'{m["wall_s"]:.2f} s')
 
 
+@dataclasses.dataclass
+class ZeroshotConfig:
+  """Every zero-shot flag, declared once (transfer.flags, as the other stages)."""
+
+  embeddings: str = flags.field(help='embedding dataset directory with the projected feature '
+                                '(pipelines.embed)')
+  output_dir: str = flags.field(help='where metrics.json and zeroshot_head.npz go')
+  model: Optional[str] = flags.field(None, "default: the model recorded in the dataset's "
+                                     'metadata.json')
+  templates: str = flags.field('openai_imagenet',
+                               f'a bundled list ({", ".join(templates_lib.available())}) or a '
+                               '.json/.txt file; each template holds {} for the class name')
+  class_names: Optional[str] = flags.field(None, 'file with one class name per line, in label '
+                                           "order (default: the dataset's label names)")
+  eval_split: str = flags.field('test', 'split scored')
+  batch_size: int = flags.field(BATCH_SIZE, 'prompts per text-tower call')
+
+
 @cli_main
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--embeddings', required=True,
-                 help='embedding dataset directory with the projected feature (pipelines.embed)')
-  p.add_argument('--output_dir', required=True, help='where metrics.json and zeroshot_head.npz go')
-  p.add_argument('--model', default=None,
-                 help="default: the model recorded in the dataset's metadata.json")
-  p.add_argument('--templates', default='openai_imagenet',
-                 help=f'a bundled list ({", ".join(templates_lib.available())}) or a .json/.txt '
-                      'file; each template holds {} for the class name')
-  p.add_argument('--class_names', default=None,
-                 help="file with one class name per line, in label order (default: the "
-                      "dataset's label names)")
-  p.add_argument('--eval_split', default='test')
-  p.add_argument('--batch_size', type=int, default=BATCH_SIZE, help='prompts per text-tower call')
-  a = p.parse_args(argv)
-  out = run_zeroshot(a.embeddings, a.output_dir, model=a.model, templates=a.templates,
-                     class_names_file=a.class_names, eval_split=a.eval_split,
-                     batch_size=a.batch_size)
+  flags.add_flags(p, ZeroshotConfig)
+  c = flags.from_args(ZeroshotConfig, p.parse_args(argv))
+  out = run_zeroshot(c.embeddings, c.output_dir, model=c.model, templates=c.templates,
+                     class_names_file=c.class_names, eval_split=c.eval_split,
+                     batch_size=c.batch_size)
   print(summary(out))
 
 

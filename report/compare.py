@@ -417,15 +417,41 @@ def default_output_dir(paths: list[str]) -> str:
   return paths[0] if os.path.isdir(paths[0]) else '.'
 
 
+MARKER = '<!-- written by python -m report.compare -->'  # what makes report.md ours to replace
+
+
+def check_output_dir(output_dir: str) -> None:
+  """Replaces only a report this tool wrote: never a user's report.md or report.png."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f'--output_dir {output_dir} is a file; pass a directory')
+  md, png = (os.path.join(output_dir, f) for f in ('report.md', 'report.png'))
+  ours = False
+  if os.path.exists(md):
+    with open(md, errors='replace') as fh:
+      ours = MARKER in fh.read()
+    if not ours:
+      raise UserError(f'{md} was not written by report.compare; move it or pass another '
+                      '--output_dir')
+  if os.path.exists(png) and not ours:
+    raise UserError(f'{png} was not written by report.compare; move it or pass another '
+                    '--output_dir')
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create --output_dir {output_dir}: {e.strerror}') from None
+  if not os.access(output_dir, os.W_OK):
+    raise UserError(f'--output_dir {output_dir} is not writable')
+
+
 def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   """Writes report.md and report.png; returns the Markdown."""
   files = find_metrics(paths)
   runs = [(f, _load(f)) for f in files]
   check_comparable(runs)
   rows, shots = rows_from(runs)
-  md = markdown(runs, rows, shots)
+  md = markdown(runs, rows, shots) + MARKER + '\n'
   output_dir = output_dir or default_output_dir(paths)
-  os.makedirs(output_dir, exist_ok=True)
+  check_output_dir(output_dir)
   with open(os.path.join(output_dir, 'report.md'), 'w') as fh:
     fh.write(md)
   task = _task(runs[0][1])

@@ -241,3 +241,18 @@ def test_not_metrics(tmp_path):
   _write(tmp_path / 'x', {'hello': 1})
   with pytest.raises(UserError, match='not a probe/fine-tune metrics.json'):
     compare.compare([str(tmp_path / 'x')])
+
+
+def test_a_report_the_tool_did_not_write_is_never_replaced(tmp_path):
+  run = tmp_path / 'run'
+  _write(run / 'probe', _probe())
+  (run / 'report.md').write_text('my own notes')
+  p = subprocess.run([sys.executable, '-m', 'report.compare', str(run)], capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 2 and 'was not written by report.compare' in p.stderr
+  assert (run / 'report.md').read_text() == 'my own notes'
+  (run / 'report.md').unlink()
+  for _ in range(2):  # its own report is replaced on the next run
+    p = subprocess.run([sys.executable, '-m', 'report.compare', str(run)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr

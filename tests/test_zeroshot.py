@@ -24,10 +24,6 @@ CLASSES = ['cat', 'dog', 'an airplane with a long name', 'Ünïcode 日本']
 PROMPTS = ['a photo of a {}.', 'itap of my {}.']
 
 _tiny_text = clip.load_model('random:tiny')[0].text_config
-# random:tiny's text config pools at eos_token_id=49407, outside its 1000-id vocabulary.
-TINY_EOS_BROKEN = pytest.mark.xfail(
-    not _tiny_text.eos_token_id < _tiny_text.vocab_size, strict=True, raises=UserError,
-    reason='PRESETS["tiny"] text config needs eos_token_id=999 (49407 is out of its vocabulary)')
 
 
 @pytest.fixture(scope='module')
@@ -101,7 +97,6 @@ def test_generated_tokenizer_vit_b32_ids():
   assert mask[1].all()  # truncated to 77, EOS kept last
 
 
-@TINY_EOS_BROKEN
 def test_random_tiny_tokenizer_offline():
   tok = tokenizer.load_tokenizer('random:tiny')
   ids, mask = tok(['a photo of a cat.', 'a much longer prompt than sixteen tokens'])
@@ -197,7 +192,6 @@ def test_cli_on_a_saved_model(tmp_path, hf_dir, capsys):
   assert code == 2 and 'holds 2 class names but the dataset has 4' in cap.err
 
 
-@TINY_EOS_BROKEN
 def test_cli_random_tiny(tmp_path, capsys):
   _, variables = clip.load_model('random:tiny')
   rng = np.random.RandomState(0)

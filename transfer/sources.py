@@ -65,6 +65,10 @@ class Source:
     """Examples of ``split`` in a fixed order; ``start/stop`` select a range of it."""
     raise NotImplementedError
 
+  def problems(self, split: str) -> list[tuple[str, str]]:
+    """(id, reason) of the inputs of ``split`` found but unusable (the embed stage dead-letters them)."""
+    return []
+
   def num_parts(self, split: str) -> Optional[int]:
     """How many input files hold ``split`` (for sizing the output when the count is unknown)."""
     return None
@@ -371,6 +375,9 @@ class FolderSource(Source):
     """Everything found below ``split``, problems included (what the embed stage reads)."""
     self.check_split(split)
     return self._entries[split]
+
+  def problems(self, split: str) -> list[tuple[str, str]]:
+    return [(e.id, e.problem) for e in self.entries(split) if e.problem]
 
   def _examples(self, split: str) -> list[FolderEntry]:
     return [e for e in self.entries(split) if not e.problem]
