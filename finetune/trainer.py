@@ -57,19 +57,11 @@ OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*'
 
 
 @dataclasses.dataclass
-class Config:
+class Config(file_sources.SourceOptions):
   """Everything a fine-tune run depends on; each field is also its CLI flag (transfer.flags)."""
 
   dataset: str = flags.field('digits', "'digits', 'folder:PATH' or a TFDS name")
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir')
-  class_names: Optional[str] = flags.field(
-      None, 'csv:/parquet:/wds: file with one class name per line: fixes the label order')
-  image_column: str = flags.field('image', 'image column of a headed CSV or of Parquet')
-  label_column: str = flags.field('label', 'label column of a headed CSV or of Parquet')
-  label_field: Optional[str] = flags.field(
-      None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
-  default_split: str = flags.field(
-      'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
   train_split: str = flags.field('train', 'split trained on (and validated on: see --val_fraction)')
   eval_split: str = flags.field('test', 'split scored once, for the selected configuration')
   model: str = flags.field(clip.DEFAULT_MODEL,

@@ -46,7 +46,7 @@ SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
 
 @dataclasses.dataclass
-class EmbedConfig:
+class EmbedConfig(file_sources.SourceOptions):
   """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
   dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), "
@@ -66,16 +66,6 @@ class EmbedConfig:
                                         'sets the number of ArrayRecord shards per split')
   overwrite: bool = flags.field(False, 'replace a dataset this tool wrote in --output_dir '
                                 '(nothing else is ever removed)')
-  # Options of the csv:/parquet:/wds: sources (transfer.file_sources.SOURCE_OPTIONS).
-  class_names: Optional[str] = flags.field(
-      None, 'file with one class name per line: fixes the label order of csv:/parquet:/wds: '
-      '(a label not in it is dead-lettered); default: the sorted distinct labels')
-  image_column: str = flags.field('image', 'image column of a headed CSV or of Parquet')
-  label_column: str = flags.field('label', 'label column of a headed CSV or of Parquet')
-  label_field: Optional[str] = flags.field(
-      None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
-  default_split: str = flags.field(
-      'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
   preprocess_threads: int = flags.field(0, 'threads per worker process that decode and resize '
                                         '(0: one per core; 1: inline, no pool)')
   fast_decode: bool = flags.field(False, 'decode JPEGs at reduced DCT scale (still >= the resize '

@@ -27,20 +27,40 @@ import csv
 import io
 import itertools
 import json
+import dataclasses
 import logging
 import posixpath
 import re
 import tarfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
+from transfer import flags
 from transfer.errors import UserError
 from transfer.sources import Example, Source
 
 log = logging.getLogger(__name__)
 
 CSV_PREFIX, PARQUET_PREFIX, WDS_PREFIX = 'csv:', 'parquet:', 'wds:'
-# The options these sources take (open_source(spec, data_dir, **options)); flags of the same name.
-SOURCE_OPTIONS = ('class_names', 'image_column', 'label_column', 'label_field', 'default_split')
+
+
+@dataclasses.dataclass(kw_only=True)
+class SourceOptions:
+  """The options of the csv:/parquet:/wds: sources; the embed and fine-tune configs inherit
+  them, so each is one flag with one help text in both stages (transfer.flags)."""
+
+  class_names: Optional[str] = flags.field(
+      None, 'file with one class name per line: fixes the label order of csv:/parquet:/wds: '
+      '(a label not in it is dead-lettered); default: the sorted distinct labels')
+  image_column: str = flags.field('image', 'image column of a headed CSV or of Parquet')
+  label_column: str = flags.field('label', 'label column of a headed CSV or of Parquet')
+  label_field: Optional[str] = flags.field(
+      None, 'wds: take the label from this field of each .json member (default: .cls, then .txt)')
+  default_split: str = flags.field(
+      'train', 'split of csv rows, Parquet files and WebDataset shards that name none')
+
+
+# The options these sources take (open_source(spec, data_dir, **options)).
+SOURCE_OPTIONS = tuple(f.name for f in dataclasses.fields(SourceOptions))
 VERTEX_SPLITS = {'training': 'train', 'train': 'train', 'validation': 'validation',
                  'test': 'test', 'unassigned': None}
 NAMED_SPLITS = ('train', 'validation', 'test')

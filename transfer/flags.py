@@ -77,7 +77,8 @@ def _flag_name(f: dataclasses.Field) -> str:
 def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
   """One ``--flag`` per field of ``cls`` (fields with ``cli=False`` or in ``skip`` left out)."""
   hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
+  # A config's own fields first, shared keyword-only ones (e.g. source options) after them.
+  for f in sorted(dataclasses.fields(cls), key=lambda f: bool(f.kw_only)):
     if f.name in skip or not f.metadata.get('cli', True):
       continue
     name = _flag_name(f)
