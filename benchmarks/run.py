@@ -64,7 +64,7 @@ def _probe(r):
   for key in ('synthetic', 'digits'):
     if key in r:
       s = r[key]
-      rows.append((f"probe sweep + refit, JAX vs scikit-learn ({s['name']})",
+      rows.append((f"probe L2 sweep + selection, JAX vs scikit-learn ({s['name']})",
                    f"{s['speedup']:.1f}x", '>= 10x, top-1 within 0.5 pt',
                    f"top-1 {100 * s['top1_jax']:.2f} vs {100 * s['top1_sklearn']:.2f}"))
   return rows

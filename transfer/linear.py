@@ -41,8 +41,8 @@ CHUNK = 20  # solver iterations per jitted call, between progress updates
 MAX_BACKTRACK = 30  # step halvings before a problem counts as stalled (2^-30: no progress left)
 # Below this many multiply-adds per loss evaluation (rows x dim x classes),
 # compiling costs more than computing: rows are padded (weight 0) to a
-# power-of-two bucket and the refit shares the sweep's executable, so a run's
-# sweep, refit and few-shot fits compile twice in all instead of once each.
+# power-of-two bucket, so a run's sweep and its few-shot and cross-validation
+# fits share a few executables instead of compiling once per shape.
 SMALL_PROBLEM = 1 << 24
 MIN_BUCKET = 256
 
