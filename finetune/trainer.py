@@ -353,6 +353,9 @@ class Checkpoints:
       json.dump(record, fh, indent=1)
     os.replace(tmp, self.curve_file)  # after the states: the curve never names a missing step
 
+  def has(self, which: str) -> bool:
+    return os.path.isdir(os.path.join(self.path, which))
+
   def restore(self, which: str, state: TrainState, mesh: Mesh) -> TrainState:
     return _restore(os.path.join(self.path, which), state, mesh)
 
@@ -423,7 +426,7 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
   record = ckpt.start(config)
   if record['done']:
     return record
-  if record['curve']:
+  if config.resume and ckpt.has('latest'):
     state = ckpt.restore('latest', state, mesh)
     log.info('%s lr %g: resumed from step %d', mode, lr, int(state.step))
   start = int(state.step)
@@ -511,7 +514,8 @@ def finetune_mode(mode: str, pretrained: clip.Pretrained, data: Data, config: Co
   now = time.perf_counter()
   sweep_s = sum(r['wall_s'] for r in records.values())
   entry.update({
-      'wall_s': data.wall_s + sweep_s + (now - t0 - sweep_s if now - t0 > sweep_s else 0.0),
+      # The sweep's own clock survives --resume (curve.json); this call's covers the eval too.
+      'wall_s': data.wall_s + max(now - t0, sweep_s),
       'cost': 'its own data preparation, every configuration of the lr grid (with validation '
               'scoring) and the one eval pass',
       'eval_wall_s': now - t_eval,

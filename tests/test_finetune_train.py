@@ -1,6 +1,7 @@
 """finetune.train end to end on the built-in digits with random:tiny: accuracy, resume, errors."""
 
 import json
+import logging
 import os
 
 import jax
@@ -109,7 +110,7 @@ def _resume_args(workdir, data_dir):
           '--augment', '--no_progress']
 
 
-def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys):
+def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   assert _cli(*_resume_args(straight, data_dir)) == 0
   assert _cli(*_resume_args(interrupted, data_dir), '--stop_after=3') == 0
@@ -121,6 +122,17 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys):
   assert a['step'] == b['step'] == 8
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
                a['params'], b['params'])
+  # Stopped before the first validation score: the resume still starts from the saved state.
+  early = str(tmp_path / 'early')
+  assert _cli(*_resume_args(early, data_dir), '--stop_after=1') == 0
+  with caplog.at_level(logging.INFO, logger='finetune.trainer'):
+    assert _cli(*_resume_args(early, data_dir), '--resume') == 0
+  assert 'resumed from step 1' in caplog.text
+  c = trainer.load_checkpoint(early, 'full', 3e-3)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               a['params'], c['params'])
+  assert (json.load(open(os.path.join(early, 'metrics.json')))['methods']['full']['top1'] ==
+          json.load(open(os.path.join(straight, 'metrics.json')))['methods']['full']['top1'])
 
   # A changed hyperparameter refuses to resume …
   capsys.readouterr()
