@@ -348,10 +348,13 @@ class Checkpoints:
         mgr.wait_until_finished()
       finally:
         mgr.close()
+    self.save_record(record)  # after the states: the curve never names a missing step
+
+  def save_record(self, record: dict) -> None:
     tmp = self.curve_file + '.tmp'
     with open(tmp, 'w') as fh:
       json.dump(record, fh, indent=1)
-    os.replace(tmp, self.curve_file)  # after the states: the curve never names a missing step
+    os.replace(tmp, self.curve_file)
 
   def has(self, which: str) -> bool:
     return os.path.isdir(os.path.join(self.path, which))
@@ -435,7 +438,7 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
   best = max((p['val_top1'], -p['val_loss']) for p in record['curve']) if record['curve'] else None
   bar = tqdm.tqdm(total=total, initial=start, desc=f'finetune {mode} lr={lr:g}', unit='step',
                   file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
-  t_steady, steady = None, 0
+  t_steady, steady, t_scoring = None, 0, 0.0  # scoring: validation + checkpoints, not training
   try:
     for step in range(start, end):
       batch = input_pipeline.train_batch(data.fit, config.batch_size, step, config.seed,
@@ -455,6 +458,7 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
           record['diverged_at_step'] = done  # NaN/inf: this configuration is over
           break
       if done % every == 0 or done == total:
+        t_score = time.perf_counter()
         top1, loss = val_score(predict(eval_fn, state, data.val, config.batch_size, mesh),
                                data.val.labels)
         record['curve'].append({'step': done, 'val_top1': top1, 'val_loss': loss})
@@ -464,17 +468,21 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
         record['wall_s'] += time.perf_counter() - t0
         t0 = time.perf_counter()
         ckpt.save(record, state, improved)
+        t_scoring += time.perf_counter() - t_score
       elif done == end:  # stopping early: keep the state for --resume
         ckpt.save(record, state, best=False)
     jax.block_until_ready(state)
   finally:
     bar.close()
   if steady and t_steady is not None:
-    record['images_per_s'] = steady * config.batch_size / (time.perf_counter() - t_steady)
+    record['images_per_s'] = steady * config.batch_size / (
+        time.perf_counter() - t_steady - t_scoring)
   if 'diverged_at_step' in record:
     log.warning('%s lr %g: the loss became NaN/inf at step %d; configuration dropped', mode, lr,
                 record['diverged_at_step'])
     record['done'] = True
+    record['wall_s'] += time.perf_counter() - t0
+    ckpt.save_record(record)  # a resumed run does not train it again
     return record
   if end < total:
     log.warning('%s lr %g: stopped after step %d of %d; continue with --resume', mode, lr, end,

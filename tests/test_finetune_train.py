@@ -168,3 +168,19 @@ def test_clear_one_line_errors(tmp_path, data_dir, capsys, flags, message):
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert code == 2
   assert err.startswith('error: ') and message in err, err
+
+
+def test_a_diverging_lr_is_dropped_and_all_diverging_stops_in_one_line(tmp_path, data_dir,
+                                                                        capsys):
+  common = ['--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny', '--mode=full',
+            '--steps=6', '--eval_every=2', '--batch_size=32', '--limit_train=128',
+            '--limit_eval=32', '--warmup=0', '--clip_norm=0', '--log_every=1', '--no_progress']
+  work = str(tmp_path / 'one')
+  assert _cli(*common, f'--workdir={work}', '--lr=1e-3,1e30') == 0
+  full = json.load(open(os.path.join(work, 'metrics.json')))['methods']['full']
+  assert set(full['diverged']) == {'1e+30'} and full['selected']['lr'] == 1e-3
+  assert np.isfinite(full['top1'])
+  capsys.readouterr()
+  assert _cli(*common, f'--workdir={tmp_path / "all"}', '--lr=1e30') == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith('error: ') and 'every learning rate diverged' in err
