@@ -174,6 +174,11 @@ class Plan:
   labels: Any  # tree like params: 'gN', the index of the rule each leaf matches
   trainable: Any  # tree like params: True where the leaf's rule trains it
 
+  def head_only(self, params) -> bool:
+    """True when only ``head/`` leaves train: a convex problem (see trainer.solve_head_only)."""
+    return all(path.startswith('head/') for path, t in zip(paths(params),
+                                                            jax.tree.leaves(self.trainable)) if t)
+
   def optimizer(self, schedule: Callable[[Any], Any], *, weight_decay: float = 1e-4,
                 clip_norm: Optional[float] = 1.0, b1: float = 0.9,
                 b2: float = 0.999) -> optax.GradientTransformation:

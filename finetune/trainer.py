@@ -382,14 +382,13 @@ def load_checkpoint(workdir: str, mode: str, lr: float, which: str = 'latest') -
 # --------------------------------------------------------------------------
 
 
-def predict(eval_fn, state: TrainState, split: input_pipeline.Split, batch_size: int,
-            mesh: Mesh) -> np.ndarray:
-  """Logits (N, C) float32 of every example of ``split``, in its order."""
-  logits = []
+def predict(fn, arg, split: input_pipeline.Split, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """``fn(arg, batch)`` (logits, features) for every example of ``split``, in its order."""
+  out = []
   for batch in input_pipeline.eval_batches(split, batch_size):
-    out = np.asarray(jax.device_get(eval_fn(state, shard_batch(batch, mesh))))
-    logits.append(out[batch['mask']])
-  return np.concatenate(logits)
+    got = np.asarray(jax.device_get(fn(arg, shard_batch(batch, mesh))))
+    out.append(got[batch['mask']])
+  return np.concatenate(out)
 
 
 def val_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -616,23 +615,20 @@ def initial_head(config: Config, pretrained: clip.Pretrained,
   return (kernel, np.zeros(kernel.shape[1], np.float32)), True
 
 
-def features(pretrained: clip.Pretrained, split: input_pipeline.Split, batch_size: int,
-             mesh: Mesh) -> np.ndarray:
-  """The frozen backbone's pooled features of every example (what the probe embeds)."""
+def features(pretrained: clip.Pretrained, splits: Sequence[input_pipeline.Split],
+             batch_size: int, mesh: Mesh) -> list[np.ndarray]:
+  """The frozen backbone's pooled features of every example (what the probe embeds), per split."""
   backbone, variables = pretrained.vision_tower()
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   pre = pretrained.preprocess
+  # One jitted function for every split: one compilation for the fixed batch shape.
   fn = jax.jit(lambda v, b: backbone.apply(v, preprocess.normalize(b['image'], pre)).pooler_output
                .astype(jnp.float32), in_shardings=(repl, data), out_shardings=data)
-  out = []
-  for batch in input_pipeline.eval_batches(split, batch_size):
-    got = np.asarray(jax.device_get(fn(variables, shard_batch(batch, mesh))))
-    out.append(got[batch['mask']])
-  return np.concatenate(out)
+  return [predict(fn, variables, split, batch_size, mesh) for split in splits]
 
 
-def solve_head_only(mode: str, pretrained: clip.Pretrained, data: Data, config: Config,
-                    mesh: Mesh, initialised) -> dict:
+def solve_head_only(plan: groups.Plan, pretrained: clip.Pretrained, data: Data, config: Config,
+                    mesh: Mesh) -> dict:
   """A mode that trains only the head is the probe's convex problem: solved as the probe solves it.
 
   Standardised frozen features, the L2 grid in one vmapped L-BFGS solve, the
@@ -640,10 +636,8 @@ def solve_head_only(mode: str, pretrained: clip.Pretrained, data: Data, config: 
   Dense head — so `linear` here and `probe:jax` agree up to float noise.
   """
   t0 = time.perf_counter()
-  plan = groups.plan(mode, flax.core.unfreeze(initialised[1])['params'],
-                     backbone_lr_factor=config.backbone_lr_factor, custom_rules=config.rules)
-  x = {name: features(pretrained, getattr(data, name), config.batch_size, mesh)
-       for name in ('fit', 'val', 'eval')}
+  x = dict(zip(('fit', 'val', 'eval'),
+               features(pretrained, (data.fit, data.val, data.eval), config.batch_size, mesh)))
   fitted = linear.select_and_fit(linear.JaxMethod(), x['fit'], data.fit.labels, x['val'],
                                  data.val.labels, x['eval'], len(data.class_names),
                                  config.l2_grid, progress=config.progress)
@@ -660,13 +654,6 @@ def solve_head_only(mode: str, pretrained: clip.Pretrained, data: Data, config: 
       'solver': 'lbfgs (exact, as the probe)', 'rules': [[r, s] for r, s in plan.rules],
   })
   return entry
-
-
-def _is_head_only(mode: str, params, config: Config) -> bool:
-  plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
-                     custom_rules=config.rules)
-  return all(path.startswith('head/') for path, t in zip(
-      groups.paths(params), jax.tree.leaves(plan.trainable)) if t)
 
 
 def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
@@ -743,8 +730,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                                    projected=projected)  # once for all modes
     params = flax.core.unfreeze(initialised[1])['params']
     for mode in config.modes:
-      if head is None and _is_head_only(mode, params, config):
-        entries = {mode: solve_head_only(mode, pretrained, data, config, mesh, initialised)}
+      plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
+                         custom_rules=config.rules)
+      if head is None and plan.head_only(params):
+        entries = {mode: solve_head_only(plan, pretrained, data, config, mesh)}
       else:
         entries = finetune_mode(mode, pretrained, data, config, workdir, mesh, initialised)
       if entries is not None:

@@ -92,28 +92,12 @@ def zeroshot_logits(projected_image_features, head, logit_scale) -> np.ndarray: 
 
 def read_projected(embeddings: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(projected float32 (N, P), labels int64 (N,), ids) of one split of an embedding dataset."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
 
-  emb.read_metadata(embeddings)  # refuses an incomplete or foreign directory
-  builder = tfds.builder_from_directory(embeddings)
-  if 'projected' not in builder.info.features:
+  if 'projected' not in emb.feature_names(embeddings):
     raise UserError(f'{embeddings} has no projected feature (the visual_projection output '
                     'zero-shot compares with text); re-embed with pipelines.embed --projected')
-  if split not in builder.info.splits:
-    raise UserError(f'{embeddings} has no split {split!r}; available: '
-                    f'{", ".join(sorted(builder.info.splits))}')
-  source = builder.as_data_source(split=split)
-  n = len(source)
-  x = np.empty((n, builder.info.features['projected'].shape[0]), np.float32)
-  y = np.empty((n,), np.int64)
-  ids: list[str] = []
-  step = 1024
-  for start in range(0, n, step):
-    for i, row in enumerate(source.__getitems__(list(range(start, min(n, start + step)))), start):
-      x[i], y[i] = row['projected'], row['label']
-      ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
-  return x, y, ids
+  return emb.read_split(embeddings, split, feature='projected')
 
 
 def read_class_names(path: str, expected: int) -> list[str]:

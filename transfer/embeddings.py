@@ -280,15 +280,23 @@ def class_names(out_dir: str) -> list[str]:
   return list(_open(out_dir).info.features['label'].names)
 
 
-def read_split(out_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """(embeddings float32 (N, D), labels int64 (N,), ids) of one split, in one pass."""
+def feature_names(out_dir: str) -> list[str]:
+  """The dataset's features ('embedding', 'label', 'id'[, 'projected'])."""
+  return sorted(_open(out_dir).info.features)
+
+
+def read_split(out_dir: str, split: str,
+               feature: str = 'embedding') -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(``feature`` float32 (N, D), labels int64 (N,), ids) of one split, in one pass."""
   builder = _open(out_dir)
+  if feature not in builder.info.features:
+    raise UserError(f'{out_dir} has no {feature!r} feature')
   if split not in builder.info.splits:
     raise UserError(f'{out_dir} has no split {split!r}; available: '
                     f'{", ".join(sorted(builder.info.splits))}')
   source = builder.as_data_source(split=split)
   n = len(source)
-  dim = builder.info.features['embedding'].shape[0]
+  dim = builder.info.features[feature].shape[0]
   embeddings = np.empty((n, dim), np.float32)
   labels = np.empty((n,), np.int64)
   ids: list[str] = []
@@ -296,7 +304,7 @@ def read_split(out_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, list[s
   for start in range(0, n, step):
     rows = source.__getitems__(list(range(start, min(n, start + step))))
     for i, row in enumerate(rows, start):
-      embeddings[i] = row['embedding']
+      embeddings[i] = row[feature]
       labels[i] = row['label']
       ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
   return embeddings, labels, ids
