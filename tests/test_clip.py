@@ -174,6 +174,9 @@ def test_vit_b32_preset_shapes():
 
 def test_bf16_compute_keeps_fp32_params():
   pre = clip.load('random:tiny', dtype=jnp.bfloat16)
+  # Params stay float32 and are shared with the float32 load: one copy per name.
+  assert pre.variables is clip.load('random:tiny').variables
+  assert pre.checksum() == clip.load('random:tiny').checksum()
   backbone, bvars = pre.vision_tower()
   out = backbone.apply(bvars, jnp.zeros((1, 32, 32, 3)))
   assert out.pooler_output.dtype == jnp.bfloat16

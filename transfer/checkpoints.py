@@ -60,31 +60,34 @@ class Checkpoint:
   revision: Optional[str] = None  # hub commit, when downloaded
 
 
-def read(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> Checkpoint:
-  """Reads a preset, a local save_pretrained directory or a hub id (no cache)."""
+def read(name_or_path: str, seed: int = 0) -> Checkpoint:
+  """Reads a preset, a local save_pretrained directory or a hub id (no cache).
+
+  The module computes in float32; ``transfer.clip.load`` clones it for bf16.
+  """
   if name_or_path.startswith(RANDOM_PREFIX):
-    return _load_preset(name_or_path, dtype, seed)
+    return _load_preset(name_or_path, seed)
   path = os.path.expanduser(name_or_path)
   if os.path.isdir(path):
-    return _load_dir(path, dtype)
+    return _load_dir(path)
   if os.path.exists(path):
     raise ModelLoadError(f'{name_or_path} is a file; pass the directory holding config.json '
                          'and the weights')
   if name_or_path.startswith(('/', '.', '~')) or name_or_path.count('/') > 1:
     raise ModelLoadError(f'no such model directory: {name_or_path}')
   local, revision = _download(name_or_path)
-  ckpt = _load_dir(local, dtype)
+  ckpt = _load_dir(local)
   ckpt.revision = revision
   return ckpt
 
 
-def _load_preset(name: str, dtype, seed: int) -> Checkpoint:
+def _load_preset(name: str, seed: int) -> Checkpoint:
   preset = name[len(RANDOM_PREFIX):]
   if preset not in PRESETS:
     raise ModelLoadError(f'unknown preset {name!r}; choose one of '
                          f'{", ".join(RANDOM_PREFIX + p for p in PRESETS)}')
   p = PRESETS[preset]
-  module = clip.CLIP(p['vision'], p['text'], p['projection_dim'], dtype=dtype)
+  module = clip.CLIP(p['vision'], p['text'], p['projection_dim'])
   params = clip.init_params(module, seed)
   return Checkpoint(module, params, PreprocessConfig.for_image_size(p['vision'].image_size))
 
@@ -152,7 +155,7 @@ def _text_config(d: dict) -> clip.TextConfig:
       layer_norm_eps=c.layer_norm_eps, eos_token_id=c.eos_token_id)
 
 
-def _load_dir(path: str, dtype) -> Checkpoint:
+def _load_dir(path: str) -> Checkpoint:
   cfg, kind = _read_config(path)
   flat = _read_weights(path, kind)  # '/'-joined linen paths → float32 arrays
   has_projection = 'visual_projection/kernel' in flat
@@ -165,8 +168,7 @@ def _load_dir(path: str, dtype) -> Checkpoint:
     text = None
     projection_dim = int(cfg.get('projection_dim', 512)) if has_projection else None
   module = clip.CLIP(vision, text, projection_dim,
-                     logit_scale_init_value=float(cfg.get('logit_scale_init_value', 2.6592)),
-                     dtype=dtype)
+                     logit_scale_init_value=float(cfg.get('logit_scale_init_value', 2.6592)))
   params = _match(flat, clip.param_shapes(module), path)
   return Checkpoint(module, params, PreprocessConfig.from_dir(path, vision.image_size))
 

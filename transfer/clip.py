@@ -83,17 +83,24 @@ def _dtype_name(dtype) -> str:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype='float32') -> Pretrained:
-  """The model, read at most once per process for each (name, dtype).
+  """The model, read at most once per process for each name.
 
-  Callers share the returned arrays; JAX arrays are immutable, and training
-  copies them before it donates buffers (see ``finetune.model.transfer``).
+  ``dtype`` is the compute dtype; params stay float32, so every dtype of a name
+  shares one copy of them (and its checksum): only the module differs. Callers
+  share the returned arrays; JAX arrays are immutable, and training copies them
+  before it donates buffers (see ``finetune.model.transfer``).
   """
   key = (name_or_path, _dtype_name(dtype))
   with _CACHE_LOCK:  # RunInference may load from several threads at once
+    base_key = (name_or_path, 'float32')
+    if base_key not in _CACHE:
+      ckpt = checkpoints.read(name_or_path)
+      _CACHE[base_key] = Pretrained(ckpt.module, {'params': ckpt.params}, ckpt.preprocess,
+                                    name_or_path, ckpt.revision)
     if key not in _CACHE:
-      ckpt = checkpoints.read(name_or_path, dtype=DTYPES[key[1]])
-      _CACHE[key] = Pretrained(ckpt.module, {'params': ckpt.params}, ckpt.preprocess,
-                               name_or_path, ckpt.revision)
+      base = _CACHE[base_key]
+      base.checksum()  # computed once, shared by every dtype
+      _CACHE[key] = dataclasses.replace(base, module=base.module.clone(dtype=DTYPES[key[1]]))
     return _CACHE[key]
 
 
