@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 
 from transfer import preprocess
+from transfer import validation
 from transfer.errors import UserError
 from transfer.sources import Source
 
@@ -49,7 +50,7 @@ class Split:
 
   def sorted_by_id(self) -> 'Split':
     """Eval order: every stage's predictions line up example for example."""
-    return self.subset(np.argsort(np.asarray(self.ids, dtype=object), kind='stable'), self.name)
+    return self.subset(validation.eval_order(self.ids), self.name)
 
 
 def _hide_gpus_from_tensorflow():

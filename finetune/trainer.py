@@ -721,8 +721,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                'preprocess': pretrained.preprocess.to_json(), 'dtype': config.dtype},
         class_names=class_names, num_train=len(data.fit) + len(data.val),
         num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
-        final_fit='fit', eval={'ids_sha256': validation.ids_sha256(data.eval.ids),
-                               'labels': data.eval.labels.astype(int).tolist()},
+        final_fit='fit', eval=validation.eval_record(data.eval.ids, data.eval.labels),
         skipped=data.skipped, data_wall_s=data.wall_s,
         devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
     out = _write_metrics(workdir, header, {})

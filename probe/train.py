@@ -197,7 +197,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   ids_train = [str(i) for i in (ids_train if ids_train is not None else range(len(y_train)))]
   ids_eval = [str(i) for i in (ids_eval if ids_eval is not None else range(len(y_eval)))]
   # Eval examples in id order: every stage's predictions line up for paired comparisons.
-  order = np.argsort(np.asarray(ids_eval, dtype=object), kind='stable')
+  order = validation.eval_order(ids_eval)
   x_eval, y_eval, ids_eval = x_eval[order], y_eval[order], [ids_eval[i] for i in order]
   val = validation.split(ids_train, y_train, config.val_fraction, config.seed)
   if len(val.val) == 0 and (len(config.l2_grid) > 1 or
@@ -216,8 +216,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   out.update({'num_train': int(len(y_fit) + len(y_val)), 'num_fit': int(len(y_fit)),
               'num_eval': int(len(y_eval)), 'dim': int(x_eval.shape[1]),
               'validation': val.record, 'final_fit': 'fit',
-              'eval': {'ids_sha256': validation.ids_sha256(ids_eval),
-                       'labels': y_eval.astype(int).tolist()},
+              'eval': validation.eval_record(ids_eval, y_eval),
               'l2_grid': list(config.l2_grid), 'solver': config.solver,
               'max_iter': config.max_iter, 'tol': config.tol, 'methods': {}})
   heads = {}

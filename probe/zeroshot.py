@@ -150,7 +150,7 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   if class_names_file:
     names = read_class_names(class_names_file, len(names))
   x, y, ids = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
-  order = np.argsort(np.asarray(ids, dtype=object), kind='stable')  # eval in id order, as every stage
+  order = validation.eval_order(ids)
   x, y, ids = x[order], y[order], [ids[i] for i in order]
   if output_dir:  # a file, a read-only directory or foreign files: refused before the model loads
     outputs.prepare_output_dir(output_dir, overwrite=True, kind='zero-shot run',
@@ -195,7 +195,7 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
                'train_split': None, 'eval_split': eval_split},
       model={'name': model, 'revision': recorded.get('revision'), 'weights_sha256': got},
       class_names=names, num_train=0, num_eval=len(y),
-      eval={'ids_sha256': validation.ids_sha256(ids), 'labels': y.astype(int).tolist()},
+      eval=validation.eval_record(ids, y),
       embeddings=embeddings, metadata=metadata, embedding=emb.read_run_info(embeddings),
       logit_scale=scale, batch_size=batch_size)
   out = metrics_json(entry, header)

@@ -32,6 +32,16 @@ def ids_sha256(ids: Sequence[str]) -> str:
   return hashlib.sha256('\n'.join(sorted(ids)).encode()).hexdigest()
 
 
+def eval_order(ids: Sequence[str]) -> np.ndarray:
+  """The order every stage scores its eval examples in (by id): predictions pair up across runs."""
+  return np.argsort(np.asarray([str(i) for i in ids], dtype=object), kind='stable')
+
+
+def eval_record(ids: Sequence[str], labels: np.ndarray) -> dict:
+  """metrics.json's ``eval``: which examples (ids in eval order) and their labels, in that order."""
+  return {'ids_sha256': ids_sha256(ids), 'labels': np.asarray(labels).astype(int).tolist()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
   fit: np.ndarray  # indices into the train split, sorted
