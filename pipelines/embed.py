@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 import transfer
 from pipelines import reads
+from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
 from transfer import clip
 from transfer import embeddings as emb_lib
@@ -40,8 +41,6 @@ from transfer import flags
 from transfer import sources as sources_lib
 from transfer.errors import UserError, cli_main
 
-NAMESPACE = reads.NAMESPACE
-DEAD = reads.DEAD
 SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
 

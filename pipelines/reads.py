@@ -8,76 +8,58 @@ examples follow (so a loss between the two shows up as a mismatch).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.metrics import Metrics
 
+from pipelines import reads_files
+from pipelines.read_common import DEAD, CountedRead, Read
 from transfer import sources as sources_lib
 
-NAMESPACE = 'embed'
-DEAD = 'dead'
 READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
 
 
-@dataclasses.dataclass
-class Read:
-  examples: beam.PCollection  # (id, label, image bytes or HWC uint8)
-  dead: list  # PCollections of (id, reason)
-  found: beam.PCollection  # ints; their sum is the number of inputs the split holds
-
-
-class ReadRange(beam.DoFn):
+class ReadRange(CountedRead):
   """(start, stop) of a split of a TFDS source → (id, label, image); corrupt records are dead."""
 
   def __init__(self, spec: str, data_dir: Optional[str], split: str):
-    self._spec, self._data_dir, self._split = spec, data_dir, split
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
-    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+    super().__init__(split)
+    self._spec, self._data_dir = spec, data_dir
 
   def setup(self):
     self._source = sources_lib.open_source(self._spec, self._data_dir)
 
   def process(self, bounds):
     for ex in self._source.iter_records(self._split, *bounds):
-      self._read.inc()
       if isinstance(ex, sources_lib.DeadRecord):
-        self._dead.inc()
-        yield beam.pvalue.TaggedOutput(DEAD, (ex.id, ex.reason))
+        yield self._dead_letter(ex.id, ex.reason)
       else:
-        yield ex.id, ex.label, ex.image
+        yield self._example(ex.id, ex.label, ex.image)
 
 
-class LoadFile(beam.DoFn):
+class LoadFile(CountedRead):
   """A listed ``FolderEntry`` → (id, label, bytes); unreadable or stray files are dead letters."""
 
   def __init__(self, class_names: list[str], split: str):
-    self._class_names, self._split = class_names, split
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
-    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+    super().__init__(split)
+    self._class_names = class_names
 
   def process(self, entry: sources_lib.FolderEntry):
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
 
-    self._read.inc()
     if entry.problem:
-      return self._dead_letter(entry.id, entry.problem)
+      return [self._dead_letter(entry.id, entry.problem)]
     if entry.cls not in self._class_names:  # a class folder that appeared after the listing
-      return self._dead_letter(entry.id, f'class folder {entry.cls!r} is not one of the '
-                               'classes listed when the run started')
+      return [self._dead_letter(entry.id, f'class folder {entry.cls!r} is not one of the '
+                                'classes listed when the run started')]
     try:
       # UNCOMPRESSED: AUTO would gunzip a file that happens to end in .gz.
       with FileSystems.open(entry.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         data = fh.read()
     except Exception as e:  # permissions, vanished file, network
-      return self._dead_letter(entry.id, sources_lib.failure_reason(e, 'cannot read: '))
-    return [(entry.id, self._class_names.index(entry.cls), data)]
-
-  def _dead_letter(self, ex_id, reason):
-    self._dead.inc()
-    return [beam.pvalue.TaggedOutput(DEAD, (ex_id, reason))]
+      return [self._dead_letter(entry.id, sources_lib.failure_reason(e, 'cannot read: '))]
+    return [self._example(entry.id, self._class_names.index(entry.cls), data)]
 
 
 def read_folder(p, source: sources_lib.FolderSource, split: str, data_dir=None) -> Read:
@@ -120,9 +102,7 @@ READERS: dict[type, Callable[..., Read]] = {
     sources_lib.FolderSource: read_folder,
     sources_lib.TfdsSource: read_tfds,
 }
-# csv:, parquet:, wds: (pipelines.reads_files imports this module only inside functions).
-from pipelines import reads_files  # pylint: disable=g-import-not-at-top,wrong-import-position
-READERS.update(reads_files.READERS)
+READERS.update(reads_files.READERS)  # csv:, parquet:, wds:
 
 
 def read_split(p, source: sources_lib.Source, split: str, data_dir: Optional[str]) -> Read:

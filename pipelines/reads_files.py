@@ -11,31 +11,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-# pipelines.reads registers these readers by importing this module at its end, so this
-# module imports it only inside functions (a worker may unpickle a DoFn from here first).
-
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
+from pipelines.read_common import DEAD, CountedRead, Read
 from transfer import file_sources as fs
 from transfer.sources import Example
 
 
-class _ToOutputs(beam.DoFn):
-  """Base: Example → (id, label, image); a dead letter → the DEAD output; both counted."""
-
-  def __init__(self, split: str):
-    from pipelines import reads  # pylint: disable=g-import-not-at-top
-    self._split, self._dead_tag = split, reads.DEAD
-    self._read = Metrics.counter(reads.NAMESPACE, f'read_{split}')
-    self._dead = Metrics.counter(reads.NAMESPACE, f'dead_lettered_{split}')
+class _ToOutputs(CountedRead):
+  """An Example → (id, label, image); an (id, reason) → the DEAD output; both counted."""
 
   def _emit(self, item):
-    self._read.inc()
     if isinstance(item, Example):
-      return (item.id, item.label, item.image)
-    self._dead.inc()
-    return beam.pvalue.TaggedOutput(self._dead_tag, tuple(item))
+      return self._example(item.id, item.label, item.image)
+    return self._dead_letter(*item)
 
 
 # --------------------------------------------------------------------------
@@ -75,7 +64,6 @@ def _dedupe(_, rows):
 
 
 def read_csv(p, source: fs.CsvSource, split: str, data_dir=None):
-  from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   rows = (p
           | f'ReadManifest[{split}]' >> beam.io.ReadFromText(
               source.path, skip_header_lines=source.skip_header_lines)
@@ -118,7 +106,6 @@ def count_parquet_rows(file) -> int:
 
 
 def read_parquet(p, source: fs.ParquetSource, split: str, data_dir=None):
-  from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   files = p | f'Files[{split}]' >> beam.Create([(path, rel) for path, rel, _ in
                                                  source.files(split)])
   loaded = (files
@@ -153,7 +140,6 @@ def count_shard_groups(shard) -> int:
 
 
 def read_wds(p, source: fs.WdsSource, split: str, data_dir=None):
-  from pipelines.reads import DEAD, Read  # pylint: disable=g-import-not-at-top
   shards = p | f'Shards[{split}]' >> beam.Create(source.shards(split))
   loaded = (shards
             # One shard per element: shards are read in parallel across workers.
