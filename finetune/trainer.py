@@ -33,6 +33,7 @@ from finetune import model as model_lib
 from transfer import clip
 from transfer import file_sources
 from transfer import flags
+from transfer import heads
 from transfer import linear
 from transfer import metrics as metrics_lib
 from transfer import outputs
@@ -602,17 +603,13 @@ def initial_head(config: Config, pretrained: clip.Pretrained,
   if kind == 'zeros':
     return None, False
   _check_source_run(path, pretrained, class_names)
-  name = 'head.npz' if kind == 'probe' else 'zeroshot_head.npz'
   try:
-    with np.load(os.path.join(path, name), allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
-  except (OSError, ValueError) as e:
-    raise UserError(f'--head_init: cannot read {path}/{name} ({type(e).__name__})') from None
-  if kind == 'probe':  # the probe's standardisation folded into the Dense head
-    return linear.fold(arrays['kernel'], arrays['bias'], arrays['mean'], arrays['std']), False
-  # Zero-shot: logits = exp(logit_scale) · cos(image, class text) = head on normalised features.
-  kernel = np.exp(np.float32(arrays['logit_scale'])) * arrays['head'].T.astype(np.float32)
-  return (kernel, np.zeros(kernel.shape[1], np.float32)), True
+    if kind == 'probe':  # the probe's standardisation folded into the Dense head
+      return heads.load_head(path).folded(), False
+    # Zero-shot: exp(logit_scale) · cos(image, class text) = a head on normalised features.
+    return heads.load_zeroshot_head(path).dense(), True
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f'--head_init: cannot read the head in {path} ({type(e).__name__})') from None
 
 
 def features(pretrained: clip.Pretrained, splits: Sequence[input_pipeline.Split],
@@ -641,7 +638,7 @@ def solve_head_only(plan: groups.Plan, pretrained: clip.Pretrained, data: Data, 
   fitted = linear.select_and_fit(linear.JaxMethod(), x['fit'], data.fit.labels, x['val'],
                                  data.val.labels, x['eval'], len(data.class_names),
                                  config.l2_grid, progress=config.progress)
-  kernel, bias = linear.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
+  kernel, bias = heads.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
                              fitted.standardizer.std)
   logits = x['eval'] @ kernel + bias  # = the Classifier with this head on the eval images
   entry = metrics_lib.classification(logits, data.eval.labels, data.class_names)

@@ -16,19 +16,20 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from transfer import templates as templates_lib
 from transfer.errors import UserError, cli_main
 from transfer import flags
+from transfer import heads
 from transfer import metrics as metrics_lib
 from transfer import outputs
 from transfer import validation
 from transfer.metrics import classification
 
-HEAD_FILE = 'zeroshot_head.npz'
+HEAD_FILE = heads.ZEROSHOT_HEAD_FILE
 METHOD = 'zeroshot'
 BATCH_SIZE = 256  # prompts per text-tower call; every call has this shape (one compile)
 
@@ -118,20 +119,9 @@ def metrics_json(entry: dict, header: dict) -> dict:
   return {**header, 'methods': {METHOD: entry}}
 
 
-def save_head(output_dir: str, head: np.ndarray, scale: float, class_names: Sequence[str],
-              templates: Sequence[str]) -> str:
-  path = os.path.join(output_dir, HEAD_FILE)
-  np.savez(path, head=np.asarray(head, np.float32), logit_scale=np.float32(scale),
-           class_names=np.asarray(list(class_names)), templates=np.asarray(list(templates)))
-  return path
-
-
-def load_head(output_dir: str) -> dict[str, Any]:
-  """What save_head wrote: head (C, P), logit_scale, class_names, templates."""
-  with np.load(os.path.join(output_dir, HEAD_FILE)) as z:
-    return {'head': z['head'], 'logit_scale': float(z['logit_scale']),
-            'class_names': [str(c) for c in z['class_names']],
-            'templates': [str(t) for t in z['templates']]}
+def load_head(output_dir: str) -> heads.ZeroshotHead:
+  """What this stage saved in ``output_dir`` (the class text embeddings and temperature)."""
+  return heads.load_zeroshot_head(output_dir)
 
 
 def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[str] = None,
@@ -200,7 +190,7 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
       logit_scale=scale, batch_size=batch_size)
   out = metrics_json(entry, header)
   if output_dir:
-    save_head(output_dir, head, scale, names, prompts)
+    heads.ZeroshotHead(head, scale, list(names), list(prompts)).save(output_dir)
     metrics_lib.write(output_dir, out)
   return out
 

@@ -183,8 +183,8 @@ def test_cli_on_a_saved_model(tmp_path, hf_dir, capsys):
   assert e['templates'] == 'simple' and e['top5'] is None and set(e['per_class']) == set(CLASSES)
   assert e['wall_s'] > 0 and m['dataset']['eval_split'] == 'test' and m['model']['name'] == path
   saved = zeroshot.load_head(str(out))
-  np.testing.assert_allclose(saved['head'], head, atol=1e-6)
-  assert saved['class_names'] == CLASSES and saved['templates'] == ['a photo of a {}.']
+  np.testing.assert_allclose(saved.head, head, atol=1e-6)
+  assert saved.class_names == CLASSES and saved.templates == ['a photo of a {}.']
   # Wrong number of class names: refused.
   names_file.write_text('a\nb\n')
   code, cap = _run([f'--embeddings={data}', f'--output_dir={out}',

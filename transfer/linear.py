@@ -8,7 +8,8 @@ on features standardised with the fit set's statistics; ``fit_jax`` solves a
 whole grid of ``l2`` values in one ``vmap``ped L-BFGS program. The probe fits
 it on cached embeddings; fine-tune modes that train only the head fit it on the
 frozen backbone's features, so "linear" means the same thing in both stages.
-``fold`` turns a standardised head into a plain Dense head on raw features.
+The saved heads (and ``fold``, a standardised head on raw features) are in
+``transfer.heads``.
 """
 
 from __future__ import annotations
@@ -224,13 +225,6 @@ def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
 def select(val_scores: Sequence[tuple[float, float]]) -> int:
   """Index of the best (top1, log_loss): highest accuracy, then lowest loss."""
   return min(range(len(val_scores)), key=lambda i: (-val_scores[i][0], val_scores[i][1]))
-
-
-def fold(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray,
-         std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """A head on standardised features as (kernel, bias) of a Dense head on raw features."""
-  kernel = np.asarray(kernel, np.float32) / np.asarray(std, np.float32)[:, None]
-  return kernel, np.asarray(bias, np.float32) - np.asarray(mean, np.float32) @ kernel
 
 
 class Method:

@@ -1,0 +1,112 @@
+"""The heads other stages start from, as saved files: numpy only (no JAX to import).
+
+``LinearHead`` is the probe's (``head.npz``: a Dense head on standardised
+features plus the statistics); ``ZeroshotHead`` is zero-shot's
+(``zeroshot_head.npz``: the class text embeddings and CLIP's temperature).
+The probe and zero-shot write them; ``probe.predict`` applies the first;
+fine-tune's ``--head_init`` starts from either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from transfer.errors import UserError
+
+
+def fold(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray,
+         std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """A head on standardised features as (kernel, bias) of a Dense head on raw features."""
+  kernel = np.asarray(kernel, np.float32) / np.asarray(std, np.float32)[:, None]
+  return kernel, np.asarray(bias, np.float32) - np.asarray(mean, np.float32) @ kernel
+
+
+HEAD_FILE = 'head.npz'
+
+
+@dataclasses.dataclass
+class LinearHead:
+  """logits = ((x - mean) / std) @ kernel + bias: nn.Dense params with train-split statistics."""
+
+  kernel: np.ndarray  # (D, C) float32, the Dense 'kernel'
+  bias: np.ndarray  # (C,) float32
+  mean: np.ndarray  # (D,) float32
+  std: np.ndarray  # (D,) float32
+  class_names: list[str]
+  l2: float
+
+  @property
+  def dim(self) -> int:
+    return self.kernel.shape[0]
+
+  def params(self) -> dict:
+    """The head's Flax params, to apply with transfer.linear.make_head(num_classes)."""
+    return {'kernel': self.kernel, 'bias': self.bias}
+
+  def folded(self) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) of the same head on raw features (LP-FT starts from it)."""
+    return fold(self.kernel, self.bias, self.mean, self.std)
+
+  def logits(self, embeddings: np.ndarray) -> np.ndarray:
+    x = np.asarray(embeddings, np.float32)
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      raise UserError(f'embeddings of shape {x.shape} do not fit this head, which takes '
+                      f'(N, {self.dim})')
+    return ((x - self.mean) / self.std) @ self.kernel + self.bias
+
+  def save(self, output_dir: str) -> str:
+    path = os.path.join(output_dir, HEAD_FILE)
+    # npz with plain arrays (no pickle): readable by anything that reads numpy.
+    np.savez(path, kernel=self.kernel, bias=self.bias, mean=self.mean, std=self.std,
+             class_names=np.asarray(self.class_names, dtype=str), l2=np.float64(self.l2))
+    return path
+
+
+def load_head(path: str) -> LinearHead:
+  """Loads a head from probe.train's output directory (or the head.npz in it)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, HEAD_FILE)
+  if not os.path.exists(path):
+    raise UserError(f'no probe head at {path}; pass the --output_dir of a probe.train run')
+  with np.load(path, allow_pickle=False) as f:
+    return LinearHead(kernel=f['kernel'], bias=f['bias'], mean=f['mean'], std=f['std'],
+                      class_names=[str(n) for n in f['class_names']], l2=float(f['l2']))
+
+
+ZEROSHOT_HEAD_FILE = 'zeroshot_head.npz'
+
+
+@dataclasses.dataclass
+class ZeroshotHead:
+  """logits = exp(logit_scale) · normalize(projected) @ head.T: the class text embeddings."""
+
+  head: np.ndarray  # (C, P) float32, L2-normalised class text embeddings
+  logit_scale: float  # log-space temperature, as CLIP stores it
+  class_names: list[str]
+  templates: list[str]
+
+  def dense(self) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel, bias) of a Dense head on L2-normalised projected features."""
+    kernel = np.exp(np.float32(self.logit_scale)) * np.asarray(self.head, np.float32).T
+    return kernel, np.zeros(kernel.shape[1], np.float32)
+
+  def save(self, output_dir: str) -> str:
+    path = os.path.join(output_dir, ZEROSHOT_HEAD_FILE)
+    np.savez(path, head=np.asarray(self.head, np.float32),
+             logit_scale=np.float32(self.logit_scale),
+             class_names=np.asarray(list(self.class_names)),
+             templates=np.asarray(list(self.templates)))
+    return path
+
+
+def load_zeroshot_head(output_dir: str) -> ZeroshotHead:
+  """What probe.zeroshot saved in ``output_dir``."""
+  path = os.path.join(output_dir, ZEROSHOT_HEAD_FILE)
+  if not os.path.exists(path):
+    raise UserError(f'no zero-shot head at {path}; pass the --output_dir of a probe.zeroshot run')
+  with np.load(path, allow_pickle=False) as z:
+    return ZeroshotHead(z['head'], float(z['logit_scale']), [str(c) for c in z['class_names']],
+                        [str(t) for t in z['templates']])
