@@ -396,7 +396,7 @@ def val_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
   """(top-1, log-loss): the selection key, as the probe's (accuracy first, loss breaks ties)."""
   if not np.isfinite(logits).all():
     return 0.0, math.inf
-  return float(np.mean(logits.argmax(-1) == labels)), linear.log_loss(logits, labels)
+  return linear.score(logits, labels)
 
 
 # --------------------------------------------------------------------------

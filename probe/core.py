@@ -120,7 +120,7 @@ def cv_select_l2(method: Method, x_shots: np.ndarray, y_shots: np.ndarray, num_c
     fitted, _ = method.fit_grid(std(x_shots[~held]), y_shots[~held], num_classes, l2s)
     zh = std(x_shots[held])
     for i in range(len(l2s)):
-      logits = method.logits(fitted, i, zh, num_classes)
-      top1[i] += np.mean(np.argmax(logits, axis=1) == y_shots[held])
-      loss[i] += linear.log_loss(logits, y_shots[held])
+      fold_top1, fold_loss = linear.score(method.logits(fitted, i, zh, num_classes), y_shots[held])
+      top1[i] += fold_top1
+      loss[i] += fold_loss
   return float(l2s[linear.select(list(zip(top1 / k, loss / k)))])

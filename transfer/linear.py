@@ -222,6 +222,11 @@ def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
   return float(np.mean(lse - logits[np.arange(len(y)), y]))
 
 
+def score(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+  """(top-1, log-loss) of held-out logits: what ``select`` ranks, in every stage."""
+  return float(np.mean(np.argmax(logits, axis=1) == y)), log_loss(logits, y)
+
+
 def select(val_scores: Sequence[tuple[float, float]]) -> int:
   """Index of the best (top1, log_loss): highest accuracy, then lowest loss."""
   return min(range(len(val_scores)), key=lambda i: (-val_scores[i][0], val_scores[i][1]))
@@ -298,8 +303,7 @@ def select_and_fit(method: Method, x_fit: np.ndarray, y_fit: np.ndarray, x_val: 
     zv = std(x_val)
     for i, l2 in enumerate(l2s):
       val_logits = method.logits(fitted, i, zv, num_classes)
-      top1 = float(np.mean(np.argmax(val_logits, axis=1) == y_val))
-      loss = log_loss(val_logits, y_val)
+      top1, loss = score(val_logits, y_val)
       scores.append((top1, loss))
       sweep[repr(float(l2))] = {'val_top1': top1, 'val_log_loss': loss,
                                 'n_iter': info['n_iter'][i], 'converged': info['converged'][i]}
