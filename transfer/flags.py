@@ -28,9 +28,9 @@ REQUIRED = dataclasses.MISSING
 
 
 def field(default: Any = REQUIRED, help: str = '', *, flag: Optional[str] = None,  # pylint: disable=redefined-builtin
-          choices=None, cli: bool = True):
-  """A dataclass field that carries its flag's help text (``cli=False``: not a flag)."""
-  meta = {'help': help, 'flag': flag, 'choices': choices, 'cli': cli}
+          choices=None):
+  """A dataclass field that carries its flag's help text (``flag``: another flag name)."""
+  meta = {'help': help, 'flag': flag, 'choices': choices}
   if isinstance(default, (list, dict, set)):
     raise TypeError('use a tuple for sequence defaults')
   return dataclasses.field(default=default, metadata=meta)
@@ -74,13 +74,11 @@ def _flag_name(f: dataclasses.Field) -> str:
   return f.metadata.get('flag') or f.name
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-  """One ``--flag`` per field of ``cls`` (fields with ``cli=False`` or in ``skip`` left out)."""
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+  """One ``--flag`` per field of ``cls``."""
   hints = typing.get_type_hints(cls)
   # A config's own fields first, shared keyword-only ones (e.g. source options) after them.
   for f in sorted(dataclasses.fields(cls), key=lambda f: bool(f.kw_only)):
-    if f.name in skip or not f.metadata.get('cli', True):
-      continue
     name = _flag_name(f)
     help_text = f.metadata.get('help', '')
     tp = hints[f.name]
