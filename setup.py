@@ -28,11 +28,11 @@ setuptools.setup(
     name='clip-transfer',
     version='0.1.0',
     description='CLIP transfer learning: embed once with Beam, probe in seconds, fine-tune to compare.',
-    packages=setuptools.find_packages(include=['transfer*', 'pipelines*', 'probe*', 'finetune*', 'report*']),
+    packages=setuptools.find_packages(include=['clip_transfer*', 'pipelines*', 'probe*', 'finetune*', 'report*']),
     python_requires='>=3.11,<3.12',
     install_requires=INSTALL_REQUIRES,
     # The zero-shot prompt templates are data files inside the package.
-    package_data={'transfer.templates': ['*.json']},
+    package_data={'clip_transfer.models.templates': ['*.json']},
     extras_require={
         # The PyTorch reference for parity tests and benchmarks. Exactly 2.13.0:
         # its CPU wheel is on the machine's disk; anything else pulls a CUDA build.

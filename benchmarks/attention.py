@@ -3,12 +3,12 @@
     python -m benchmarks.attention --dtype bfloat16 --batch_size 256 --peak_tflops 989
 
 Times the embed stage's jitted forward (``pipelines.jax_handler.build_forward``,
-uint8 in) on ``random:vit-b32`` as ``transfer.modeling`` has it, then with
-``modeling.Attention`` swapped, in this process only, for a subclass whose
+uint8 in) on ``random:vit-b32`` as ``clip_transfer.models.clip`` has it, then with
+``clip.Attention`` swapped, in this process only, for a subclass whose
 softmax(QK^T)V is ``jax.nn.dot_product_attention`` (``implementation``: cudnn's
 fused kernel where the platform has one, else XLA's). Same parameter tree;
 reports images/s, MFU and the max |difference| of the embeddings. Nothing in
-``transfer/`` changes: adopting it is the lead's call (CPU parity must stay ≤ 1e-4).
+``clip_transfer/`` changes: adopting it is the lead's call (CPU parity must stay ≤ 1e-4).
 """
 
 import argparse
@@ -26,10 +26,10 @@ GMACS_PER_IMAGE = 4.4  # ViT-B/32 vision tower forward
 
 
 def fused_attention_class(implementation):
-  from transfer import modeling  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import clip  # pylint: disable=g-import-not-at-top
 
-  class FusedAttention(modeling.Attention):
-    """modeling.Attention with the product, softmax and product fused (same params)."""
+  class FusedAttention(clip.Attention):
+    """clip.Attention with the product, softmax and product fused (same params)."""
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -70,9 +70,10 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   from pipelines import jax_handler  # pylint: disable=g-import-not-at-top
-  from transfer import clip, modeling  # pylint: disable=g-import-not-at-top
+  from clip_transfer import models  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import clip  # pylint: disable=g-import-not-at-top
 
-  pre = clip.load(args.model, args.dtype)
+  pre = models.load(args.model, args.dtype)
   size = pre.preprocess.output_shape
   pixels = jnp.asarray(np.random.RandomState(0).randint(0, 256, (args.batch_size, *size),
                                                         dtype=np.uint8))
@@ -80,16 +81,16 @@ def main(argv=None):
              'device': str(jax.devices()[0].device_kind), 'variants': {}}
   base_forward = jax_handler.build_forward(pre)
   base_out = np.asarray(base_forward(pixels)[0])
-  variants = [('einsum (transfer.modeling today)', None)]
+  variants = [('einsum (clip_transfer.models.clip today)', None)]
   on_gpu = jax.devices()[0].platform == 'gpu'
   variants += [('dot_product_attention xla', 'xla')]
   if on_gpu:
     variants += [('dot_product_attention cudnn', 'cudnn')]
-  original = modeling.Attention
+  original = clip.Attention
   for name, impl in variants:
     try:
       if impl is not None:
-        modeling.Attention = fused_attention_class(impl)
+        clip.Attention = fused_attention_class(impl)
       forward = jax_handler.build_forward(pre)  # traced now: picks up the swapped class
       seconds = _time(lambda: forward(pixels)[0], args.iters)  # pylint: disable=cell-var-from-loop
       diff = float(np.abs(np.asarray(forward(pixels)[0]) - base_out).max())
@@ -98,7 +99,7 @@ def main(argv=None):
       print(f'{name}: {results["variants"][name]["error"]}', file=sys.stderr)
       continue
     finally:
-      modeling.Attention = original
+      clip.Attention = original
     ips = args.batch_size / seconds
     r = {'images_per_s': round(ips, 2), 'gflops': round(2 * GMACS_PER_IMAGE * ips, 1),
          'max_abs_diff_vs_today': diff}

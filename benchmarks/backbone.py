@@ -3,7 +3,7 @@
     python -m benchmarks.backbone [--batch_size 32 --iters 5]
 
 Random ViT-B/32 weights are made in PyTorch, saved with save_pretrained and
-loaded with transfer.clip.load_model, so both sides run the same network.
+loaded with clip_transfer.models.load_model, so both sides run the same network.
 Both take float32 NCHW/NHWC pixels already normalised (preprocessing excluded).
 """
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transfer import clip
+from clip_transfer import models
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 GMACS_PER_IMAGE = 4.4  # ViT-B/32 vision tower forward
@@ -49,7 +49,7 @@ def main(argv=None):
   ref = transformers.CLIPVisionModel(transformers.CLIPVisionConfig()).eval()  # ViT-B/32 shapes
   with tempfile.TemporaryDirectory() as d:
     ref.save_pretrained(d)
-    module, variables = clip.load_model(d)
+    module, variables = models.load_model(d)
   dtype = jnp.dtype(args.dtype)
   module = module.clone(dtype=dtype)
   backbone, bvars = module.bind(variables).vision_model.unbind()

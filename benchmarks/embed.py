@@ -77,9 +77,11 @@ class Raw:
 
   def __init__(self, root: str, model: str, batch_size: int, dtype: str = 'float32'):
     from pipelines import jax_handler  # pylint: disable=g-import-not-at-top
-    from transfer import clip, preprocess, sources  # pylint: disable=g-import-not-at-top
+    from clip_transfer import models  # pylint: disable=g-import-not-at-top
+    from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
+    from clip_transfer.data import sources  # pylint: disable=g-import-not-at-top
 
-    pre = clip.load(model, dtype)
+    pre = models.load(model, dtype)
     self.forward = jax_handler.build_forward(pre)  # the function the handler jits
     exs = sources.open_source(f'folder:{root}').iter_examples('train')
     pool = preprocess.shared_pool(preprocess.host_cores())  # set-up only: not timed
@@ -102,7 +104,7 @@ class Raw:
 
 
 def throughput(args) -> dict:
-  from transfer import preprocess  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
     root = make_folder(os.path.join(tmp, 'images'), args.images, args.image_size,
@@ -199,12 +201,12 @@ _POOL_CFG = None
 
 def _pool_init(cfg_json):
   global _POOL_CFG  # pylint: disable=global-statement  (one config per pool process)
-  from transfer import preprocess  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
   _POOL_CFG = preprocess.PreprocessConfig.from_json(cfg_json)
 
 
 def _pool_prepare(path: str) -> int:
-  from transfer import preprocess  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
   with open(path, 'rb') as fh:
     return preprocess.prepare(fh.read(), _POOL_CFG).shape[0]
 
@@ -225,10 +227,11 @@ def preprocessing_limit(root: str, cfg, processes: int) -> float:
 
 
 def decode_bound(args) -> dict:
-  from transfer import clip, preprocess  # pylint: disable=g-import-not-at-top
+  from clip_transfer import models  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
 
   cores = preprocess.host_cores()
-  cfg = clip.load(args.decode_model).preprocess
+  cfg = models.load(args.decode_model).preprocess
   with tempfile.TemporaryDirectory() as tmp:
     root = make_folder(os.path.join(tmp, 'images'), args.decode_images, args.decode_image_size,
                        unique=args.unique_images)
@@ -282,9 +285,10 @@ def _cosines(a, b) -> tuple[float, float]:
 def fast_decode(args) -> dict:
   import dataclasses  # pylint: disable=g-import-not-at-top
   from pipelines import jax_handler  # pylint: disable=g-import-not-at-top
-  from transfer import clip, preprocess  # pylint: disable=g-import-not-at-top
+  from clip_transfer import models  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
 
-  pre = clip.load(args.fast_model)
+  pre = models.load(args.fast_model)
   exact = pre.preprocess
   fast = dataclasses.replace(exact, fast_decode=True)
   result = {'model': args.fast_model, 'sizes': {}}
@@ -307,7 +311,7 @@ def fast_decode(args) -> dict:
                              'speedup': times['exact'] / times['fast']}
   emb = {k: np.asarray(forward(np.stack(v))[0]) for k, v in pixels.items()}
   result['fast_cosine_mean'], result['fast_cosine_min'] = _cosines(emb['exact'], emb['fast'])
-  bf16 = jax_handler.build_forward(clip.load(args.fast_model, 'bfloat16'))
+  bf16 = jax_handler.build_forward(models.load(args.fast_model, 'bfloat16'))
   emb_bf16 = np.asarray(bf16(np.stack(pixels['exact']))[0])
   result['bf16_cosine_mean'], result['bf16_cosine_min'] = _cosines(emb['exact'], emb_bf16)
   result['images_for_cosine'] = len(pixels['exact'])

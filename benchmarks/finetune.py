@@ -25,7 +25,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from finetune import groups  # pylint: disable=g-import-not-at-top
 from finetune import trainer  # pylint: disable=g-import-not-at-top
-from transfer import clip  # pylint: disable=g-import-not-at-top
+from clip_transfer import models  # pylint: disable=g-import-not-at-top
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 
@@ -68,7 +68,7 @@ def run(argv=None) -> dict:
                            flush=True)
   mesh = trainer.make_mesh()
   trainer.check_batch_size(args.batch_size, mesh)
-  pre = clip.load(args.model, args.dtype)
+  pre = models.load(args.model, args.dtype)
   log(f'loaded {args.model}')
   cfg = trainer.Config(model=args.model, dtype=args.dtype, warmup=0.0)
   state, trainable, _ = trainer.create_state(pre, args.num_classes, args.mode, cfg,

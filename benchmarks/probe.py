@@ -5,7 +5,7 @@
 
 Both methods get the same float32 standardised features, the same seeded
 stratified validation split, the same L2 grid (mapped to sklearn's C) and
-the same stopping rule (max |grad| <= transfer.linear.TOL = 1e-5, or 1,000 iterations). They run one
+the same stopping rule (max |grad| <= clip_transfer.protocol.linear.TOL = 1e-5, or 1,000 iterations). They run one
 after the other, so each has every core to itself: JAX's thread pool and
 OpenBLAS (sklearn's gradient matmuls) both use all cores by default.
 Target (DESIGN.md): JAX >= 10x faster, top-1 within 0.5 points. Then the
@@ -18,8 +18,9 @@ import os
 import numpy as np
 
 from probe import core
-from transfer import linear, validation
-from transfer.metrics import classification
+from clip_transfer.protocol import linear
+from clip_transfer.protocol import validation
+from clip_transfer.protocol.metrics import classification
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
 

@@ -22,7 +22,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 Rule = tuple[str, Optional[float]]  # (regex over '/'-joined paths, lr multiplier or None=frozen)
 FROZEN = 'frozen'

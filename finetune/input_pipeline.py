@@ -1,7 +1,7 @@
 """Images for fine-tuning: the shared sources + host-side preprocessing, seeded batches.
 
-Each split is read once through ``transfer.sources`` and prepared to uint8 at
-the model's resolution with ``transfer.preprocess.prepare`` (the code the
+Each split is read once through ``clip_transfer.data.sources`` and prepared to uint8 at
+the model's resolution with ``clip_transfer.data.preprocess.prepare`` (the code the
 embed pipeline uses); normalisation happens on the device inside the jitted
 step. The batch for training step ``s`` is a pure function of (seed, s), so a
 resumed run sees exactly the batches an uninterrupted one would.
@@ -18,10 +18,10 @@ from typing import Iterator, Optional
 import numpy as np
 import tqdm
 
-from transfer import preprocess
-from transfer import validation
-from transfer.errors import UserError
-from transfer.sources import Source
+from clip_transfer.data import preprocess
+from clip_transfer.protocol import validation
+from clip_transfer.errors import UserError
+from clip_transfer.data.sources import Source
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from transfer.clip import Classifier, Pretrained
-from transfer.errors import UserError
+from clip_transfer.models import Pretrained
+from clip_transfer.models.clip import Classifier
+from clip_transfer.errors import UserError
 
 
 class TransferError(UserError):

@@ -18,8 +18,8 @@ import argparse
 import logging
 import sys
 
-from transfer import flags
-from transfer.errors import cli_main
+from clip_transfer import flags
+from clip_transfer.errors import cli_main
 
 
 def parse_args(argv=None):

@@ -30,17 +30,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from finetune import groups
 from finetune import input_pipeline
 from finetune import model as model_lib
-from transfer import clip
-from transfer import file_sources
-from transfer import flags
-from transfer import heads
-from transfer import linear
-from transfer import metrics as metrics_lib
-from transfer import outputs
-from transfer import preprocess
-from transfer import sources
-from transfer import validation
-from transfer.errors import UserError
+from clip_transfer import models
+from clip_transfer.data import files as file_sources
+from clip_transfer import flags
+from clip_transfer.protocol import heads
+from clip_transfer.protocol import linear
+from clip_transfer.protocol import metrics as metrics_lib
+from clip_transfer import outputs
+from clip_transfer.data import preprocess
+from clip_transfer.data import sources
+from clip_transfer.protocol import validation
+from clip_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,13 @@ OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*'
 
 @dataclasses.dataclass
 class Config(file_sources.SourceOptions):
-  """Everything a fine-tune run depends on; each field is also its CLI flag (transfer.flags)."""
+  """Everything a fine-tune run depends on; each field is also its CLI flag (clip_transfer.flags)."""
 
   dataset: str = flags.field('digits', "'digits', 'folder:PATH' or a TFDS name")
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir')
   train_split: str = flags.field('train', 'split trained on (and validated on: see --val_fraction)')
   eval_split: str = flags.field('test', 'split scored once, for the selected configuration')
-  model: str = flags.field(clip.DEFAULT_MODEL,
+  model: str = flags.field(models.DEFAULT_MODEL,
                            'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
   modes: tuple[str, ...] = flags.field(('linear',), 'comma-separated: ' + ', '.join(groups.MODES)
                                        + '; each trained from the same pretrained weights',
@@ -99,7 +99,7 @@ class Config(file_sources.SourceOptions):
   weight_decay: float = flags.field(1e-4, 'AdamW decay, on kernels only')
   clip_norm: float = flags.field(1.0, 'global gradient norm clip (0 = off)')
   dtype: str = flags.field('float32', 'compute dtype (params stay float32)',
-                           choices=tuple(clip.DTYPES))
+                           choices=tuple(models.DTYPES))
   augment: bool = flags.field(False, 'random shifts of up to 1/8 of the image')
   seed: int = flags.field(0, 'validation split, shuffling, augmentation and head init')
   num_classes: Optional[int] = flags.field(None, 'optional check: the dataset must have this many '
@@ -138,7 +138,7 @@ class Config(file_sources.SourceOptions):
       raise UserError(f'--batch_size must be >= 1, got {self.batch_size}')
     if not 0 <= self.warmup < 1 or self.weight_decay < 0 or self.clip_norm < 0:
       raise UserError('--warmup must be in [0, 1); --weight_decay and --clip_norm >= 0')
-    if self.dtype not in clip.DTYPES:
+    if self.dtype not in models.DTYPES:
       raise UserError(f'--dtype {self.dtype!r}: choose float32 or bfloat16')
     if self.train_split == self.eval_split:
       raise UserError(f'--train_split and --eval_split are both {self.train_split!r}')
@@ -237,7 +237,7 @@ def schedule_for(config: Config, lr: float, total_steps: int):
       decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 
 
-def create_state(pretrained: clip.Pretrained, num_classes: int, mode: str, config: Config,
+def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, config: Config,
                  total_steps: int, initialised=None, mesh: Optional[Mesh] = None,
                  lr: Optional[float] = None):
   """(TrainState with pretrained weights, trainable mask, groups.Plan) for one mode and lr.
@@ -417,7 +417,7 @@ class Data:
   skipped: dict  # inputs found but unusable, per split ('train', 'eval')
 
 
-def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, config: Config,
+def train_config(mode: str, lr: float, pretrained: models.Pretrained, data: Data, config: Config,
                  workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
   """Trains one (mode, lr) with validation scores along the way; None when stopped early."""
   t0 = time.perf_counter()
@@ -491,7 +491,7 @@ def train_config(mode: str, lr: float, pretrained: clip.Pretrained, data: Data, 
   return record
 
 
-def finetune_mode(mode: str, pretrained: clip.Pretrained, data: Data, config: Config,
+def finetune_mode(mode: str, pretrained: models.Pretrained, data: Data, config: Config,
                   workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
   """Every lr of the grid, the best (lr, step) on validation, the eval split scored once.
 
@@ -580,7 +580,7 @@ def wise_ft(entry: dict, initialised, tuned: TrainState, eval_fn, data: Data, co
   return out
 
 
-def _check_source_run(path: str, pretrained: clip.Pretrained, class_names) -> None:
+def _check_source_run(path: str, pretrained: models.Pretrained, class_names) -> None:
   """A head from another stage's run must come from the same weights and classes."""
   try:
     with open(os.path.join(path, 'metrics.json')) as fh:
@@ -596,7 +596,7 @@ def _check_source_run(path: str, pretrained: clip.Pretrained, class_names) -> No
                     f'{list(class_names)}')
 
 
-def initial_head(config: Config, pretrained: clip.Pretrained,
+def initial_head(config: Config, pretrained: models.Pretrained,
                  class_names) -> tuple[Optional[tuple[np.ndarray, np.ndarray]], bool]:
   """((kernel, bias) or None, head on projected features?) from ``--head_init``."""
   kind, _, path = config.head_init.partition(':')
@@ -612,7 +612,7 @@ def initial_head(config: Config, pretrained: clip.Pretrained,
     raise UserError(f'--head_init: cannot read the head in {path} ({type(e).__name__})') from None
 
 
-def features(pretrained: clip.Pretrained, splits: Sequence[input_pipeline.Split],
+def features(pretrained: models.Pretrained, splits: Sequence[input_pipeline.Split],
              batch_size: int, mesh: Mesh) -> list[np.ndarray]:
   """The frozen backbone's pooled features of every example (what the probe embeds), per split."""
   backbone, variables = pretrained.vision_tower()
@@ -624,7 +624,7 @@ def features(pretrained: clip.Pretrained, splits: Sequence[input_pipeline.Split]
   return [predict(fn, variables, split, batch_size, mesh) for split in splits]
 
 
-def solve_head_only(plan: groups.Plan, pretrained: clip.Pretrained, data: Data, config: Config,
+def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data, config: Config,
                     mesh: Mesh) -> dict:
   """A mode that trains only the head is the probe's convex problem: solved as the probe solves it.
 
@@ -673,8 +673,8 @@ def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
   return out
 
 
-def prepare_data(source, pretrained: clip.Pretrained, config: Config, scratch: str) -> Data:
-  """Reads and prepares the splits; validation drawn from train by id (transfer.validation)."""
+def prepare_data(source, pretrained: models.Pretrained, config: Config, scratch: str) -> Data:
+  """Reads and prepares the splits; validation drawn from train by id (clip_transfer.protocol.validation)."""
   t0 = time.perf_counter()
   class_names = list(source.class_names)
   train = input_pipeline.load_split(source, config.train_split, pretrained.preprocess,
@@ -704,7 +704,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                     f'{len(class_names)} classes')
   for split in (config.train_split, config.eval_split):
     source.check_split(split)
-  pretrained = clip.load(config.model, config.dtype)
+  pretrained = models.load(config.model, config.dtype)
   head, projected = initial_head(config, pretrained, class_names)  # checked before the data
   with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
     data = prepare_data(source, pretrained, config, scratch)

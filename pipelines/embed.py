@@ -4,7 +4,7 @@ r"""Embeds a dataset with the CLIP vision tower into a TFDS-format embedding dat
       --output_dir=runs/demo/embeddings
 
 Reads ``digits``, ``folder:PATH``, ``csv:PATH``, ``parquet:GLOB``, ``wds:PATTERN`` or a
-TFDS catalog name (``transfer.sources.open_source``), decodes and
+TFDS catalog name (``clip_transfer.data.sources.open_source``), decodes and
 preprocesses on the host (uint8), runs the jitted vision tower through
 RunInference with fixed-size batches, and writes ArrayRecord shards through
 Beam's FileSystems (local or gs://). Inputs that fail to load, decode or
@@ -30,16 +30,16 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
-import transfer
+import clip_transfer
 from pipelines import reads
 from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
-from transfer import clip
-from transfer import embeddings as emb_lib
-from transfer import file_sources
-from transfer import flags
-from transfer import sources as sources_lib
-from transfer.errors import UserError, cli_main
+from clip_transfer import models
+from clip_transfer.data import embeddings as emb_lib
+from clip_transfer.data import files as file_sources
+from clip_transfer import flags
+from clip_transfer.data import sources as sources_lib
+from clip_transfer.errors import UserError, cli_main
 
 SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
@@ -54,7 +54,7 @@ class EmbedConfig(file_sources.SourceOptions):
   output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
   splits: tuple[str, ...] = flags.field(('train', 'test'), 'comma-separated splits to embed')
-  model: str = flags.field(clip.DEFAULT_MODEL,
+  model: str = flags.field(models.DEFAULT_MODEL,
                            'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
   batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded: one '
                                 'compilation)')
@@ -90,8 +90,8 @@ class EmbedConfig(file_sources.SourceOptions):
     if self.preprocess_threads < 0:
       raise UserError(f'--preprocess_threads must be >= 0 (0: one per core), got '
                       f'{self.preprocess_threads}')
-    if self.dtype not in clip.DTYPES:
-      raise UserError(f'--dtype must be one of {", ".join(clip.DTYPES)}, got {self.dtype!r}')
+    if self.dtype not in models.DTYPES:
+      raise UserError(f'--dtype must be one of {", ".join(models.DTYPES)}, got {self.dtype!r}')
 
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
@@ -122,11 +122,11 @@ class Preprocess(beam.DoFn):
     self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
 
   def setup(self):
-    from transfer.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top
+    from clip_transfer.data.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top
     self._cfg = PreprocessConfig.from_json(self._cfg_json)
 
   def start_bundle(self):
-    from transfer.preprocess import ParallelPrepare  # pylint: disable=g-import-not-at-top
+    from clip_transfer.data.preprocess import ParallelPrepare  # pylint: disable=g-import-not-at-top
     self._prepare = ParallelPrepare(self._cfg, self._threads, self._window)
 
   def process(self, element, timestamp=beam.DoFn.TimestampParam,
@@ -315,7 +315,7 @@ def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
       'source': {'spec': args.dataset, 'name': source.name, 'version': source.version,
                  'splits': list(args.splits), 'class_names': list(source.class_names)},
       'batch_size': args.batch_size,
-      'code_version': transfer.__version__,
+      'code_version': clip_transfer.__version__,
   }
 
 
@@ -340,7 +340,7 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   # files or a read-only directory fail here, not after all the inference.
   emb_lib.prepare_output(args.output_dir, args.overwrite, clear=False)
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
-  pretrained = clip.load(args.model)
+  pretrained = models.load(args.model)
   if args.projected is None:  # by default, whenever the model has a projection
     args.projected = pretrained.module.projection_dim is not None
   if args.projected and pretrained.module.projection_dim is None:

@@ -7,7 +7,7 @@ new shape and ``BatchElements`` would otherwise vary sizes from 1 to 10000.
 Only ``uint8`` NHWC crosses to the device; normalisation runs inside jit.
 ``run_inference`` dispatches every device batch of its input before it waits
 for the first result (JAX dispatches asynchronously), and the host-side
-preprocessing pool (``transfer.preprocess.ParallelPrepare``) keeps preparing
+preprocessing pool (``clip_transfer.data.preprocess.ParallelPrepare``) keeps preparing
 the next images meanwhile. ``dtype='bfloat16'`` computes in bfloat16 with
 float32 parameters; embeddings are returned as float32 either way.
 """
@@ -32,16 +32,16 @@ class VisionModel:
 
 
 def build_forward(pretrained, projected: bool = False) -> Callable:
-  """The jitted vision tower of a ``transfer.clip.Pretrained`` (uint8 in, normalised inside)."""
+  """The jitted vision tower of a ``clip_transfer.models.Pretrained`` (uint8 in, normalised inside)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from transfer.preprocess import normalize  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data.preprocess import normalize  # pylint: disable=g-import-not-at-top
 
   vision, vision_vars = pretrained.vision_tower()
   proj_kernel = None
   if projected:
     if pretrained.module.projection_dim is None:
-      from transfer.errors import UserError  # pylint: disable=g-import-not-at-top
+      from clip_transfer.errors import UserError  # pylint: disable=g-import-not-at-top
       raise UserError(f'{pretrained.name} has no visual_projection; drop --projected')
     proj_kernel = pretrained.variables['params']['visual_projection']['kernel']
   cfg = pretrained.preprocess
@@ -73,8 +73,8 @@ class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):
     self._dtype = dtype
 
   def load_model(self) -> VisionModel:
-    from transfer import clip  # pylint: disable=g-import-not-at-top
-    pre = clip.load(self._model_name, self._dtype)  # bfloat16: compute dtype; params stay fp32
+    from clip_transfer import models  # pylint: disable=g-import-not-at-top
+    pre = models.load(self._model_name, self._dtype)  # bfloat16: compute dtype; params stay fp32
     forward = build_forward(pre, self._projected)
     return VisionModel(forward, self._batch_size, pre.preprocess.output_shape)
 

@@ -15,7 +15,7 @@ from apache_beam.io.filesystem import CompressionTypes
 
 from pipelines import reads_files
 from pipelines.read_common import DEAD, CountedRead, Read
-from transfer import sources as sources_lib
+from clip_transfer.data import sources as sources_lib
 
 READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
 

@@ -1,4 +1,4 @@
-"""Beam readers for CSV manifests, Parquet files and WebDataset shards (``transfer.file_sources``).
+"""Beam readers for CSV manifests, Parquet files and WebDataset shards (``clip_transfer.data.files``).
 
 Each reads through Beam IO (``ReadFromText``; files and shards opened with ``FileSystems``
 in a DoFn, one file or shard per element, reshuffled so Dataflow spreads them over
@@ -14,8 +14,8 @@ from typing import Optional
 import apache_beam as beam
 
 from pipelines.read_common import DEAD, CountedRead, Read
-from transfer import file_sources as fs
-from transfer.sources import Example
+from clip_transfer.data import files as fs
+from clip_transfer.data.sources import Example
 
 
 class _ToOutputs(CountedRead):

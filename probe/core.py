@@ -8,7 +8,7 @@ final model is the one fit on the fit part alone (``final_fit: fit``), as in
 the fine-tune stage.
 
 scikit-learn's LogisticRegression minimises ``C * sum_i loss_i + 1/2 ||w||^2``
-(intercept unpenalised); dividing by ``C * N`` gives ``transfer.linear``'s
+(intercept unpenalised); dividing by ``C * N`` gives ``clip_transfer.protocol.linear``'s
 objective with ``l2 = 1 / (C * N)``, so ``C = 1 / (N * l2)`` with N the size of
 the fit set. sklearn fits the binary case as one logistic (w = w_1 - w_0),
 whose optimum has W's two softmax columns at ±w/2, so ``||W||^2 = ||w||^2 / 2``
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from transfer import linear
+from clip_transfer.protocol import linear
 
 DEFAULT_L2_GRID = linear.DEFAULT_L2_GRID
 

@@ -1,4 +1,4 @@
-"""The saved probe head (``transfer.heads.LinearHead``, shared with fine-tune's LP-FT) and `predict`."""
+"""The saved probe head (``clip_transfer.protocol.heads.LinearHead``, shared with fine-tune's LP-FT) and `predict`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Union
 
 import numpy as np
 
-from transfer.heads import HEAD_FILE, LinearHead, load_head  # pylint: disable=unused-import  (re-exported)
+from clip_transfer.protocol.heads import HEAD_FILE, LinearHead, load_head  # pylint: disable=unused-import  (re-exported)
 
 
 def predict(head: Union[str, LinearHead], embeddings: np.ndarray) -> np.ndarray:

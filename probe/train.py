@@ -2,7 +2,7 @@
 
     python -m probe.train --embeddings=DIR --output_dir=OUT [--shots=1,5,10 --seeds=3]
 
-The L2 is chosen on the shared validation split (``transfer.validation``, the
+The L2 is chosen on the shared validation split (``clip_transfer.protocol.validation``, the
 same examples fine-tune validates on), the eval split is scored once with the
 chosen head, and every accuracy carries a bootstrap 95% interval. Few-shot
 fits choose their L2 within the shots (true few-shot) unless
@@ -24,12 +24,12 @@ import numpy as np
 
 from probe import core
 from probe.head import LinearHead
-from transfer import flags
-from transfer import metrics as metrics_lib
-from transfer import outputs
-from transfer import stats
-from transfer import validation
-from transfer.errors import UserError, cli_main
+from clip_transfer import flags
+from clip_transfer.protocol import metrics as metrics_lib
+from clip_transfer import outputs
+from clip_transfer.protocol import stats
+from clip_transfer.protocol import validation
+from clip_transfer.errors import UserError, cli_main
 
 BASELINES = ('sklearn',)
 FEW_SHOT_SELECTION = ('within-shots', 'validation')
@@ -254,7 +254,7 @@ def summary_table(metrics: dict) -> str:
 
 def train_probe(config: ProbeConfig) -> dict:
   """Reads two splits of an embedding dataset and runs the probe protocol on them."""
-  from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
   # Refuses a file, a read-only directory or one holding files this tool did not write;
   # a rerun replaces only its own metrics.json and head.npz.
   outputs.prepare_output_dir(config.output_dir, overwrite=True, kind='probe run',

@@ -20,14 +20,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from transfer import templates as templates_lib
-from transfer.errors import UserError, cli_main
-from transfer import flags
-from transfer import heads
-from transfer import metrics as metrics_lib
-from transfer import outputs
-from transfer import validation
-from transfer.metrics import classification
+from clip_transfer.models import templates as templates_lib
+from clip_transfer.errors import UserError, cli_main
+from clip_transfer import flags
+from clip_transfer.protocol import heads
+from clip_transfer.protocol import metrics as metrics_lib
+from clip_transfer import outputs
+from clip_transfer.protocol import validation
+from clip_transfer.protocol.metrics import classification
 
 HEAD_FILE = heads.ZEROSHOT_HEAD_FILE
 METHOD = 'zeroshot'
@@ -93,7 +93,7 @@ def zeroshot_logits(projected_image_features, head, logit_scale) -> np.ndarray: 
 
 def read_projected(embeddings: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(projected float32 (N, P), labels int64 (N,), ids) of one split of an embedding dataset."""
-  from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
 
   if 'projected' not in emb.feature_names(embeddings):
     raise UserError(f'{embeddings} has no projected feature (the visual_projection output '
@@ -128,9 +128,9 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
                  templates: str = 'openai_imagenet', class_names_file: Optional[str] = None,
                  eval_split: str = 'test', batch_size: int = BATCH_SIZE) -> dict:
   """Zero-shot eval of an embedding dataset; returns the metrics dict (written when output_dir)."""
-  from transfer import clip  # pylint: disable=g-import-not-at-top
-  from transfer import embeddings as emb  # pylint: disable=g-import-not-at-top
-  from transfer import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from clip_transfer import models  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   if batch_size < 1:
     raise UserError(f'--batch_size must be at least 1, got {batch_size}')
@@ -149,7 +149,7 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   model = model or recorded.get('name')
   if not model:
     raise UserError(f'{embeddings}/metadata.json names no model; pass --model')
-  pretrained = clip.load(model)
+  pretrained = models.load(model)
   module, variables = pretrained.module, pretrained.variables
   if module.text_config is None or module.projection_dim is None:
     raise UserError(f'{model} has no text tower and projections; zero-shot needs a full CLIP')
@@ -205,7 +205,7 @@ def summary(metrics: dict) -> str:
 
 @dataclasses.dataclass
 class ZeroshotConfig:
-  """Every zero-shot flag, declared once (transfer.flags, as the other stages)."""
+  """Every zero-shot flag, declared once (clip_transfer.flags, as the other stages)."""
 
   embeddings: str = flags.field(help='embedding dataset directory with the projected feature '
                                 '(pipelines.embed)')

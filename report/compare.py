@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfer import stats
-from transfer.errors import UserError, cli_main
+from clip_transfer.protocol import stats
+from clip_transfer.errors import UserError, cli_main
 
 SELECTION = {'within-shots': 'true few-shot (L2 chosen within the shots)',
              'validation': 'L2 chosen on the validation split'}

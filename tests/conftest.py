@@ -11,7 +11,7 @@ from jax.experimental.compilation_cache import compilation_cache
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """A TFDS data_dir with the built-in digits prepared (once per test session)."""
-  from transfer import digits
+  from clip_transfer.data import digits
 
   path = str(tmp_path_factory.mktemp('tfds'))
   digits.prepare(path)

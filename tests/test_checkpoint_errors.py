@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from transfer import checkpoints
-from transfer.checkpoints import ModelLoadError
+from clip_transfer.models import checkpoints
+from clip_transfer.models.checkpoints import ModelLoadError
 
 
 def _smoke(model, **env):
   """Runs the smoke entry point; returns (returncode, stderr)."""
   full_env = {**os.environ, **env}
-  p = subprocess.run([sys.executable, '-m', 'transfer.smoke', f'--model={model}'],
+  p = subprocess.run([sys.executable, '-m', 'clip_transfer.smoke', f'--model={model}'],
                      capture_output=True, text=True, env=full_env, timeout=120)
   return p.returncode, p.stderr
 

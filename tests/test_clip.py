@@ -1,4 +1,4 @@
-"""Parity of transfer.clip with transformers' PyTorch CLIPModel, and the guide's flow.
+"""Parity of clip_transfer.models.loading with transformers' PyTorch CLIPModel, and the guide's flow.
 
 Random weights saved with save_pretrained into a temp dir; no network. fp32 on CPU,
 max abs errors seen here are ~1e-6 (logits ~2e-6); we assert <= 1e-4.
@@ -19,7 +19,9 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from transfer import checkpoints, clip  # pylint: disable=g-import-not-at-top
+from clip_transfer.models import checkpoints  # pylint: disable=g-import-not-at-top
+from clip_transfer import models  # pylint: disable=g-import-not-at-top
+from clip_transfer.models import clip  # pylint: disable=g-import-not-at-top
 
 TOL = 1e-4
 VOCAB = 99
@@ -84,7 +86,7 @@ def test_full_model_parity_safetensors(tmp_path, act):
   ref_model = transformers.CLIPModel(_config(act)).eval()
   path = _save(ref_model, tmp_path)
   assert os.path.exists(os.path.join(path, 'model.safetensors'))
-  module, variables = clip.load_model(path)
+  module, variables = models.load_model(path)
   assert module.vision_config.hidden_act == act
   inputs = _inputs()
   _assert_close(_flax_outputs(module, variables, *inputs), _torch_outputs(ref_model, *inputs))
@@ -93,7 +95,7 @@ def test_full_model_parity_safetensors(tmp_path, act):
 def test_vision_only_checkpoint(tmp_path):
   torch.manual_seed(1)
   ref = transformers.CLIPVisionModel(_config('quick_gelu').vision_config).eval()
-  module, variables = clip.load_model(_save(ref, tmp_path))
+  module, variables = models.load_model(_save(ref, tmp_path))
   assert module.text_config is None and module.projection_dim is None
   pixels = _inputs()[0]
   with torch.no_grad():
@@ -109,7 +111,7 @@ def test_msgpack_and_pytorch_bin_paths(tmp_path):
   torch.manual_seed(2)
   ref_model = transformers.CLIPModel(_config('quick_gelu')).eval()
   st_dir = _save(ref_model, tmp_path / 'st')
-  _, variables = clip.load_model(st_dir)
+  _, variables = models.load_model(st_dir)
   # flax_model.msgpack in the old HF Flax layout (our tree mirrors it), no safetensors beside it.
   mp_dir = tmp_path / 'msgpack'
   mp_dir.mkdir()
@@ -124,13 +126,13 @@ def test_msgpack_and_pytorch_bin_paths(tmp_path):
   inputs = _inputs(3)
   want = _torch_outputs(ref_model, *inputs)
   for d in (mp_dir, pt_dir):
-    module, v = clip.load_model(str(d))
+    module, v = models.load_model(str(d))
     _assert_close(_flax_outputs(module, v, *inputs), want)
 
 
 def test_guide_flow_classifier(tmp_path):
   """The Flax transfer-learning guide, step by step, on our CLIP."""
-  module, variables = clip.load_model('random:tiny')
+  module, variables = models.load_model('random:tiny')
   vision_model, vision_model_vars = module.bind(variables).vision_model.unbind()
   model = clip.Classifier(num_classes=5, backbone=vision_model)
   x = jnp.zeros((2, 32, 32, 3))  # NHWC
@@ -154,9 +156,9 @@ def test_guide_flow_classifier(tmp_path):
 
 def test_random_presets_are_deterministic():
   a, b = checkpoints.read('random:tiny'), checkpoints.read('random:tiny')  # no cache
-  assert clip.params_checksum(a.params) == clip.params_checksum(b.params)
-  assert clip.load('random:tiny') is clip.load('random:tiny')  # one load per process
-  assert clip.load('random:tiny').checksum() == clip.params_checksum(a.params)
+  assert models.params_checksum(a.params) == models.params_checksum(b.params)
+  assert models.load('random:tiny') is models.load('random:tiny')  # one load per process
+  assert models.load('random:tiny').checksum() == models.params_checksum(a.params)
   shapes = clip.param_shapes(a.module)
   assert shapes['vision_model']['embeddings']['patch_embedding']['kernel'].shape == (8, 8, 3, 64)
 
@@ -173,10 +175,10 @@ def test_vit_b32_preset_shapes():
 
 
 def test_bf16_compute_keeps_fp32_params():
-  pre = clip.load('random:tiny', dtype=jnp.bfloat16)
+  pre = models.load('random:tiny', dtype=jnp.bfloat16)
   # Params stay float32 and are shared with the float32 load: one copy per name.
-  assert pre.variables is clip.load('random:tiny').variables
-  assert pre.checksum() == clip.load('random:tiny').checksum()
+  assert pre.variables is models.load('random:tiny').variables
+  assert pre.checksum() == models.load('random:tiny').checksum()
   backbone, bvars = pre.vision_tower()
   out = backbone.apply(bvars, jnp.zeros((1, 32, 32, 3)))
   assert out.pooler_output.dtype == jnp.bfloat16
@@ -184,7 +186,7 @@ def test_bf16_compute_keeps_fp32_params():
 
 
 def test_wrong_input_shape_is_a_clear_error():
-  module, variables = clip.load_model('random:tiny')
+  module, variables = models.load_model('random:tiny')
   with pytest.raises(ValueError, match=r'NHWC input of shape \(B, 32, 32, 3\)'):
     module.apply(variables, jnp.zeros((1, 3, 32, 32)),
                  method=lambda m, x: m.vision_model(x))

@@ -16,9 +16,11 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from pipelines import embed, jax_handler
-from transfer import clip, embeddings, preprocess
-from transfer.errors import UserError
-from transfer.sources import open_source
+from clip_transfer import models
+from clip_transfer.data import embeddings
+from clip_transfer.data import preprocess
+from clip_transfer.errors import UserError
+from clip_transfer.data.sources import open_source
 
 MODEL = 'random:tiny'
 
@@ -74,7 +76,7 @@ def test_embeddings_equal_the_backbone_applied_directly(digits_run, digits_data_
   out, _, _ = digits_run
   x, _, ids = embeddings.read_split(out, 'test')
   got = dict(zip(ids, x))
-  pre = clip.load(MODEL)
+  pre = models.load(MODEL)
   exs = list(open_source('digits', digits_data_dir).iter_examples('test'))[:50]
   pixels = preprocess.prepare_batch([e.image for e in exs], pre.preprocess)
   # The whole CLIP module (no bind/unbind), float32 input normalised outside jit.
@@ -197,7 +199,7 @@ def test_pipeline_serialises_with_to_runner_api(image_folder, tmp_path):
   args, _ = embed.parse_args([f'--dataset=folder:{root}', f'--model={MODEL}',
                               f'--output_dir={tmp_path}/o'])
   p = beam.Pipeline(runner=FnApiRunner())
-  embed.build(p, args, open_source(args.dataset), clip.load(MODEL))
+  embed.build(p, args, open_source(args.dataset), models.load(MODEL))
   proto = p.to_runner_api()
   labels = {t.unique_name for t in proto.components.transforms.values()}
   for want in ('RunInference', 'Encode', 'GroupShards', 'WriteShard', 'Finalize',

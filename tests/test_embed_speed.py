@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from pipelines import embed
-from transfer import clip, embeddings, preprocess
+from clip_transfer import models
+from clip_transfer.data import embeddings
+from clip_transfer.data import preprocess
 
 pytestmark = pytest.mark.usefixtures('xla_cache')
 
@@ -112,7 +114,7 @@ def test_fast_decode_and_bfloat16_are_recorded_and_close(jpeg_folder, tmp_path):
 
 
 def test_bfloat16_load_keeps_float32_params():
-  pre = clip.load(MODEL, 'bfloat16')
+  pre = models.load(MODEL, 'bfloat16')
   assert pre.module.dtype == jax.numpy.bfloat16
   dtypes = {a.dtype for a in jax.tree_util.tree_leaves(pre.variables)}
   assert dtypes == {np.dtype('float32')}

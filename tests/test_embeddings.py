@@ -1,4 +1,4 @@
-"""transfer.embeddings: the embedding dataset written, read back, refused when incomplete."""
+"""clip_transfer.data.embeddings: the embedding dataset written, read back, refused when incomplete."""
 
 import os
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from transfer import embeddings
-from transfer.errors import UserError
+from clip_transfer.data import embeddings
+from clip_transfer.errors import UserError
 
 NAMES = ['a', 'b', 'c']
 

@@ -12,15 +12,17 @@ SCRIPT = r'''
 import json
 import numpy as np
 from finetune import trainer
-from transfer import clip, preprocess
-from transfer.errors import UserError
+from clip_transfer import models
+from clip_transfer.models import clip
+from clip_transfer.data import preprocess
+from clip_transfer.errors import UserError
 
 def run():
   # A vision-only micro CLIP: compiles in a fraction of random:tiny's time.
   vision = clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=2, image_size=16, patch_size=8)
   module = clip.CLIP(vision)
-  pre = clip.Pretrained(module, {'params': clip.init_params(module)},
+  pre = models.Pretrained(module, {'params': clip.init_params(module)},
                                preprocess.PreprocessConfig.for_image_size(16), 'micro')
   cfg = trainer.Config(model='random:tiny', lr=(1e-2,), warmup=0.0)
   mesh = trainer.make_mesh()

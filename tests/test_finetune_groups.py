@@ -9,9 +9,10 @@ import pytest
 from finetune import groups
 from finetune import model as model_lib
 from finetune import trainer
-from transfer import clip
-from transfer import preprocess
-from transfer.errors import UserError
+from clip_transfer import models
+from clip_transfer.models import clip
+from clip_transfer.data import preprocess
+from clip_transfer.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 
@@ -25,7 +26,7 @@ def pretrained():
   vision = clip.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, image_size=16, patch_size=8)
   module = clip.CLIP(vision)
-  return clip.Pretrained(module, {'params': clip.init_params(module)},
+  return models.Pretrained(module, {'params': clip.init_params(module)},
                                 preprocess.PreprocessConfig.for_image_size(16), 'micro')
 
 

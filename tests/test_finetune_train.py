@@ -10,9 +10,9 @@ import pytest
 
 from finetune import train
 from finetune import trainer
-from transfer import clip
-from transfer import preprocess
-from transfer import sources
+from clip_transfer import models
+from clip_transfer.data import preprocess
+from clip_transfer.data import sources
 
 pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 
@@ -83,7 +83,7 @@ def test_linear_agrees_with_the_probe_on_the_same_features(digits_run, data_dir)
   from probe import train as probe_train  # pylint: disable=g-import-not-at-top
 
   _, m = digits_run
-  pre = clip.load('random:tiny')
+  pre = models.load('random:tiny')
   backbone, variables = pre.vision_tower()
   embed = jax.jit(lambda x: backbone.apply(
       variables, preprocess.normalize(x, pre.preprocess)).pooler_output)

@@ -13,7 +13,10 @@ from finetune import trainer
 from pipelines import embed
 from probe import train as probe_cli
 from probe import zeroshot
-from transfer import clip, embeddings, preprocess, sources
+from clip_transfer import models
+from clip_transfer.data import embeddings
+from clip_transfer.data import preprocess
+from clip_transfer.data import sources
 
 pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 
@@ -40,7 +43,7 @@ def _metrics(path):
 
 def _step0_logits(digits_data_dir, head_init):
   """The initialised classifier (no training step) applied to the digits test images."""
-  pre = clip.load(MODEL)
+  pre = models.load(MODEL)
   config = trainer.Config(dataset='digits', data_dir=digits_data_dir, model=MODEL,
                           head_init=head_init)
   src = sources.open_source('digits', digits_data_dir)

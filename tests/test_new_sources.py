@@ -16,9 +16,11 @@ from PIL import Image
 
 from pipelines import embed, reads
 from test_embed import FakeFileSystem
-from transfer import embeddings, file_sources, preprocess
-from transfer.errors import UserError
-from transfer.sources import open_source
+from clip_transfer.data import embeddings
+from clip_transfer.data import files as file_sources
+from clip_transfer.data import preprocess
+from clip_transfer.errors import UserError
+from clip_transfer.data.sources import open_source
 
 MODEL = 'random:tiny'
 COLORS = {'cat': (200, 30, 30), 'dog': (30, 200, 30), 'owl': (30, 30, 200)}

@@ -1,4 +1,4 @@
-"""transfer.preprocess agrees with transformers' CLIPImageProcessor.
+"""clip_transfer.data.preprocess agrees with transformers' CLIPImageProcessor.
 
 Host side is uint8 through PIL exactly as transformers does it, so the only
 difference is float rounding in rescale/normalise: max abs error 0 to ~5e-7
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfer import preprocess
-from transfer.preprocess import ImageError, PreprocessConfig
+from clip_transfer.data import preprocess
+from clip_transfer.data.preprocess import ImageError, PreprocessConfig
 
 transformers = pytest.importorskip('transformers')
 

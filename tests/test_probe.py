@@ -8,8 +8,10 @@ import pytest
 
 import probe
 from probe import core, train
-from transfer import embeddings, linear, validation
-from transfer.errors import UserError
+from clip_transfer.data import embeddings
+from clip_transfer.protocol import linear
+from clip_transfer.protocol import validation
+from clip_transfer.errors import UserError
 
 META = {'model': {'name': 'random:tiny', 'checksum': 'abc'}, 'source': {'name': 'test'}}
 

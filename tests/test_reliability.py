@@ -13,8 +13,11 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from pipelines import embed, reads
-from transfer import clip, embeddings, outputs, sources
-from transfer.errors import UserError
+from clip_transfer import models
+from clip_transfer.data import embeddings
+from clip_transfer import outputs
+from clip_transfer.data import sources
+from clip_transfer.errors import UserError
 
 MODEL = 'random:tiny'
 ROOT_USER = hasattr(os, 'geteuid') and os.geteuid() == 0  # permissions do not stop root
@@ -151,7 +154,7 @@ def test_bad_splits_are_one_line(small_folder, tmp_path, capsys, no_model_load, 
 
 def test_projected_without_a_projection_fails_before_the_pipeline(small_folder, tmp_path,
                                                                   capsys, monkeypatch):
-  load = clip.load
+  load = models.load
 
   def vision_only(name, *a, **k):
     pre = load(name, *a, **k)
@@ -293,7 +296,7 @@ def test_corrupt_tfds_record_is_dead_lettered_by_key(digits_data_dir, tmp_path):
 
 def test_two_processes_prepare_digits_into_one_empty_dir(tmp_path):
   data_dir = str(tmp_path / 'shared')
-  code = ('import sys; from transfer import digits; '
+  code = ('import sys; from clip_transfer.data import digits; '
           'b = digits.prepare(sys.argv[1]); print(b.info.splits["train"].num_examples)')
   env = {**os.environ, 'PYTHONPATH': os.getcwd()}
   procs = [subprocess.Popen([sys.executable, '-c', code, data_dir], stdout=subprocess.PIPE,

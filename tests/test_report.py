@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from report import compare
-from transfer import metrics as metrics_lib
-from transfer.errors import UserError
+from clip_transfer.protocol import metrics as metrics_lib
+from clip_transfer.errors import UserError
 
 N_EVAL, CLASSES = 200, ['a', 'b', 'c', 'd']
 LABELS = np.arange(N_EVAL) % len(CLASSES)

@@ -1,4 +1,4 @@
-"""transfer.sources: digits (TFDS builder), image folders, TFDS catalog names."""
+"""clip_transfer.data.sources: digits (TFDS builder), image folders, TFDS catalog names."""
 
 import io
 
@@ -7,9 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from transfer import preprocess
-from transfer.errors import UserError
-from transfer.sources import failure_reason, open_source
+from clip_transfer.data import preprocess
+from clip_transfer.errors import UserError
+from clip_transfer.data.sources import failure_reason, open_source
 
 
 def _png(color, size=(12, 10)) -> bytes:
@@ -127,8 +127,8 @@ def test_corrupt_tfrecord_record_is_a_dead_record(tmp_path):
   """Catalog datasets are mostly TFRecord: reading goes on after the bad record."""
   import struct
 
-  from transfer import digits
-  from transfer.sources import DeadRecord, TfdsSource
+  from clip_transfer.data import digits
+  from clip_transfer.data.sources import DeadRecord, TfdsSource
 
   digits.Digits(data_dir=str(tmp_path), file_format='tfrecord').download_and_prepare(
       download_config=tfds.download.DownloadConfig(

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 
 from probe import zeroshot
-from transfer import clip, embeddings, templates, tokenizer
-from transfer.errors import UserError
+from clip_transfer import models
+from clip_transfer.models import clip
+from clip_transfer.data import embeddings
+from clip_transfer.models import templates
+from clip_transfer.models import tokenizer
+from clip_transfer.errors import UserError
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -23,7 +27,7 @@ VOCAB, EOS, LENGTH = 520, 519, 20  # a byte-level vocabulary needs >= 514 ids
 CLASSES = ['cat', 'dog', 'an airplane with a long name', 'Ünïcode 日本']
 PROMPTS = ['a photo of a {}.', 'itap of my {}.']
 
-_tiny_text = clip.load_model('random:tiny')[0].text_config
+_tiny_text = models.load_model('random:tiny')[0].text_config
 
 
 @pytest.fixture(scope='module')
@@ -53,7 +57,7 @@ def _torch_clip(model, path, prompts, pixels):
 
 def test_zeroshot_logits_match_clipmodel(hf_dir):
   path, ref = hf_dir
-  module, variables = clip.load_model(path)
+  module, variables = models.load_model(path)
   tok = tokenizer.load_tokenizer(path, module.text_config)
   pixels = np.random.RandomState(0).randn(3, 30, 30, 3).astype(np.float32)
   img = module.apply(variables, jnp.asarray(pixels), method=clip.CLIP.get_image_features)
@@ -68,7 +72,7 @@ def test_zeroshot_logits_match_clipmodel(hf_dir):
 
 def test_prompt_ensemble_is_mean_of_normalised_then_renormalised(hf_dir):
   path, ref = hf_dir
-  module, variables = clip.load_model(path)
+  module, variables = models.load_model(path)
   tok = tokenizer.load_tokenizer(path, module.text_config)
   head = zeroshot.zeroshot_head(module, variables, tok, CLASSES, PROMPTS)
   prompts = [p.format(c) for c in CLASSES for p in PROMPTS]
@@ -163,7 +167,7 @@ def _run(argv, capsys):
 
 def test_cli_on_a_saved_model(tmp_path, hf_dir, capsys):
   path, _ = hf_dir
-  module, variables = clip.load_model(path)
+  module, variables = models.load_model(path)
   # Images that sit next to their class's text embedding: zero-shot gets them all right.
   names_file = tmp_path / 'names.txt'
   names_file.write_text('\n'.join(CLASSES) + '\n')
@@ -171,7 +175,7 @@ def test_cli_on_a_saved_model(tmp_path, hf_dir, capsys):
   head = zeroshot.zeroshot_head(module, variables, tok, CLASSES, templates.load_templates('simple'))
   labels = np.arange(12) % len(CLASSES)
   feats = 3 * head[labels] + 0.01 * np.random.RandomState(0).randn(12, 24).astype(np.float32)
-  data = _dataset(tmp_path / 'emb', path, clip.params_checksum(variables['params']), feats, labels)
+  data = _dataset(tmp_path / 'emb', path, models.params_checksum(variables['params']), feats, labels)
   out = tmp_path / 'out'
   code, cap = _run([f'--embeddings={data}', f'--output_dir={out}', '--templates=simple',
                     f'--class_names={names_file}'], capsys)
@@ -193,9 +197,9 @@ def test_cli_on_a_saved_model(tmp_path, hf_dir, capsys):
 
 
 def test_cli_random_tiny(tmp_path, capsys):
-  _, variables = clip.load_model('random:tiny')
+  _, variables = models.load_model('random:tiny')
   rng = np.random.RandomState(0)
-  data = _dataset(tmp_path / 'emb', 'random:tiny', clip.params_checksum(variables['params']),
+  data = _dataset(tmp_path / 'emb', 'random:tiny', models.params_checksum(variables['params']),
                   rng.randn(10, 32).astype(np.float32), np.arange(10) % 5)
   out = tmp_path / 'out'
   # UserErrors raised by the library, not main's exit code, so xfail sees the cause.

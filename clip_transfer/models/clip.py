@@ -7,7 +7,7 @@ they are and PyTorch weights convert with the usual renaming rules.
 
 All image inputs are NHWC. ``module.bind(variables).vision_model.unbind()``
 gives a stand-alone vision tower, as in the Flax transfer-learning guide.
-Loading, caching and checksumming weights live in ``transfer.clip``.
+Loading, caching and checksumming weights live in ``clip_transfer.models.loading``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CLIP text tokenizer: prompts → fixed-length (input_ids, attention_mask) for the text tower.
 
-``load_tokenizer(name_or_path)`` takes what ``transfer.clip.load_model`` takes:
+``load_tokenizer(name_or_path)`` takes what ``clip_transfer.models.load_model`` takes:
 
 - a ``save_pretrained`` directory or a hub id: transformers' ``CLIPTokenizer``
   (``AutoTokenizer``), offline-safe (a clear one-line error, never a hang);
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 RANDOM_PREFIX = 'random:'
 BOS, EOS = '<|startoftext|>', '<|endoftext|>'
@@ -86,14 +86,14 @@ def generated_clip_tokenizer(vocab_size: int, eos_token_id: int):
 
 
 def load_tokenizer(name_or_path: str, text_config=None) -> Tokenizer:
-  """The tokenizer for a model name (as ``transfer.clip.load_model`` takes it).
+  """The tokenizer for a model name (as ``clip_transfer.models.load_model`` takes it).
 
   ``text_config``: the module's ``text_config`` (sequence length, vocabulary,
   EOS id); without it the model is loaded to read it.
   """
   if text_config is None:
-    from transfer import clip  # pylint: disable=g-import-not-at-top
-    module, _ = clip.load_model(name_or_path)
+    from clip_transfer import models  # pylint: disable=g-import-not-at-top
+    module, _ = models.load_model(name_or_path)
     text_config = module.text_config
     if text_config is None:
       raise TokenizerError(f'{name_or_path} is a vision-only checkpoint: it has no text tower '

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 DEFAULT_FRACTION = 0.1
 

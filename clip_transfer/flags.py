@@ -22,7 +22,7 @@ import types
 import typing
 from typing import Any, Callable, Optional
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 REQUIRED = dataclasses.MISSING
 

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from transfer import outputs
-from transfer.errors import UserError
+from clip_transfer import outputs
+from clip_transfer.errors import UserError
 
 DATASET_NAME = 'clip_embeddings'
 VERSION = '1.0.0'
@@ -176,7 +176,7 @@ OWNED_FILES = (f'{DATASET_NAME}-*.{FILE_FORMAT}-*', INFO_FILE, METADATA_FILE, 'f
 
 
 def prepare_output(out_dir: str, overwrite: bool, clear: bool = True) -> None:
-  """Claims ``out_dir`` (see ``transfer.outputs``); ``overwrite`` clears a previous dataset."""
+  """Claims ``out_dir`` (see ``clip_transfer.outputs``); ``overwrite`` clears a previous dataset."""
   outputs.prepare_output_dir(out_dir, overwrite, 'embedding dataset', OWNED_FILES,
                              complete=INFO_FILE, clear=clear)
 

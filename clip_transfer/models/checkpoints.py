@@ -1,12 +1,12 @@
 """Reading CLIP weights into the linen tree: random presets, save_pretrained directories, hub ids.
 
-``read`` does the work (no cache); ``transfer.clip.load`` is what callers use
+``read`` does the work (no cache); ``clip_transfer.models.load`` is what callers use
 (one load per process and name, the checksum, the vision tower).
 
 Weights formats: ``model.safetensors`` (single or sharded) and
 ``flax_model.msgpack`` need no torch; ``pytorch_model.bin`` needs torch.
 PyTorch tensors are renamed/transposed into the linen tree of
-``transfer.clip.CLIP`` and checked leaf by leaf against the config's shapes.
+``clip_transfer.models.clip.CLIP`` and checked leaf by leaf against the config's shapes.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from transfer import modeling as clip
-from transfer.errors import UserError
-from transfer.preprocess import PreprocessConfig
+from clip_transfer.models import clip
+from clip_transfer.errors import UserError
+from clip_transfer.data.preprocess import PreprocessConfig
 
 RANDOM_PREFIX = 'random:'
 
@@ -63,7 +63,7 @@ class Checkpoint:
 def read(name_or_path: str, seed: int = 0) -> Checkpoint:
   """Reads a preset, a local save_pretrained directory or a hub id (no cache).
 
-  The module computes in float32; ``transfer.clip.load`` clones it for bf16.
+  The module computes in float32; ``clip_transfer.models.load`` clones it for bf16.
   """
   if name_or_path.startswith(RANDOM_PREFIX):
     return _load_preset(name_or_path, seed)

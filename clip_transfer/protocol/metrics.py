@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from transfer import stats
-from transfer.errors import UserError
+from clip_transfer.protocol import stats
+from clip_transfer.errors import UserError
 
 
 def classification(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:

@@ -1,7 +1,7 @@
 """Labelled image sources shared by the embed and fine-tune stages.
 
 ``open_source(spec)`` understands these kinds of spec (``csv:``, ``parquet:`` and ``wds:``
-live in ``transfer.file_sources``):
+live in ``clip_transfer.data.files``):
 
 * ``digits``: scikit-learn's bundled ``load_digits`` as a TFDS builder (no download).
 * ``folder:PATH``: ``PATH/<split>/<class>/<image>``; PATH is any Beam filesystem
@@ -9,7 +9,7 @@ live in ``transfer.file_sources``):
 * a TFDS catalog name (``mnist``, ``cifar10:3.0.2``) prepared in ``data_dir``.
 
 Every source yields ``Example(id, label, image)``; ``image`` is an HWC uint8
-array or encoded bytes, both accepted by ``transfer.preprocess.prepare``.
+array or encoded bytes, both accepted by ``clip_transfer.data.preprocess.prepare``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 FOLDER_PREFIX = 'folder:'
 
@@ -82,10 +82,10 @@ class Source:
 def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
   """'digits', 'folder:PATH', 'csv:PATH', 'parquet:GLOB', 'wds:PATTERN' or a TFDS name.
 
-  ``options`` (``transfer.file_sources.SOURCE_OPTIONS``: class_names, image_column,
+  ``options`` (``clip_transfer.data.files.SOURCE_OPTIONS``: class_names, image_column,
   label_column, label_field, default_split) configure the csv/parquet/wds sources.
   """
-  from transfer import file_sources  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import files as file_sources  # pylint: disable=g-import-not-at-top
 
   unknown = set(options) - set(file_sources.SOURCE_OPTIONS)
   if unknown:
@@ -124,7 +124,7 @@ class TfdsSource(Source):
 
     self.spec, self.data_dir = spec, data_dir
     if builtin:
-      from transfer import digits  # pylint: disable=g-import-not-at-top
+      from clip_transfer.data import digits  # pylint: disable=g-import-not-at-top
       self._builder = digits.prepare(data_dir)
     else:
       try:

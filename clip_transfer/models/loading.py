@@ -1,13 +1,13 @@
 """Where a CLIP model is loaded: the per-process cache, the weights checksum, the vision tower.
 
-    module, variables = transfer.clip.load_model('openai/clip-vit-base-patch32')
+    module, variables = clip_transfer.models.load_model('openai/clip-vit-base-patch32')
 
 ``load`` is the one way every stage gets a model: a hub id, a local
 ``save_pretrained`` directory (``CLIPModel`` or ``CLIPVisionModel``) or a
 ``random:<preset>``, read once per process, name and dtype (a Beam worker's
 handler and the launcher share it; fine-tune modes in one process share it).
-The linen modules themselves live in ``transfer.modeling`` and the checkpoint
-formats in ``transfer.checkpoints``; both are re-exported here for callers.
+The linen modules themselves live in ``clip_transfer.models.clip`` and the checkpoint
+formats in ``clip_transfer.models.checkpoints``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from transfer import checkpoints
-from transfer.modeling import (  # pylint: disable=unused-import  (re-exported)
-    CLIP, Classifier, TextConfig, TextOutput, VisionConfig, VisionOutput, dummy_inputs,
-    init_params, param_shapes)
-from transfer.preprocess import PreprocessConfig
+from clip_transfer.models import checkpoints
+from clip_transfer.models.clip import CLIP
+from clip_transfer.data.preprocess import PreprocessConfig
 
 DEFAULT_MODEL = 'openai/clip-vit-base-patch32'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 PLACEHOLDER = '{}'

@@ -9,7 +9,7 @@ whole grid of ``l2`` values in one ``vmap``ped L-BFGS program. The probe fits
 it on cached embeddings; fine-tune modes that train only the head fit it on the
 frozen backbone's features, so "linear" means the same thing in both stages.
 The saved heads (and ``fold``, a standardised head on raw features) are in
-``transfer.heads``.
+``clip_transfer.protocol.heads``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 
 def fold(kernel: np.ndarray, bias: np.ndarray, mean: np.ndarray,
@@ -43,7 +43,7 @@ class LinearHead:
     return self.kernel.shape[0]
 
   def params(self) -> dict:
-    """The head's Flax params, to apply with transfer.linear.make_head(num_classes)."""
+    """The head's Flax params, to apply with clip_transfer.protocol.linear.make_head(num_classes)."""
     return {'kernel': self.kernel, 'bias': self.bias}
 
   def folded(self) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Smoke forward pass: load a model, embed a few images, print what came out.
 
-    python -m transfer.smoke --model=random:tiny
+    python -m clip_transfer.smoke --model=random:tiny
 """
 
 import argparse
@@ -9,8 +9,9 @@ import time
 import jax
 import numpy as np
 
-from transfer import clip, preprocess
-from transfer.errors import cli_main
+from clip_transfer import models
+from clip_transfer.data import preprocess
+from clip_transfer.errors import cli_main
 
 
 @cli_main
@@ -22,7 +23,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   t0 = time.perf_counter()
-  pre = clip.load(args.model)
+  pre = models.load(args.model)
   backbone, backbone_vars = pre.vision_tower()
   rng = np.random.RandomState(0)
   images = [rng.randint(0, 256, (48 + 7 * i, 64, 3), dtype=np.uint8) for i in range(args.batch_size)]

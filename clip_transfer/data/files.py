@@ -34,9 +34,9 @@ import re
 import tarfile
 from typing import Any, Iterable, Iterator, Optional, Union
 
-from transfer import flags
-from transfer.errors import UserError
-from transfer.sources import Example, Source
+from clip_transfer import flags
+from clip_transfer.errors import UserError
+from clip_transfer.data.sources import Example, Source
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ CSV_PREFIX, PARQUET_PREFIX, WDS_PREFIX = 'csv:', 'parquet:', 'wds:'
 @dataclasses.dataclass(kw_only=True)
 class SourceOptions:
   """The options of the csv:/parquet:/wds: sources; the embed and fine-tune configs inherit
-  them, so each is one flag with one help text in both stages (transfer.flags)."""
+  them, so each is one flag with one help text in both stages (clip_transfer.flags)."""
 
   class_names: Optional[str] = flags.field(
       None, 'file with one class name per line: fixes the label order of csv:/parquet:/wds: '

@@ -17,7 +17,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from transfer.errors import UserError
+from clip_transfer.errors import UserError
 
 # Written first into every output directory the tool claims.
 MARKER = '.clip-transfer-output'

@@ -1,0 +1,1 @@
+"""The data room: sources (one contract: an example or a dead input), host preprocessing, the embedding dataset."""

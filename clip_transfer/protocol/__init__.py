@@ -1,0 +1,1 @@
+"""The protocol every stage shares: validation split, linear solver, intervals, metrics.json, saved heads."""
