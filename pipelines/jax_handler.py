@@ -38,27 +38,26 @@ def build_forward(pretrained, projected: bool = False) -> Callable:
   from clip_transfer.data.preprocess import normalize  # pylint: disable=g-import-not-at-top
 
   vision, vision_vars = pretrained.vision_tower()
-  proj_kernel = None
+  project, proj_params = None, None
   if projected:
-    if pretrained.module.projection_dim is None:
+    if pretrained.projection_dim is None:
       from clip_transfer.errors import UserError  # pylint: disable=g-import-not-at-top
       raise UserError(f'{pretrained.name} has no visual_projection; drop --projected')
-    proj_kernel = pretrained.variables['params']['visual_projection']['kernel']
+    project, proj_params = pretrained.image_projection()
   cfg = pretrained.preprocess
 
   # Weights are arguments, not closed-over constants: closed-over arrays would
   # be baked into the compiled program (slow compiles, a weights-sized
   # executable, no reuse from a compilation cache).
   @jax.jit
-  def clip_vision_forward(variables, kernel, pixels):
+  def clip_vision_forward(variables, proj_params, pixels):
     pooled = vision.apply(variables, normalize(pixels, cfg)).pooler_output
-    if kernel is None:
+    if project is None:
       return pooled.astype(jnp.float32), None
-    # The projection in the tower's compute dtype, as nn.Dense(dtype=…) would do it.
-    projected = pooled @ kernel.astype(pooled.dtype)
+    projected = project(proj_params, pooled)
     return pooled.astype(jnp.float32), projected.astype(jnp.float32)
 
-  return functools.partial(clip_vision_forward, vision_vars, proj_kernel)
+  return functools.partial(clip_vision_forward, vision_vars, proj_params)
 
 
 class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):

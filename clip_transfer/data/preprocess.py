@@ -54,6 +54,9 @@ class PreprocessConfig:
   resample: int = BICUBIC
   rescale_factor: float = 1 / 255
   do_center_crop: bool = True
+  # Both sides resized to ``size`` (SigLIP's processor: no aspect kept, no crop) instead of
+  # the shortest side; recorded in metadata only when on, like fast_decode.
+  resize_to_square: bool = False
   # JPEGs decoded at reduced DCT scale before the resize (not CLIPImageProcessor's
   # pixels; recorded in metadata only when on, so default datasets' files stay unchanged).
   fast_decode: bool = False
@@ -107,8 +110,9 @@ class PreprocessConfig:
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    if not d['fast_decode']:
-      del d['fast_decode']
+    for flag in ('fast_decode', 'resize_to_square'):
+      if not d[flag]:
+        del d[flag]
     return d
 
   @classmethod
@@ -202,7 +206,7 @@ def prepare(image, cfg: PreprocessConfig) -> np.ndarray:
   else:
     a = to_rgb(image)
   h, w = a.shape[:2]
-  nh, nw = _resize_shape(h, w, cfg.size)
+  nh, nw = (cfg.size, cfg.size) if cfg.resize_to_square else _resize_shape(h, w, cfg.size)
   if (nh, nw) != (h, w):
     a = np.asarray(Image.fromarray(a).resize((nw, nh), resample=cfg.resample))
   if cfg.do_center_crop:
