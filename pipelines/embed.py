@@ -310,6 +310,7 @@ def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
       'model': {'name': pretrained.name, 'revision': pretrained.revision,
                 'params_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
                 'family': pretrained.family, 'pooling': pretrained.pooling,
+                'text_tower': pretrained.has_text,
                 'embedding_dim': dim, 'projected_dim': projected_dim,
                 'compute_dtype': args.dtype},
       'preprocessing': _preprocess_config(args, pretrained).to_json(),

@@ -5,6 +5,7 @@ init constants) saved with ``save_pretrained`` into a temp dir; no network.
 float32 on CPU; tiny widths, 1–2 layers.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -150,3 +151,160 @@ def test_presets_load_with_their_family():
                             ('random:dinov2-tiny', 'dinov2', 128)):
     pre = models.load(name)
     assert (pre.family, pre.embedding_dim) == (family, dim)
+
+
+# --------------------------------------------------------------------------
+# Zero-shot: SigLIP's text tower, tokenizer and scores
+# --------------------------------------------------------------------------
+
+CLASSES = ['cat', 'dog', 'an airplane with a long name']
+
+
+def _siglip_with_tokenizer(path, length=12):
+  """A random SiglipModel and a SentencePiece SiglipTokenizer trained here, both saved."""
+  spm = pytest.importorskip('sentencepiece')
+  corpus = ['a photo of a cat', 'a photo of a dog', 'an airplane with a long name',
+            'this is a photo of the thing', 'itap of my pet'] * 20
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_prefix=str(path / 'sp'), vocab_size=28, hard_vocab_limit=False,
+      model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece='<pad>',
+      eos_piece='</s>', unk_piece='<unk>', minloglevel=2)
+  tok = transformers.SiglipTokenizer(vocab_file=str(path / 'sp.model'), model_max_length=length)
+  common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+  model = transformers.SiglipModel(transformers.SiglipConfig(
+      vision_config=dict(image_size=16, patch_size=8, **common),
+      text_config=dict(vocab_size=48, max_position_embeddings=length, pad_token_id=0,
+                       eos_token_id=1, **common)))
+  _perturbed(model).save_pretrained(path)
+  tok.save_pretrained(path)
+  return model, tok
+
+
+def test_siglip_zeroshot_matches_siglipmodel(tmp_path):
+  from clip_transfer.models import tokenizer  # pylint: disable=g-import-not-at-top
+  from probe import zeroshot  # pylint: disable=g-import-not-at-top
+
+  ref, ref_tok = _siglip_with_tokenizer(tmp_path)
+  x = _pixels(3, 16, 16)
+  prompts = [f'a photo of a {c}.' for c in CLASSES]
+  with torch.no_grad():
+    enc = ref_tok(prompts, padding='max_length', max_length=12, truncation=True,
+                  return_tensors='pt')
+    out = ref(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2), input_ids=enc['input_ids'])
+  models.clear_cache()
+  pre = models.load(str(tmp_path))
+  tok = tokenizer.load_tokenizer(str(tmp_path), pre.module.text_config)
+  head = zeroshot.zeroshot_head(pre.module, pre.variables, tok, CLASSES, ['a photo of a {}.'])
+  _, forward = _ours(tmp_path)
+  logits = zeroshot.zeroshot_logits(forward(x), head, zeroshot.logit_scale(pre.module, pre.variables),
+                                    zeroshot.logit_bias(pre.module, pre.variables))
+  assert _max_err(logits, out.logits_per_image.numpy()) < TOL
+
+
+@pytest.fixture(scope='module')
+def family_runs(tmp_path_factory, digits_data_dir):
+  """digits embedded and probed with each non-CLIP family's tiny preset."""
+  from pipelines import embed  # pylint: disable=g-import-not-at-top
+  from probe import train as probe_cli  # pylint: disable=g-import-not-at-top
+
+  root, runs = tmp_path_factory.mktemp('families'), {}
+  for name in ('random:siglip-tiny', 'random:dinov2-tiny'):
+    emb, probe_dir = str(root / name[7:] / 'emb'), str(root / name[7:] / 'probe')
+    embed.run(['--dataset=digits', f'--data_dir={digits_data_dir}', f'--model={name}',
+               f'--output_dir={emb}', '--batch_size=128'])
+    probe_cli.main([f'--embeddings={emb}', f'--output_dir={probe_dir}', '--baselines=',
+                    '--no_progress'])
+    runs[name] = emb, probe_dir
+  return runs
+
+
+def test_every_family_embeds_and_probes(family_runs):
+  import json  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import embeddings  # pylint: disable=g-import-not-at-top
+
+  for name, (emb, probe_dir) in family_runs.items():
+    pre = models.load(name)
+    meta = embeddings.read_metadata(emb)['model']
+    assert (meta['family'], meta['pooling']) == (pre.family, pre.pooling)
+    assert meta['embedding_dim'] == pre.embedding_dim and meta['projected_dim'] == pre.projection_dim
+    x, _, _ = embeddings.read_split(emb, 'test')
+    assert x.shape == (360, pre.embedding_dim) and np.isfinite(x).all()
+    with open(f'{probe_dir}/metrics.json') as fh:
+      m = json.load(fh)
+    assert m['model']['weights_sha256'] == pre.checksum() and m['methods']['jax']['top1'] > 0.3
+
+
+def test_zeroshot_on_siglip_and_refused_on_dinov2(family_runs, tmp_path, capsys):
+  from probe import zeroshot  # pylint: disable=g-import-not-at-top
+
+  m = zeroshot.run_zeroshot(family_runs['random:siglip-tiny'][0], str(tmp_path / 'zs'),
+                            templates='simple')
+  assert m['logit_bias'] == zeroshot.logit_bias(*models.load_model('random:siglip-tiny'))
+  assert 0 <= m['methods']['zeroshot']['top1'] <= 1
+  assert zeroshot.load_head(str(tmp_path / 'zs')).logit_bias == m['logit_bias']
+  with pytest.raises(SystemExit) as e:
+    zeroshot.main([f'--embeddings={family_runs["random:dinov2-tiny"][0]}',
+                   f'--output_dir={tmp_path / "zs2"}'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1
+  assert 'vision-only' in err[0] and 'probe' in err[0]
+
+
+# --------------------------------------------------------------------------
+# Fine-tune: the guide's pattern and every mode on each family's names
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name,after', [('random:siglip-tiny', ('post_layernorm', 'head')),
+                                        ('random:dinov2-tiny', ('layernorm',))])
+def test_finetune_modes_mean_the_same_on_every_family(name, after):
+  from finetune import groups  # pylint: disable=g-import-not-at-top
+  from finetune import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  pre = models.load(name)
+  model, variables = model_lib.create(pre, 3)  # Classifier(num_classes, backbone), checked
+  params = variables['params']
+  assert groups.num_layers(params) == 2
+  tops = lambda plan: {p.split('/')[1] if p.startswith('backbone/') else p.split('/')[0]
+                       for p, t in zip(groups.paths(params), jax.tree.leaves(plan.trainable)) if t}
+  assert tops(groups.plan('linear', params)) == {'head'}
+  assert tops(groups.plan('full', params)) == {'head', 'embeddings', 'encoder', *after}
+  assert tops(groups.plan('differential', params)) == {'head', 'embeddings', 'encoder', *after}
+  last1 = groups.plan('last:1', params)
+  trained = {p for p, t in zip(groups.paths(params), jax.tree.leaves(last1.trainable)) if t}
+  assert any('/1/' in p for p in trained) and not any('/0/' in p for p in trained)
+  assert {p.split('/')[1] for p in trained if p.startswith('backbone/')} == {'encoder', *after}
+  x = np.zeros((2, *pre.preprocess.output_shape), np.float32)
+  assert np.all(np.asarray(model.apply(variables, x)) == 0)  # zero-initialised head
+
+
+def test_siglip_zeroshot_head_init_is_its_sigmoid_logits():
+  from finetune import model as model_lib  # pylint: disable=g-import-not-at-top
+  from probe import zeroshot  # pylint: disable=g-import-not-at-top
+
+  pre = models.load('random:siglip-tiny')
+  head = np.random.RandomState(0).randn(3, pre.projection_dim).astype(np.float32)
+  head /= np.linalg.norm(head, axis=1, keepdims=True)
+  scale = zeroshot.logit_scale(pre.module, pre.variables)
+  bias = zeroshot.logit_bias(pre.module, pre.variables)
+  from clip_transfer.protocol import heads  # pylint: disable=g-import-not-at-top
+  dense = heads.ZeroshotHead(head, scale, ['a', 'b', 'c'], ['{}'], bias).dense()
+  model, variables = model_lib.create(pre, 3, head=dense, projected=True)
+  x = _pixels(2, 32, 32)
+  _, forward = _ours('random:siglip-tiny')
+  want = zeroshot.zeroshot_logits(forward(x), head, scale, bias)
+  assert _max_err(model.apply(variables, x), want) < TOL
+
+
+@pytest.mark.parametrize('name', ['random:siglip-tiny', 'random:dinov2-tiny'])
+def test_finetune_cli_runs_on_each_family(name, tmp_path, digits_data_dir):
+  from finetune import train  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+
+  argv = ['--dataset=digits', f'--data_dir={digits_data_dir}', f'--model={name}',
+          f'--workdir={tmp_path}', '--mode=last:1', '--steps=2', '--batch_size=16',
+          '--limit_train=64', '--limit_eval=32', '--no_progress']
+  assert train.main(argv) in (None, 0)
+  with open(tmp_path / 'metrics.json') as fh:
+    m = json.load(fh)
+  assert m['model']['weights_sha256'] == models.load(name).checksum()
+  assert any(k.startswith('last:1') for k in m['methods'])

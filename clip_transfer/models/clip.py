@@ -378,11 +378,15 @@ class Classifier(nn.Module):
   num_classes: int
   backbone: nn.Module
   projection_dim: Optional[int] = None
+  # L2-normalise the pooled features without a projection: SigLIP's image-text space is
+  # its pooled feature itself (implied when projection_dim is set).
+  normalize: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = self.backbone(x).pooler_output
     if self.projection_dim is not None:
       x = nn.Dense(self.projection_dim, use_bias=False, dtype=x.dtype, name='projection')(x)
+    if self.projection_dim is not None or self.normalize:
       x = x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True).astype(x.dtype)
     return nn.Dense(self.num_classes, name='head', kernel_init=nn.zeros)(x)

@@ -29,6 +29,17 @@ REFUSED = {
 }
 
 
+# What ``last:N`` partitions in every family's vision tower (regexes over the tower's own
+# paths): what comes before the encoder layers (frozen with them), the numbered layer
+# container, what comes after (trained with the last layers: final norms, SigLIP's MAP head).
+# CLIP/OpenCLIP: embeddings, pre_layrnorm | encoder/layers/N | post_layernorm;
+# SigLIP: embeddings | encoder/layers/N | post_layernorm, head;
+# DINOv2: embeddings | encoder/layer/N | layernorm.
+TOWER_BEFORE = '(embeddings|pre_layrnorm)'
+TOWER_LAYERS = 'encoder/layers?'
+TOWER_AFTER = '(post_layernorm|head|layernorm)'
+
+
 class _Modules:
   """Family name → its module, imported on first use (the modules import this one)."""
 
