@@ -97,6 +97,7 @@ BAD_CONFIGS = [
     ({'patch_size': 0}, 'patch_size must be an integer in [1, 256]'),
     ({'layer_norm_eps': -1}, 'layer_norm_eps must be a number'),
     ({'num_attention_heads': 3}, 'not divisible by num_attention_heads 3'),
+    ({'hidden_act': 'swish2'}, 'hidden_act must be one of'),
     ({'num_hidden_layers': 100}, 'describes'),  # in range, but not these weights
 ]
 

@@ -183,6 +183,8 @@ def checked(d: Any, defaults: dict[str, Any], where: str) -> dict[str, Any]:
     elif isinstance(default, str):
       if not isinstance(v, str):
         raise bad('a string')
+      if key == 'hidden_act' and v not in clip.ACTIVATIONS:
+        raise bad(f'one of {", ".join(sorted(clip.ACTIVATIONS))}')
     out[key] = v
   return out
 
