@@ -151,6 +151,7 @@ def test_presets_load_with_their_family():
                             ('random:dinov2-tiny', 'dinov2', 128)):
     pre = models.load(name)
     assert (pre.family, pre.embedding_dim) == (family, dim)
+    assert (pre.text_tower() is None) == (family == 'dinov2')
 
 
 # --------------------------------------------------------------------------

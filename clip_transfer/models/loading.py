@@ -69,6 +69,12 @@ class Pretrained:
     vision_model, vision_vars = self.module.bind(self.variables).vision_model.unbind()
     return vision_model, vision_vars
 
+  def text_tower(self) -> Optional[tuple[Any, dict]]:
+    """The stand-alone text tower and its variables (bind/unbind, as ``vision_tower``), or None."""
+    if self.module.text_config is None:
+      return None
+    return self.module.bind(self.variables).text_model.unbind()
+
   @property
   def family(self) -> str:
     return self.module.family
