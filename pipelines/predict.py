@@ -343,7 +343,8 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   rung = rungs.open_rung(args.head, args.mode)  # incomplete, interrupted, diverged: refused
   if args.embeddings:
     return _run_embeddings(args, rung)
-  source = sources_lib.open_source(args.dataset, args.data_dir,
+  # Unlabelled inputs (a folder's <split>/<image>, a CSV row with no label) are predicted too.
+  source = sources_lib.open_source(args.dataset, args.data_dir, labels_optional=True,
                                    **file_sources.source_options(args))
   splits = list(args.splits or source.splits or ['test'])
   for split in splits:
