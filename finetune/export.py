@@ -75,11 +75,10 @@ class Exported:
   bias: np.ndarray  # (C,)
 
 
-def parts(rung: rungs.Rung, pretrained) -> Exported:
-  """The tower, projection and head of a rung (a probe's standardisation folded into the head)."""
+def parts(rung: rungs.Rung, params: dict) -> Exported:
+  """The tower, projection and head of ``rung.params(…)`` (a probe's standardisation folded in)."""
   from clip_transfer.protocol import heads  # pylint: disable=g-import-not-at-top
 
-  params = rung.params(pretrained)
   proj = params.get('projection')
   projection = None if proj is None else np.asarray(proj['kernel'], np.float32)
   h = params['head']
@@ -90,12 +89,12 @@ def parts(rung: rungs.Rung, pretrained) -> Exported:
   return Exported(params['backbone'], projection, np.ascontiguousarray(kernel.T), bias)
 
 
-def jax_function(rung: rungs.Rung, pretrained) -> bytes:
+def jax_function(rung: rungs.Rung, pretrained, params: dict) -> bytes:
   """The serialised uint8 (B, H, W, 3) → float32 (B, C) function; B is symbolic."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  fn, params = rung.logits_fn(pretrained), rung.params(pretrained)
+  fn = rung.logits_fn(pretrained)
   h, w, c = pretrained.preprocess.output_shape
   (b,) = jax.export.symbolic_shape('b')
   # The weights are closed over: constants of the exported program, so it stands alone.
@@ -174,13 +173,14 @@ def export(config: ExportConfig) -> dict:
   rung.check_model(pretrained)
   outputs.prepare_output_dir(config.output_dir, config.overwrite, 'export', OWNED_FILES,
                              complete=HEAD_JSON)
-  p = parts(rung, pretrained)
+  params = rung.params(pretrained)  # a fine-tuned model's checkpoint, read once
+  p = parts(rung, params)
   out = config.output_dir
   arch = hf_export.save_vision(pretrained, p.vision, out, p.projection)
   save_file({'weight': p.weight, 'bias': p.bias}, os.path.join(out, HEAD_WEIGHTS))
   if config.jax_export:
     with open(os.path.join(out, JAX_FILE), 'wb') as fh:
-      fh.write(jax_function(rung, pretrained))
+      fh.write(jax_function(rung, pretrained, params))
   with open(os.path.join(out, CARD), 'w') as fh:
     fh.write(model_card(rung, arch, pretrained))
   info = {'class_names': rung.class_names, 'feature': FEATURES[rung.feature],

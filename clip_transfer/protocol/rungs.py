@@ -16,6 +16,7 @@ Fine-tune workdirs are read through their on-disk format:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -193,10 +194,22 @@ def _check_head(rung: Rung, head_names: list[str], columns: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def checkpoint_dir(workdir: str, method: str, lr: float) -> str:
-  """Where fine-tune keeps one configuration (its on-disk format: finetune's checkpoint_dir)."""
-  return os.path.join(os.path.abspath(workdir), 'checkpoints', method.replace(':', '_'),
-                      f'lr={lr:g}')
+def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None) -> str:
+  """A fine-tuned method's checkpoints, or one configuration's (``lr``) below it."""
+  path = os.path.abspath(os.path.join(workdir, 'checkpoints', method.replace(':', '_')))
+  return path if lr is None else os.path.join(path, f'lr={lr:g}')
+
+
+def wise_mix(alpha, start, tuned):
+  """WiSE-FT's θ_α = (1−α)·θ_start + α·θ_tuned, jitted (fine-tune scores it; predict rebuilds it)."""
+  return _wise_mix_jit()(alpha, start, tuned)
+
+
+@functools.lru_cache(maxsize=None)
+def _wise_mix_jit():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda a, s, t: jax.tree.map(lambda x, y: ((1 - a) * x + a * y).astype(y.dtype),
+                                              s, t))
 
 
 def _trained(methods: dict) -> list[str]:
@@ -254,7 +267,7 @@ def _read_curve(ckpt: str, path: str, base: str) -> dict:
 def _missing_method(path: str, mode: str, methods: dict) -> str:
   """Why a fine-tuned method has no result: interrupted, diverged, or never run."""
   base = mode[:-len(WISE)] if mode.endswith(WISE) else mode
-  root = os.path.join(path, 'checkpoints', base.replace(':', '_'))
+  root = checkpoint_dir(path, base)
   curves = []
   if os.path.isdir(root):
     for d in sorted(os.listdir(root)):
@@ -294,10 +307,7 @@ def _finetuned_params(rung: Rung, pretrained) -> dict:
   if rung.alpha is None:
     return params
   start = _start_params(rung, pretrained, params)
-  # The same jitted mix as fine-tune's WiSE-FT: the same bits.
-  mix = jax.jit(lambda a, s, t: jax.tree.map(lambda x, y: ((1 - a) * x + a * y).astype(y.dtype),
-                                             s, t))
-  return mix(jnp.float32(rung.alpha), start, params)
+  return wise_mix(jnp.float32(rung.alpha), start, params)  # fine-tune's own mix: the same bits
 
 
 def _start_params(rung: Rung, pretrained, tuned: dict) -> dict:
