@@ -70,7 +70,8 @@ class PredictConfig(file_sources.SourceOptions):
       'backbone pass)')
   mode: Optional[str] = flags.field(None, 'finetune: the method to use when WORKDIR holds '
                                     'several (a metrics.json key: full, full@probe+wise, …)')
-  splits: tuple[str, ...] = flags.field((), 'comma-separated splits (default: every split)')
+  splits: tuple[str, ...] = flags.field((), 'comma-separated splits; empty: every split of '
+                                        'the source')
   data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
   model: Optional[str] = flags.field(None, 'where the weights are now (default: the model the '
                                      'run recorded); refused unless its checksum matches')
