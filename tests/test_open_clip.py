@@ -346,3 +346,60 @@ def test_hub_id_offline_fails_fast_in_one_line(tmp_path):
   line = p.stderr.strip().splitlines()[-1]
   assert line.startswith("error: cannot fetch 'hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K'")
   assert 'open_clip_config.json' in line
+
+
+# --------------------------------------------------------------------------
+# The real CLIs on an open_clip directory: embed → zero-shot → probe (digits)
+# --------------------------------------------------------------------------
+
+
+def test_embed_zeroshot_probe_clis(tmp_path, digits_data_dir):
+  from pipelines import embed  # pylint: disable=g-import-not-at-top
+  from probe import train as probe_cli  # pylint: disable=g-import-not-at-top
+  from probe import zeroshot  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import embeddings  # pylint: disable=g-import-not-at-top
+  from clip_transfer.data import sources  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import templates  # pylint: disable=g-import-not-at-top
+  from clip_transfer.protocol import validation  # pylint: disable=g-import-not-at-top
+
+  model_cfg = _model_cfg(width=32, layers=1, head_width=16, patch=8, image=16, t_width=32,
+                         quick_gelu=True)
+  ref = _reference(model_cfg)
+  path = _save(ref, model_cfg, tmp_path / 'oc', preprocess_cfg={'interpolation': 'bicubic',
+                                                                 'resize_mode': 'shortest'})
+  emb, zs, pr = (str(tmp_path / d) for d in ('emb', 'zeroshot', 'probe'))
+  embed.run(['--dataset=digits', f'--data_dir={digits_data_dir}', f'--model={path}',
+             f'--output_dir={emb}', '--batch_size=64'])
+  meta = embeddings.read_metadata(emb)
+  assert meta['model']['name'] == path
+  assert meta['preprocessing']['crop_offset'] == 'round'
+
+  # The stored features are open_clip's on the same pixels: pooled (before proj) and projected.
+  x, _, ids = embeddings.read_split(emb, 'test')
+  proj, labels, _ = embeddings.read_split(emb, 'test', feature='projected')
+  pre = models.load(path).preprocess
+  by_id = {e.id: e for e in sources.open_source('digits', digits_data_dir).iter_examples('test')}
+  pixels = np.stack([np.asarray(preprocess.normalize(preprocess.prepare(by_id[i].image, pre)[None],
+                                                     pre))[0] for i in ids[:8]])
+  pooled, image, _, _ = _reference_outputs(ref, pixels, np.zeros((1, CONTEXT), np.int64))
+  assert float(np.max(np.abs(x[:8] - pooled))) <= TOL
+  assert float(np.max(np.abs(proj[:8] - image))) <= TOL
+
+  zeroshot.main([f'--embeddings={emb}', f'--output_dir={zs}', '--templates=simple'])
+  zs_metrics = json.loads(open(os.path.join(zs, 'metrics.json')).read())
+  names = zs_metrics['class_names']
+  # The reference's zero-shot: open_clip's text tower on its own zero-padded ids.
+  tok = tokenizer.load_tokenizer(path)
+  ids_txt, _ = tok([templates.fill(t, c) for c in names for t in templates.load_templates('simple')])
+  ids_txt = np.where(np.cumsum(ids_txt == VOCAB - 1, axis=1) > 1, 0, ids_txt)
+  with torch.no_grad():
+    head = ref.encode_text(torch.tensor(ids_txt, dtype=torch.long), normalize=True).numpy()
+    scale = float(ref.logit_scale.exp())
+  logits = scale * (proj / np.linalg.norm(proj, axis=1, keepdims=True)) @ head.T
+  order = validation.eval_order(ids)  # the order zero-shot writes its predictions in
+  assert zs_metrics['methods']['zeroshot']['predictions'] == logits[order].argmax(1).tolist()
+
+  probe_cli.main([f'--embeddings={emb}', f'--output_dir={pr}', '--baselines=', '--no_progress'])
+  pr_metrics = json.loads(open(os.path.join(pr, 'metrics.json')).read())
+  assert pr_metrics['model']['name'] == path
+  assert pr_metrics['methods']['jax']['top1'] > 0.1  # above chance on random weights
