@@ -185,6 +185,16 @@ def test_tokenizer_pools_at_the_highest_id(tmp_path):
   assert models.load_model(path)[0].text_config.eos_token_id == tokenizer.LEGACY_EOS
 
 
+def test_dir_without_tokenizer_files_says_how_to_add_them(tmp_path):
+  model_cfg = _model_cfg(layers=1)
+  path = _save(_reference(model_cfg), model_cfg, tmp_path)
+  for f in os.listdir(path):
+    if f not in (oc.CONFIG_FILE, oc.SAFETENSORS_FILE):
+      os.remove(os.path.join(path, f))
+  with pytest.raises(tokenizer.TokenizerError, match='has no tokenizer files.*CLIPTokenizer'):
+    tokenizer.load_tokenizer(path)
+
+
 # --------------------------------------------------------------------------
 # Preprocessing: open_clip's eval transform (torchvision), transcribed here with PIL/numpy
 # because torchvision is never installed: Resize(size) (shortest side to size, the other
@@ -222,6 +232,8 @@ def test_preprocessing_matches_open_clip_transform(pp):
   # (h, w): 16x19 has 3 columns to crop, where rounding (2) and flooring (1) disagree.
   for h, w in [(16, 19), (19, 16), (37, 50), (23, 23), (64, 41)]:
     img = Image.fromarray(rng.randint(0, 256, (h, w, 3), np.uint8))
+    if h == 23:  # grayscale: open_clip resizes first, then converts to RGB; we convert first
+      img = img.convert('L')
     expected = _torchvision_reference(
         img, size, pp.get('resize_mode', 'shortest'),
         Image.BILINEAR if pp.get('interpolation') == 'bilinear' else Image.BICUBIC,
