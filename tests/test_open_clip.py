@@ -307,6 +307,18 @@ def test_unmappable_tower_is_refused_by_name(good_dir, tmp_path, change, message
     checkpoints.read(_copy_with(src, tmp_path / 'bad', model_cfg=cfg))
 
 
+@pytest.mark.parametrize('change, message', [
+    (dict(text_cfg=dict(width='wide')), r'malformed config \(ValueError: .*wide'),
+    (dict(vision_cfg=[1, 2]), r'vision_cfg and text_cfg must be JSON objects'),
+])
+def test_malformed_config_is_one_error(good_dir, tmp_path, change, message):
+  src, _ = good_dir
+  cfg = _model_cfg(layers=1)
+  cfg.update({k: ({**cfg[k], **v} if isinstance(v, dict) else v) for k, v in change.items()})
+  with pytest.raises(ModelLoadError, match=message):
+    checkpoints.read(_copy_with(src, tmp_path / 'bad', model_cfg=cfg))
+
+
 def test_wrong_shape_names_the_parameter(good_dir, tmp_path):
   src, _ = good_dir
   path = _copy_with(src, tmp_path / 'bad', model_cfg=_model_cfg(layers=1, embed_dim=20))

@@ -115,21 +115,26 @@ def read_dir(path: str) -> Checkpoint:
   if not isinstance(model_cfg, dict):
     raise ModelLoadError(f'{path}/{CONFIG_FILE} has no model_cfg object (not written by '
                          "open_clip's save_for_hf)")
-  module = _module(model_cfg, path)
+  try:
+    module = _module(model_cfg, path)
+    preprocess = preprocess_config(cfg.get('preprocess_cfg') or {},
+                                   module.vision_config.image_size, path)
+  except (TypeError, ValueError) as e:  # a number that is not one, a list where a dict goes…
+    raise ModelLoadError(f'{path}/{CONFIG_FILE}: malformed config ({_reason(e)})') from None
   state = _read_weights(path)
   prefix = 'text.' if model_cfg.get('custom_text') else ''
   flat = _to_linen(state, prefix, module.vision_config.hidden_size,
                    module.text_config.hidden_size, path)
   params = checkpoints._match(flat, clip.param_shapes(module), path)  # pylint: disable=protected-access
-  return Checkpoint(module, params,
-                    preprocess_config(cfg.get('preprocess_cfg') or {},
-                                      module.vision_config.image_size, path))
+  return Checkpoint(module, params, preprocess)
 
 
 def _module(model_cfg: dict, path: str) -> clip.CLIP:
   where = f'{path}/{CONFIG_FILE}'
   vision = model_cfg.get('vision_cfg') or {}
   text = model_cfg.get('text_cfg') or {}
+  if not isinstance(vision, dict) or not isinstance(text, dict):
+    raise ModelLoadError(f'{where}: model_cfg.vision_cfg and text_cfg must be JSON objects')
   _refuse_unmappable(model_cfg, _MODEL_DEFAULTS, 'model_cfg', where)
   _refuse_unmappable(vision, _VISION_DEFAULTS, 'vision_cfg', where)
   _refuse_unmappable(text, _TEXT_DEFAULTS, 'text_cfg', where)
@@ -210,13 +215,16 @@ def preprocess_config(pp: dict, image_size: int, path: str = '') -> PreprocessCo
                          f'supported ({", ".join(INTERPOLATIONS)})')
   return PreprocessConfig(
       size=image_size, crop_size=(image_size, image_size),
-      mean=_triple(pp.get('mean', CLIP_MEAN)), std=_triple(pp.get('std', CLIP_STD)),
+      mean=_triple(pp.get('mean', CLIP_MEAN), 'mean', where),
+      std=_triple(pp.get('std', CLIP_STD), 'std', where),
       resample=INTERPOLATIONS[interpolation], do_center_crop=mode == 'shortest',
       resize_mode=mode, crop_offset='round')
 
 
-def _triple(v) -> tuple[float, float, float]:
+def _triple(v, key: str, where: str) -> tuple[float, float, float]:
   v = tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else (float(v),) * 3
+  if len(v) != 3:  # open_clip takes one value or one per RGB channel
+    raise ModelLoadError(f'{where}: preprocess_cfg.{key} has {len(v)} values; expected 1 or 3')
   return v
 
 
