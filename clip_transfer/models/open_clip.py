@@ -199,6 +199,9 @@ def preprocess_config(pp: dict, image_size: int, path: str = '') -> PreprocessCo
 
   'shortest': torchvision ``Resize(size)`` + ``CenterCrop(size)`` (the crop offset
   rounds, where transformers' floors); 'squash': ``Resize((size, size))``, no crop.
+  Equal for RGB and grayscale inputs. Transparent and palette images differ by
+  design: open_clip resizes them in their own mode, then drops alpha; we convert
+  first, compositing onto white (the project's rule for every family).
   """
   where = f'{path}/{CONFIG_FILE}' if path else CONFIG_FILE
   size = pp.get('size', image_size)
