@@ -427,3 +427,25 @@ def test_embed_zeroshot_probe_clis(tmp_path, digits_data_dir):
   pr_metrics = json.loads(open(os.path.join(pr, 'metrics.json')).read())
   assert pr_metrics['model']['name'] == path
   assert pr_metrics['methods']['jax']['top1'] > 0.1  # above chance on random weights
+
+
+def test_hub_id_resolves_through_snapshot_download(good_dir, monkeypatch):
+  """hf-hub:ORG/NAME: the model and its tokenizer come from the downloaded snapshot."""
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  src, _ = good_dir
+  calls = []
+
+  def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+    calls.append((repo_id, tuple(allow_patterns or ())))
+    return src  # as if downloaded: the hub's files, in a local cache directory
+
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot_download)
+  ckpt = checkpoints.read('hf-hub:someone/tiny-open-clip')
+  assert calls[0][0] == 'someone/tiny-open-clip'
+  assert oc.CONFIG_FILE in calls[0][1] and oc.SAFETENSORS_FILE in calls[0][1]
+  assert oc.PYTORCH_FILE not in calls[0][1]  # the torch-free weights first
+  assert ckpt.revision == os.path.basename(src)
+  assert models.params_checksum(ckpt.params) == models.params_checksum(
+      checkpoints.read(src).params)
+  tok = tokenizer.load_tokenizer('hf-hub:someone/tiny-open-clip', ckpt.module.text_config)
+  assert calls[-1][0] == 'someone/tiny-open-clip' and tok.eos_token_id == VOCAB - 1
