@@ -69,9 +69,15 @@ def read(name_or_path: str, seed: int = 0) -> Checkpoint:
 
   The module computes in float32; ``clip_transfer.models.load`` clones it for bf16.
   """
+  from clip_transfer.models import open_clip  # pylint: disable=g-import-not-at-top  (imports this module)
+
   if name_or_path.startswith(RANDOM_PREFIX):
     return _load_preset(name_or_path, seed)
+  if name_or_path.startswith(open_clip.HUB_PREFIX):
+    return open_clip.read_hub(name_or_path)
   path = os.path.expanduser(name_or_path)
+  if os.path.isdir(path) and open_clip.is_open_clip_dir(path):
+    return open_clip.read_dir(path)
   if os.path.isdir(path):
     return families.read_dir(path)
   if os.path.exists(path):
@@ -107,7 +113,7 @@ def _download(repo_id: str) -> tuple[str, Optional[str]]:
 
   fix = ('With no network, pass a local directory written by save_pretrained, or '
          f'{RANDOM_PREFIX}tiny / {RANDOM_PREFIX}vit-b32 for random weights.')
-  patterns = ['config.json', 'preprocessor_config.json', 'open_clip_config.json']
+  patterns = ['config.json', 'preprocessor_config.json']
   try:
     # Prefer formats that need no torch; fall back to pytorch_model.bin.
     for weights in (['model.safetensors', 'model.safetensors.index.json',

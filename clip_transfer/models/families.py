@@ -3,7 +3,8 @@
 A family is one module in ``clip_transfer.models`` holding its linen towers, its
 checkpoint mapping, its preprocessing and its pooled feature. Detection:
 
-- ``open_clip_config.json`` in the directory → OpenCLIP (``models.open_clip``);
+- ``open_clip_config.json`` in the directory → OpenCLIP (``models.open_clip``; dispatched
+  by ``checkpoints.read`` before this module is asked);
 - otherwise ``config.json``'s ``model_type``: ``clip`` / ``clip_vision_model``,
   ``siglip`` / ``siglip_vision_model``, ``dinov2`` / ``dinov2_with_registers``;
 - ``random:<preset>`` names: each family's ``PRESETS``.
@@ -63,17 +64,9 @@ def preset_names() -> list[str]:
 
 
 def read_dir(path: str):
-  """A local directory of any family → ``checkpoints.Checkpoint``."""
+  """A local ``save_pretrained`` directory of any transformers family → ``checkpoints.Checkpoint``."""
   from clip_transfer.models import checkpoints  # pylint: disable=g-import-not-at-top
 
-  if os.path.exists(os.path.join(path, 'open_clip_config.json')):
-    # OpenCLIP's own layout (open_clip_config.json + its weights): models/open_clip.py.
-    try:
-      open_clip = importlib.import_module('clip_transfer.models.open_clip')
-    except ImportError:
-      raise checkpoints.ModelLoadError(
-          f'{path} is an OpenCLIP checkpoint, which this version cannot read yet') from None
-    return open_clip.read_dir(path)
   cfg = checkpoints.read_json(path)
   kind = cfg.get('model_type')
   if kind in REFUSED:

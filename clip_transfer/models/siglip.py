@@ -255,7 +255,7 @@ def default_preprocess(vision: VisionConfig):
   from clip_transfer.data.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top
   s = vision.image_size
   return PreprocessConfig(size=s, crop_size=(s, s), mean=MEAN, std=STD, do_center_crop=False,
-                          resize_to_square=True)
+                          resize_mode='squash')
 
 
 def preprocess_from_dir(path: str, vision: VisionConfig):
