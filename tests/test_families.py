@@ -309,3 +309,19 @@ def test_finetune_cli_runs_on_each_family(name, tmp_path, digits_data_dir):
     m = json.load(fh)
   assert m['model']['weights_sha256'] == models.load(name).checksum()
   assert any(k.startswith('last:1') for k in m['methods'])
+
+
+def test_predict_reproduces_siglip_zeroshot_from_images(family_runs, tmp_path, digits_data_dir):
+  """pipelines.predict runs the SigLIP tower + zero-shot head on images: the same predictions."""
+  import json  # pylint: disable=g-import-not-at-top
+  from pipelines import predict  # pylint: disable=g-import-not-at-top
+  from probe import zeroshot  # pylint: disable=g-import-not-at-top
+
+  zs = str(tmp_path / 'zs')
+  zeroshot.run_zeroshot(family_runs['random:siglip-tiny'][0], zs, templates='simple')
+  pred = str(tmp_path / 'pred')
+  predict.run(['--batch_size=64', '--dataset=digits', f'--data_dir={digits_data_dir}',
+               '--splits=test', f'--head=zeroshot:{zs}', f'--output_dir={pred}'])
+  with open(f'{zs}/metrics.json') as fh:
+    want = json.load(fh)['methods']['zeroshot']['predictions']
+  assert [r['prediction'] for r in predict.read_predictions(pred, 'test')] == want

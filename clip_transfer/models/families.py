@@ -13,7 +13,6 @@ checkpoint mapping, its preprocessing and its pooled feature. Detection:
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
 import jax
