@@ -212,7 +212,7 @@ _CLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1
                     hidden_act='quick_gelu', layer_norm_eps=1e-5)
 _CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=8, max_position_embeddings=77, hidden_act='quick_gelu',
-                  layer_norm_eps=1e-5, eos_token_id=2)
+                  layer_norm_eps=1e-5, eos_token_id=49407)
 
 
 def _vision_config(d: dict, where: str) -> clip.VisionConfig:

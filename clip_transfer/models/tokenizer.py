@@ -171,7 +171,8 @@ def _load_hf(name_or_path: str):
   if not any(all(f in have for f in group) for group in TOKENIZER_FILES):
     raise TokenizerError(
         f'{where} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, or '
-        'spiece.model); save the model\'s tokenizer beside it with .save_pretrained(DIR)')
+        'spiece.model); save the model\'s tokenizer beside it with CLIPTokenizer (or '
+        'SiglipTokenizer).save_pretrained(DIR)')
   try:
     return AutoTokenizer.from_pretrained(path)
   except Exception as e:  # corrupt or foreign files
