@@ -166,7 +166,7 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     for name, e in m['methods'].items():
       if 'shots' in e:  # few-shot entries are named '<method>_<k>shot'
         base = name[:-len(f"_{e['shots']}shot")] if name.endswith('shot') else name
-        shots.append({'method': base, 'stage': stage, **e})
+        shots.append({'method': base, 'stage': stage, **e, 'backbone': backbone(m)})
         continue
       correct = None
       if labels is not None and e.get('predictions') is not None:
@@ -186,6 +186,9 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
           'rung': _rung(stage, name, e)})
       rows[-1]['ci'] = _intervals(rows[-1])
   rows.sort(key=lambda r: r['rung'])  # stable: file order within a rung
+  if len({s['backbone'] for s in shots}) > 1:  # backbones side by side: name each curve's
+    for s in shots:
+      s['method'] = f"{s['method']} on {s['backbone']}"
   return rows, shots
 
 

@@ -278,3 +278,4 @@ def test_backbones_side_by_side_with_paired_verdicts(tmp_path):
   ours = [r for r in rows if r.startswith('| probe:jax | `random:tiny (ffffffff)`')]
   assert len(ours) == 1 and '| worse |' in ours[0]  # 140 vs 180 of 200 correct
   assert any('(reference)' in r and 'random:dinov2-tiny' in r for r in rows)
+  assert '| probe:jax on random:dinov2-tiny (00000000) | 1 |' in md  # few-shot rows apart
