@@ -56,7 +56,7 @@ def no_model_load(monkeypatch):
   """Fails the test if the model is loaded (the refusal must come first)."""
   def boom(*_, **__):
     raise AssertionError('the model was loaded before the refusal')
-  monkeypatch.setattr(embed.clip, 'load', boom)
+  monkeypatch.setattr(embed.models, 'load', boom)
 
 
 # --------------------------------------------------------------------------
