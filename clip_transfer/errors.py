@@ -13,7 +13,9 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Optional
 
 
@@ -46,6 +48,8 @@ class _DropNoise(logging.Filter):
 
 def _silence_import_noise() -> None:
   """Filters the lines of ``_NOISE`` at the loggers that emit them (once per process)."""
+  # TensorFlow's C++ INFO lines ("oneDNN custom operations are on"); a user's setting wins.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   try:  # absl's logger must be absl's own class: let absl create it before we touch it
     import absl.logging  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
@@ -78,7 +82,7 @@ def _chain(e: BaseException):
 
 def interrupted(e: BaseException) -> bool:
   """True for Ctrl-C, also when a library wrapped the KeyboardInterrupt in another error."""
-  return any(isinstance(x, KeyboardInterrupt) for x in _chain(e))
+  return _interrupted or any(isinstance(x, KeyboardInterrupt) for x in _chain(e))
 
 
 def disk_full_errno(e: BaseException) -> Optional[int]:
@@ -144,10 +148,60 @@ def _written_dirs(e: BaseException) -> list[str]:
   return outputs.claimed() if outputs else []
 
 
+def _settle() -> None:
+  """Waits for device work still in flight before the interpreter tears down.
+
+  JAX dispatches asynchronously: after Ctrl-C (or an error) a computation can
+  still be running on XLA's threads while Python finalizes the client under
+  it, which crashes the process after our one line (SIGSEGV, or "terminate
+  called without an active exception").
+  """
+  jax = sys.modules.get('jax')
+  if jax is None:
+    return
+  try:
+    for x in jax.live_arrays():
+      x.block_until_ready()
+  except Exception:  # pylint: disable=broad-except  (a failed computation has settled too)
+    pass
+
+
 def _fail(message: str, code: int):
+  _settle()
   print(f'error: {message}', file=sys.stderr)
   sys.stderr.flush()
   raise SystemExit(code) from None
+
+
+def _excepthook(tp, value, tb):
+  """Ctrl-C before ``main`` runs (while the stage imports JAX, TF, Beam): the same one line."""
+  if interrupted(value):
+    print(f'error: {INTERRUPTED}', file=sys.stderr)
+    sys.stderr.flush()
+    # Half-imported native extensions can crash the interpreter's teardown; nothing
+    # was started that needs it.
+    os._exit(INTERRUPTED_EXIT)  # pylint: disable=protected-access
+  _previous_excepthook(tp, value, tb)
+
+
+_interrupted = False  # set by the first Ctrl-C, whatever a library then makes of the exception
+
+
+def _on_sigint(signum, frame):
+  # Some imports turn KeyboardInterrupt into ImportError, and some import guards then
+  # swallow that and carry on: remember the Ctrl-C so the run still stops.
+  global _interrupted
+  _interrupted = True
+  signal.default_int_handler(signum, frame)
+
+
+if (threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # not when ignored (&)
+  signal.signal(signal.SIGINT, _on_sigint)
+
+_previous_excepthook = sys.excepthook
+if sys.excepthook is sys.__excepthook__:  # not under IPython/pytest hooks of their own
+  sys.excepthook = _excepthook
 
 
 def cli_main(fn):
@@ -156,6 +210,8 @@ def cli_main(fn):
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     try:
+      if _interrupted:  # Ctrl-C while the stage was importing, swallowed by an import guard
+        raise KeyboardInterrupt
       return fn(*args, **kwargs)
     except UserError as e:
       _fail(str(e), 2)
