@@ -65,6 +65,22 @@ def _silence_import_noise() -> None:
 
 _silence_import_noise()
 
+
+class _DropReraised(logging.Filter):
+  """Beam logs a DoFn's exception (with its traceback) and then re-raises it to the caller."""
+
+  def filter(self, record):
+    return not isinstance(record.msg, BaseException)
+
+
+def _quiet_reraised_errors() -> None:
+  # Only in the process that runs a stage's main, where the exception arrives next: a
+  # known failure is then one line, a bug still its traceback. Workers (Dataflow, Beam's
+  # multi-processing) never run main, so their logs keep what they report.
+  logger = logging.getLogger('apache_beam.runners.common')
+  if not any(isinstance(f, _DropReraised) for f in logger.filters):
+    logger.addFilter(_DropReraised())
+
 # errno values that mean "the disk cannot take more": no space, quota, file size limit.
 _DISK_FULL = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',
               errno.EFBIG: 'file too large'}
@@ -148,29 +164,30 @@ def _written_dirs(e: BaseException) -> list[str]:
   return outputs.claimed() if outputs else []
 
 
-def _settle() -> None:
-  """Waits for device work still in flight before the interpreter tears down.
+def _fail(message: str, code: int, process_exit: bool):
+  """Prints the one line and exits with ``code``.
 
-  JAX dispatches asynchronously: after Ctrl-C (or an error) a computation can
-  still be running on XLA's threads while Python finalizes the client under
-  it, which crashes the process after our one line (SIGSEGV, or "terminate
-  called without an active exception").
+  ``process_exit`` (the stage runs as ``python -m …``): leave with ``os._exit``,
+  skipping the interpreter's teardown. A failed or interrupted run can leave
+  native threads working: an XLA compilation on jaxlib's thread pool
+  (``PjRtCompiler::CompileAndLoad``, seen in a core dump after Ctrl-C during the
+  handler's jit) keeps running while finalization destroys the PjRt client under
+  it, which crashed the process after our line (SIGSEGV, or std::terminate's
+  "terminate called without an active exception", rc 134), and asyncio loops of
+  checkpoint libraries print "Event loop is closed" tracebacks from their
+  finalizers. Python cannot join those threads; nothing at exit is needed
+  after a failure (every output is written atomically or marked incomplete,
+  and the directory lock goes with the process).
   """
-  jax = sys.modules.get('jax')
-  if jax is None:
-    return
-  try:
-    for x in jax.live_arrays():
-      x.block_until_ready()
-  except Exception:  # pylint: disable=broad-except  (a failed computation has settled too)
-    pass
-
-
-def _fail(message: str, code: int):
-  _settle()
   print(f'error: {message}', file=sys.stderr)
-  sys.stderr.flush()
-  raise SystemExit(code) from None
+  if not process_exit:  # called as a function (tests, notebooks): an ordinary SystemExit
+    raise SystemExit(code) from None
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except  (a closed pipe must not hide the code)
+      pass
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _excepthook(tp, value, tb):
@@ -207,23 +224,27 @@ if sys.excepthook is sys.__excepthook__:  # not under IPython/pytest hooks of th
 def cli_main(fn):
   """Wraps an entry point: one ``error: …`` line on stderr (see the module docstring)."""
 
+  # `python -m stage`: main is defined in __main__, and this process is the run.
+  process_exit = fn.__module__ == '__main__'
+
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     try:
+      _quiet_reraised_errors()
       if _interrupted:  # Ctrl-C while the stage was importing, swallowed by an import guard
         raise KeyboardInterrupt
       return fn(*args, **kwargs)
     except UserError as e:
-      _fail(str(e), 2)
+      _fail(str(e), 2, process_exit)
     except KeyboardInterrupt:
-      _fail(INTERRUPTED, INTERRUPTED_EXIT)
+      _fail(INTERRUPTED, INTERRUPTED_EXIT, process_exit)
     except Exception as e:  # pylint: disable=broad-except
       if interrupted(e):  # Ctrl-C seen by a library that re-raised it as its own error
-        _fail(INTERRUPTED, INTERRUPTED_EXIT)
+        _fail(INTERRUPTED, INTERRUPTED_EXIT, process_exit)
       code = disk_full_errno(e)
       if code is None:
         raise
-      _fail(disk_full_message(code, _written_dirs(e)), 2)
+      _fail(disk_full_message(code, _written_dirs(e)), 2, process_exit)
     finally:
       outputs = sys.modules.get('clip_transfer.outputs')
       if outputs:  # the run is over: its output directories are free for the next one
