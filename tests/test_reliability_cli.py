@@ -264,12 +264,11 @@ def test_a_full_disk_is_one_line_naming_the_filesystem(tmp_path, digits_data_dir
 
 
 def test_a_file_size_limit_in_probe_is_one_line(small_ds, tmp_path):
-  # RLIMIT_FSIZE (SIGXFSZ ignored, as Python does): writes past 1 KiB fail with EFBIG.
-  import resource
-  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
-  p = subprocess.run([sys.executable, '-m', 'probe.train', f'--embeddings={small_ds}',
-                      f'--output_dir={tmp_path / "p"}', '--no_progress', '--baselines='],
-                     capture_output=True, text=True, timeout=600, env=ENV, preexec_fn=limit)
+  # RLIMIT_FSIZE of 1 KiB (bash's ulimit; Python ignores SIGXFSZ): a longer write fails, EFBIG.
+  p = subprocess.run(['bash', '-c', 'ulimit -f 1 && exec "$@"', 'bash', sys.executable, '-m',
+                      'probe.train', f'--embeddings={small_ds}', f'--output_dir={tmp_path / "p"}',
+                      '--no_progress', '--baselines='],
+                     capture_output=True, text=True, timeout=600, env=ENV)
   err = p.stderr.strip().splitlines()
   assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
   assert err[0].startswith(f'error: file too large while writing {tmp_path / "p"}: a file '
