@@ -274,3 +274,19 @@ def test_a_file_size_limit_in_probe_is_one_line(small_ds, tmp_path):
   assert err[0].startswith(f'error: file too large while writing {tmp_path / "p"}: a file '
                            'reached the size limit (1.0 KiB; see ulimit -f)')
   assert not (tmp_path / 'p' / 'metrics.json').exists()
+
+
+def test_stop_after_says_it_stopped_and_the_report_refuses_the_run(tmp_path, digits_data_dir,
+                                                                    capsys):
+  from finetune import train
+  from report import compare
+  work = tmp_path / 'ft'
+  code, out, err = _main(train.main, [
+      '--dataset=digits', f'--data_dir={digits_data_dir}', '--model=random:tiny',
+      f'--workdir={work}', '--mode=full', '--lr=1e-3', '--steps=2', '--batch_size=16',
+      '--limit_train=48', '--limit_eval=16', '--stop_after=1', '--no_progress'], capsys)
+  assert code == 0, err
+  assert 'stopped early (--stop_after) before full finished; continue with --resume' in out
+  assert 'metrics: ' not in out.replace('(metrics: ', '')
+  code, _, err = _main(compare.main, [work, '--output_dir', tmp_path / 'r'], capsys)
+  assert code == 2 and len(err) == 1 and 'holds no results' in err[0]
