@@ -186,6 +186,17 @@ def _refuse_if_differ(runs: list[tuple[str, dict]], what: str, key, show) -> Non
     raise UserError(f'runs are not comparable (different {what}): {desc}')
 
 
+def run_of(files: list[str], paths: list[str]) -> dict[str, str]:
+  """Each metrics file → the RUN_DIR argument it belongs to: the most specific one holding it
+  (``report.compare runs/demo runs/demo/backbone2`` is two runs, the second inside the first)."""
+  roots = [os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p)) for p in paths]
+  out = {}
+  for f in files:
+    real = os.path.realpath(f)
+    out[f] = max((r for r in roots if real.startswith(r + os.sep)), key=len, default=real)
+  return out
+
+
 def check_comparable(runs: list[tuple[str, dict]], run_of: Optional[dict] = None) -> None:
   """Refuses runs that do not measure the same task, validation split and eval examples, and
   mixed weights within one run (``run_of``: metrics file → the RUN_DIR it came from; backbones
@@ -195,9 +206,9 @@ def check_comparable(runs: list[tuple[str, dict]], run_of: Optional[dict] = None
     desc = '; '.join(f'{p}: dataset {t[0]!r}, eval split {t[1]!r}, {t[2]} examples, '
                      f'{t[3]} classes' for t, p in tasks.items())
     raise UserError(f'runs are not comparable (different dataset or eval split): {desc}')
-  run_of = run_of or {path: None for path, _ in runs}
-  for run in dict.fromkeys(run_of.values()):
-    _refuse_if_differ([(p, m) for p, m in runs if run_of.get(p) == run],
+  owner = run_of or {path: None for path, _ in runs}
+  for run in dict.fromkeys(owner.values()):
+    _refuse_if_differ([(p, m) for p, m in runs if owner.get(p) == run],
                       'model weights within one run',
                       lambda m: (m.get('model') or {}).get('weights_sha256'),
                       lambda v: f'weights sha256 {str(v)[:12]}…')
@@ -555,9 +566,9 @@ def check_output_dir(output_dir: str) -> None:
 
 def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   """Writes report.md and report.png; returns the Markdown."""
-  run_of = {f: p for p in paths for f in find_metrics([p])}
-  runs = [(f, _load(f)) for f in run_of]
-  check_comparable(runs, run_of)
+  files = find_metrics(paths)
+  runs = [(f, _load(f)) for f in files]
+  check_comparable(runs, run_of(files, paths))
   rows, shots = rows_from(runs)
   md = markdown(runs, rows, shots) + MARKER + '\n'
   output_dir = output_dir or default_output_dir(paths)

@@ -271,8 +271,8 @@ def test_backbones_side_by_side_with_paired_verdicts(tmp_path):
   other = _with(_with(_probe(), ('model', 'name'), 'random:dinov2-tiny'),
                 ('model', 'weights_sha256'), '0' * 64)
   other['methods']['jax'] = _entry(_correct(180, offset=7), 0.4, trainable_params=520)
-  b = _write(tmp_path / 'dinov2', other)
-  md = compare.compare([a, b], str(tmp_path / 'out'))
+  b = _write(tmp_path / 'clip' / 'backbone2' / 'probe', other)  # a run inside the other, as the demo
+  md = compare.compare([a, str(tmp_path / 'clip' / 'backbone2')], str(tmp_path / 'out'))
   rows = _table(md)
   assert '| backbone |' in md and 'vs probe:jax on random:dinov2-tiny (00000000)' in md
   ours = [r for r in rows if r.startswith('| probe:jax | `random:tiny (ffffffff)`')]
