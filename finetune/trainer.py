@@ -31,13 +31,13 @@ from finetune import groups
 from finetune import input_pipeline
 from finetune import model as model_lib
 from clip_transfer import models
-from clip_transfer.data import files as file_sources
 from clip_transfer import flags
 from clip_transfer.protocol import heads
 from clip_transfer.protocol import linear
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer import outputs
 from clip_transfer.data import preprocess
+from clip_transfer.data import base as data_base
 from clip_transfer.data import sources
 from clip_transfer.protocol import validation
 from clip_transfer.errors import UserError
@@ -54,11 +54,12 @@ RESUME_KEYS = ('dataset', 'class_names', 'image_column', 'label_column', 'label_
 DEFAULT_LR_GRID = (1e-5, 1e-4, 1e-3)
 HEAD_INITS = ('zeros', 'probe', 'zeroshot')
 # What a fine-tune run writes in its workdir (the rest is the user's, and never touched).
-OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*')
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*',
+               'dead_letters.*.jsonl')
 
 
 @dataclasses.dataclass
-class Config(file_sources.SourceOptions):
+class Config(sources.SourceOptions):
   """Everything a fine-tune run depends on; each field is also its CLI flag (clip_transfer.flags)."""
 
   dataset: str = flags.field('digits', "'digits', 'folder:PATH' or a TFDS name")
@@ -414,7 +415,7 @@ class Data:
   class_names: list
   validation: dict  # the record metrics.json carries
   wall_s: float  # reading + decoding + resizing, counted into every row's cost
-  skipped: dict  # inputs found but unusable, per split ('train', 'eval')
+  dead: dict  # {source split: its Dead inputs}, counted and written as embed does
 
 
 def train_config(mode: str, lr: float, pretrained: models.Pretrained, data: Data, config: Config,
@@ -439,11 +440,11 @@ def train_config(mode: str, lr: float, pretrained: models.Pretrained, data: Data
   bar = tqdm.tqdm(total=total, initial=start, desc=f'finetune {mode} lr={lr:g}', unit='step',
                   file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
   t_steady, steady, t_scoring = None, 0, 0.0  # scoring: validation + checkpoints, not training
+  batches = input_pipeline.Prefetch(data.fit, config.batch_size, start, end, config.seed,
+                                    config.augment, place=lambda b: shard_batch(b, mesh))
   try:
-    for step in range(start, end):
-      batch = input_pipeline.train_batch(data.fit, config.batch_size, step, config.seed,
-                                         config.augment)
-      state, m = train_fn(state, shard_batch(batch, mesh))
+    for step, batch in zip(range(start, end), batches):
+      state, m = train_fn(state, batch)
       if step == start:  # the first step compiles: time the rest
         jax.block_until_ready(state)
         t_steady = time.perf_counter()
@@ -473,6 +474,7 @@ def train_config(mode: str, lr: float, pretrained: models.Pretrained, data: Data
         ckpt.save(record, state, best=False)
     jax.block_until_ready(state)
   finally:
+    batches.close()
     bar.close()
   if steady and t_steady is not None:
     record['images_per_s'] = steady * config.batch_size / (
@@ -686,7 +688,7 @@ def prepare_data(source, pretrained: models.Pretrained, config: Config, scratch:
   val = validation.split(train.ids, train.labels, config.val_fraction, config.seed)
   return Data(train.subset(val.fit, 'fit'), train.subset(val.val, 'validation'),
               evaluation.sorted_by_id(), class_names, val.record, time.perf_counter() - t0,
-              {'train': train.skipped, 'eval': evaluation.skipped})
+              {train.name: train.dead, evaluation.name: evaluation.dead})
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
@@ -697,13 +699,17 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   outputs.prepare_output_dir(workdir, overwrite=True, kind='fine-tune workdir',
                              owned=OWNED_FILES, flag='--workdir', clear=False)
   source = sources.open_source(config.dataset, config.data_dir,
-                               **file_sources.source_options(config))
+                               **sources.source_options(config))
   class_names = list(source.class_names)
   if config.num_classes is not None and config.num_classes != len(class_names):
     raise UserError(f'--num_classes {config.num_classes} but {config.dataset} has '
                     f'{len(class_names)} classes')
   for split in (config.train_split, config.eval_split):
     source.check_split(split)
+  shared = source.shared_inputs((config.train_split, config.eval_split))
+  if shared:
+    log.warning('%d image(s) are listed in both %s and %s: scores on %s are not held out for '
+                'them', shared, config.train_split, config.eval_split, config.eval_split)
   pretrained = models.load(config.model, config.dtype)
   head, projected = initial_head(config, pretrained, class_names)  # checked before the data
   with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
@@ -719,8 +725,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         class_names=class_names, num_train=len(data.fit) + len(data.val),
         num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
         final_fit='fit', eval=validation.eval_record(data.eval.ids, data.eval.labels),
-        skipped=data.skipped, data_wall_s=data.wall_s,
+        dead_lettered={k: len(v) for k, v in data.dead.items()}, data_wall_s=data.wall_s,
         devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
+    for split, dead in data.dead.items():  # beside metrics.json, as embed writes them
+      data_base.write_dead_letters(workdir, split, dead)
     out = _write_metrics(workdir, header, {})
     initialised = model_lib.create(pretrained, len(class_names), config.seed, head=head,
                                    projected=projected)  # once for all modes
