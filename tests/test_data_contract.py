@@ -10,6 +10,7 @@ import logging
 import os
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -309,3 +310,34 @@ def test_folder_dead_letters_agree_in_process(tmp_path, capsys):
   assert code == 0, err
   got = _same_dead(open_source(f'folder:{root}'), 'train', out)
   assert len(got.dead) == 3 and len(got) == 2
+
+
+# --------------------------------------------------------------------------
+# Fine-tune input: parallel preparation, prefetched batches (issue 20 item 1)
+# --------------------------------------------------------------------------
+
+
+def test_parallel_preparation_and_prefetch_equal_the_serial_loop(tmp_path):
+  root = tmp_path / 'imgs'
+  rng = np.random.default_rng(0)
+  for i in range(10):
+    (root / 'train' / f'c{i % 2}').mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype='uint8')).save(
+        root / 'train' / f'c{i % 2}' / f'{i}.png')
+  source = open_source(f'folder:{root}')
+  cfg = preprocess.PreprocessConfig.for_image_size(16)
+  serial = input_pipeline.load_split(source, 'train', cfg, progress=False, threads=1)
+  parallel = input_pipeline.load_split(source, 'train', cfg, progress=False, threads=3)
+  assert serial.ids == parallel.ids and (serial.images == parallel.images).all()
+  assert (serial.labels == parallel.labels).all()
+  want = [input_pipeline.train_batch(serial, 4, s, 7, augment=True) for s in range(2, 7)]
+  with input_pipeline.Prefetch(serial, 4, 2, 7, 7, augment=True) as batches:
+    got = list(batches)
+  assert len(got) == 5
+  for g, w in zip(got, want):
+    assert (g['image'] == w['image']).all() and (g['label'] == w['label']).all()
+  with input_pipeline.Prefetch(serial, 4, 0, 1000, 7) as batches:  # left early: no hang
+    next(iter(batches))
+  with pytest.raises(Exception, match='batch size 40 is larger'):
+    with input_pipeline.Prefetch(serial, 40, 0, 2, 7) as batches:
+      list(batches)
