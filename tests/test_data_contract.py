@@ -341,3 +341,31 @@ def test_parallel_preparation_and_prefetch_equal_the_serial_loop(tmp_path):
   with pytest.raises(Exception, match='batch size 40 is larger'):
     with input_pipeline.Prefetch(serial, 40, 0, 2, 7) as batches:
       list(batches)
+
+
+def test_parquet_and_tfds_dead_letters_agree_in_process(tmp_path, capsys, digits_data_dir):
+  import shutil  # pylint: disable=import-outside-toplevel
+  from test_reliability import _corrupt_record  # pylint: disable=import-outside-toplevel
+
+  (tmp_path / 'p').mkdir()
+  good = {'bytes': _png((1, 2, 3)), 'path': None}
+  _parquet(tmp_path / 'p' / 'train-0.parquet', pa.table({
+      'image': [good, good, good, {'bytes': None, 'path': None},
+                {'bytes': None, 'path': 'gone.png'}, {'bytes': b'junk', 'path': None}],
+      'label': ['cat', 'dog', None, 'cat', 'dog', 'cat']}))
+  out = str(tmp_path / 'out_p')
+  code, err = _embed_cli(capsys, f'--dataset=parquet:{tmp_path}/p/*.parquet',
+                         f'--output_dir={out}', '--splits=train')
+  assert code == 0, err
+  got = _same_dead(open_source(f'parquet:{tmp_path}/p/*.parquet'), 'train', out)
+  assert len(got.dead) == 4 and len(got) == 2
+
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(digits_data_dir, data_dir)
+  _corrupt_record(data_dir, 'test', 5)
+  out = str(tmp_path / 'out_t')
+  code, err = _embed_cli(capsys, '--dataset=digits', f'--data_dir={data_dir}',
+                         f'--output_dir={out}', '--splits=test')
+  assert code == 0, err
+  got = _same_dead(open_source('digits', data_dir), 'test', out)
+  assert [d.id for d in got.dead] == ['digits/test/5'] and len(got) == 359
