@@ -30,7 +30,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 from benchmarks.embed import make_folder  # pylint: disable=g-import-not-at-top
 from finetune import input_pipeline  # pylint: disable=g-import-not-at-top
-from finetune import trainer  # pylint: disable=g-import-not-at-top
+from finetune import config as config_lib, steps  # pylint: disable=g-import-not-at-top
 from clip_transfer import models  # pylint: disable=g-import-not-at-top
 from clip_transfer.data import preprocess, sources  # pylint: disable=g-import-not-at-top
 
@@ -83,12 +83,12 @@ def run(argv=None) -> dict:
   out['prepare'] = {'pairs_embed_host_finetune_images_per_s': pairs,
                     'ratio_median': float(np.median(ratios))}
 
-  mesh = trainer.make_mesh()
-  config = trainer.Config(model=args.model, warmup=0.0)
-  state, trainable, _ = trainer.create_state(pre, 2, args.mode, config,
+  mesh = steps.make_mesh()
+  config = config_lib.Config(model=args.model, warmup=0.0)
+  state, trainable, _ = steps.create_state(pre, 2, args.mode, config,
                                              total_steps=4 * args.steps + 10, mesh=mesh)
-  train_step, _ = trainer.jit_steps(mesh, trainable, cfg)
-  place = lambda b: trainer.shard_batch(b, mesh)
+  train_step, _ = steps.jit_steps(mesh, trainable, cfg)
+  place = lambda b: steps.shard_batch(b, mesh)
   constant = place(input_pipeline.train_batch(split, args.batch_size, 0, 0))
   holder = [state]
 
