@@ -41,7 +41,8 @@ def read_folder(p, source: folder.FolderSource, split: str, data_dir=None) -> Re
   listed = (p
             | f'Split[{split}]' >> beam.Create([split])
             | f'List[{split}]' >> beam.FlatMap(
-                lambda s, root=source.root: folder.list_split(root, s)))
+                lambda s, root=source.root, opt=source.labels_optional:
+                folder.list_split(root, s, opt)))
   # The listing comes from one element: the reshuffle keeps the reads off one worker.
   read = _read_parts(listed, source, split)
   found = listed | f'CountFound[{split}]' >> beam.combiners.Count.Globally()

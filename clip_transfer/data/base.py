@@ -97,6 +97,8 @@ class Source:
   version: str
   class_names: list[str]
   splits: list[str]
+  # Inputs without a label are examples with label -1 (predict), not dead letters.
+  labels_optional: bool = False
 
   def num_examples(self, split: str) -> Optional[int]:
     """How many inputs ``split`` holds (examples and dead inputs), None when unknown."""

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import os
 import posixpath
-from typing import Union
+from typing import Optional, Union
 
 from clip_transfer.data import paths
 from clip_transfer.data.base import Dead, Example, Source, failure_reason
@@ -28,15 +28,15 @@ class FolderEntry:
 
   id: str  # the path below the root ('train/cat/001.jpg'): the example's id
   path: str  # what to open
-  cls: str  # the class folder
+  cls: Optional[str]  # the class folder; None for an unlabelled image (labels_optional)
 
 
 def _hidden(name: str) -> bool:
   return name.startswith('.')
 
 
-def _entry(root: str, path: str, exists: bool = True,
-           regular: bool = True) -> Union[FolderEntry, Dead]:
+def _entry(root: str, path: str, exists: bool = True, regular: bool = True,
+           labels_optional: bool = False) -> Union[FolderEntry, Dead]:
   """Classifies one listed file by where it sits below ``root``."""
   rel = paths.relative_to(root, path)
   parts = rel.split('/')
@@ -44,6 +44,8 @@ def _entry(root: str, path: str, exists: bool = True,
     return Dead(rel, f'broken symlink: {path}')
   if not regular:
     return Dead(rel, f'not a regular file: {path}')
+  if len(parts) == 2 and labels_optional:  # <split>/<image>: an image with no label
+    return FolderEntry(rel, path, None)
   if len(parts) == 2:
     return Dead(rel, f'directly in the split folder, not in a class folder (expected {LAYOUT})')
   if len(parts) > 3:
@@ -51,7 +53,8 @@ def _entry(root: str, path: str, exists: bool = True,
   return FolderEntry(rel, path, parts[1])
 
 
-def list_split(root: str, split: str) -> list[Union[FolderEntry, Dead]]:
+def list_split(root: str, split: str,
+               labels_optional: bool = False) -> list[Union[FolderEntry, Dead]]:
   """Every non-hidden file below ``root/split`` (at any depth), sorted by id.
 
   Hidden files and folders (a name starting with '.') are skipped and not counted.
@@ -59,13 +62,15 @@ def list_split(root: str, split: str) -> list[Union[FolderEntry, Dead]]:
   """
   root = root.rstrip('/')
   if paths.is_local(root):
-    return _list_local(root, split)
-  entries = [_entry(root, p) for p in paths.match(paths.join(root, split, '**'))]
+    return _list_local(root, split, labels_optional)
+  entries = [_entry(root, p, labels_optional=labels_optional)
+             for p in paths.match(paths.join(root, split, '**'))]
   return sorted((e for e in entries if not any(_hidden(p) for p in e.id.split('/'))),
                 key=lambda e: e.id)
 
 
-def _list_local(root: str, split: str) -> list[Union[FolderEntry, Dead]]:
+def _list_local(root: str, split: str,
+                labels_optional: bool = False) -> list[Union[FolderEntry, Dead]]:
   base = os.path.join(root, split)
   entries: list[Union[FolderEntry, Dead]] = []
 
@@ -90,7 +95,8 @@ def _list_local(root: str, split: str) -> list[Union[FolderEntry, Dead]]:
         continue  # .DS_Store and friends: not inputs, not counted
       path = os.path.join(dirpath, name)
       entries.append(_entry(root, path, exists=os.path.exists(path),
-                            regular=not os.path.exists(path) or os.path.isfile(path)))
+                            regular=not os.path.exists(path) or os.path.isfile(path),
+                            labels_optional=labels_optional))
   return sorted(entries, key=lambda e: e.id)
 
 
@@ -118,19 +124,20 @@ class ReadEntry:
     if isinstance(entry, Dead):
       yield entry
       return
-    if entry.cls not in self.class_names:  # a class folder that appeared after the listing
+    if entry.cls is not None and entry.cls not in self.class_names:  # appeared after listing
       yield Dead(entry.id, f'class folder {entry.cls!r} is not one of the classes listed when '
                  'the run started')
       return
     data = paths.read_input(entry.path, entry.id)
-    yield data if isinstance(data, Dead) else Example(
-        entry.id, self.class_names.index(entry.cls), data)
+    label = -1 if entry.cls is None else self.class_names.index(entry.cls)
+    yield data if isinstance(data, Dead) else Example(entry.id, label, data)
 
 
 class FolderSource(Source):
   """``PATH/<split>/<class>/<image>``; files listed with Beam's FileSystems."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, labels_optional: bool = False):
+    self.labels_optional = labels_optional
     if not path:
       raise UserError('folder: needs a path, e.g. folder:/data/flowers or folder:gs://b/flowers')
     self.root = path.rstrip('/')
@@ -141,14 +148,14 @@ class FolderSource(Source):
       raise UserError(f'{self.root} holds no images: expected {self.root}/{LAYOUT}')
     self.splits = sorted(by_split)
     self.class_names = sorted({e.cls for entries in by_split.values() for e in entries
-                               if isinstance(e, FolderEntry)})
+                               if isinstance(e, FolderEntry) and e.cls})
 
   @functools.cached_property
   def _entries(self) -> dict[str, list[Union[FolderEntry, Dead]]]:
     """{split: every entry found below it} (splits with nothing in them left out)."""
     out = {}
     for split in _list_splits(self.root):
-      entries = list_split(self.root, split)
+      entries = list_split(self.root, split, self.labels_optional)
       if entries:
         out[split] = entries
     return out

@@ -28,13 +28,18 @@ VERTEX_SPLITS = {'training': 'train', 'train': 'train', 'validation': 'validatio
 _WORD = re.compile(r'[A-Za-z_][\w .-]*')
 
 
-def sniff_csv(first_line: str, path: str, image_column: str, label_column: str) -> dict:
-  """How to read the manifest: delimiter, header or Vertex layout, column positions."""
+def sniff_csv(first_line: str, path: str, image_column: str, label_column: str,
+              labels_optional: bool = False) -> dict:
+  """How to read the manifest: delimiter, header or Vertex layout, column positions.
+
+  ``labels_optional``: a header naming the image column alone is a header too.
+  """
   delimiter = '\t' if (path.endswith('.tsv') or '\t' in first_line) else ','
   fields = [f.strip().lower() for f in next(csv.reader([first_line], delimiter=delimiter))]
-  if image_column.lower() in fields and label_column.lower() in fields:
+  has_label = label_column.lower() in fields
+  if image_column.lower() in fields and (has_label or labels_optional):
     return {'delimiter': delimiter, 'header': True, 'image': fields.index(image_column.lower()),
-            'label': fields.index(label_column.lower()),
+            'label': fields.index(label_column.lower()) if has_label else None,
             'split': fields.index('split') if 'split' in fields else None}
   return {'delimiter': delimiter, 'header': False}
 
@@ -58,13 +63,13 @@ def parse_csv_line(line: str, layout: dict, default_split: str):
     return None
   fields = [f.strip() for f in next(csv.reader([line], delimiter=layout['delimiter']))]
   if layout['header']:
-    cols = [layout['image'], layout['label']] + ([layout['split']] if layout['split'] is not None
-                                                 else [])
+    cols = [layout['image']] + [layout[k] for k in ('label', 'split') if layout[k] is not None]
     if len(fields) <= max(cols):
       return default_split, line, None, f'{len(fields)} columns, expected {max(cols) + 1}'
     split = fields[layout['split']] if layout['split'] is not None else ''
     split = VERTEX_SPLITS.get(split.lower(), split) if split else None
-    image, label = fields[layout['image']], fields[layout['label']]
+    image = fields[layout['image']]
+    label = fields[layout['label']] if layout['label'] is not None else ''
   else:  # Vertex AI: [ML_USE,]GCS_FILE_PATH[,LABEL]
     split = None
     if len(fields) >= 2 and fields[0].lower() in VERTEX_SPLITS:
@@ -103,13 +108,15 @@ class ReadRows:
 
   base_dir: str
   class_names: tuple[str, ...]
+  labels_optional: bool = False  # a row with no label is an example with label -1
 
   def __call__(self, rows: list):
     for _, ex_id, image, label in dedupe_rows(rows):
       if image is None:
         yield Dead(ex_id, label)  # the parse error's reason
         continue
-      index = labels.label_index(label, list(self.class_names))
+      index = (-1 if self.labels_optional and not label else
+               labels.label_index(label, list(self.class_names)))
       if isinstance(index, str):
         yield Dead(ex_id, index)
         continue
@@ -124,7 +131,8 @@ class CsvSource(Source):
 
   def __init__(self, path: str, image_column: str = 'image', label_column: str = 'label',
                class_names: Optional[str] = None, default_split: str = 'train',
-               max_classes: int = labels.MAX_CLASSES):
+               max_classes: int = labels.MAX_CLASSES, labels_optional: bool = False):
+    self.labels_optional = labels_optional
     if not path:
       raise UserError('csv: needs a manifest path, e.g. csv:gs://bucket/manifest.csv')
     self.path, self.default_split = path, default_split or 'train'
@@ -138,12 +146,12 @@ class CsvSource(Source):
     first = next((l for l in lines if l.strip()), None)
     if first is None:
       raise UserError(f'manifest {path} is empty')
-    self.layout = sniff_csv(first, path, image_column, label_column)
+    self.layout = sniff_csv(first, path, image_column, label_column, labels_optional)
     if self.layout['header']:
       if lines[0] != first:
         raise UserError(f'manifest {path}: the header must be the first line')
       lines = lines[1:]
-    elif _looks_like_header(first, self.layout, self.base_dir):
+    elif not labels_optional and _looks_like_header(first, self.layout, self.base_dir):
       raise UserError(f'manifest {path}: the first line {first.strip()!r} looks like a header '
                       f'without {image_column!r} and {label_column!r} columns; name its '
                       'columns with --image_column=… --label_column=…')
@@ -158,7 +166,7 @@ class CsvSource(Source):
     else:
       self.class_names = labels.names_from_labels((r[3] for r in rows if r[2] is not None), path,
                                                   max_classes)
-    if not self.class_names:
+    if not self.class_names and not labels_optional:
       raise UserError(f'manifest {path} has no labels')
 
   def num_examples(self, split):
@@ -170,7 +178,7 @@ class CsvSource(Source):
     return list(self._rows[split].values())
 
   def part_reader(self, split):
-    return ReadRows(self.base_dir, tuple(self.class_names))
+    return ReadRows(self.base_dir, tuple(self.class_names), self.labels_optional)
 
   def shared_inputs(self, splits) -> int:
     """How many images are listed in more than one of ``splits`` (the same path)."""

@@ -35,11 +35,14 @@ _KINDS = {manifest.PREFIX: manifest.CsvSource, parquet.PREFIX: parquet.ParquetSo
           webdataset.PREFIX: webdataset.WdsSource}
 
 
-def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
+def open_source(spec: str, data_dir: Optional[str] = None, labels_optional: bool = False,
+                **options) -> Source:
   """'digits', 'folder:PATH', 'csv:PATH', 'parquet:GLOB', 'wds:PATTERN' or a TFDS name.
 
   ``options`` (``SOURCE_OPTIONS``: class_names, image_column, label_column, label_field,
   default_split, max_classes) configure the csv/parquet/wds sources.
+  ``labels_optional`` (predict): images directly in a folder's split folder and CSV rows
+  with no label are examples with label -1 instead of dead letters.
   """
   unknown = set(options) - set(SOURCE_OPTIONS)
   if unknown:
@@ -50,10 +53,12 @@ def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
                     'wds:PATTERN or a TFDS name')
   for prefix, cls in _KINDS.items():
     if spec.startswith(prefix):
-      return cls(spec[len(prefix):], **{k: v for k, v in options.items()
-                                         if v is not None and k in _OPTIONS[prefix]})
+      kw = {k: v for k, v in options.items() if v is not None and k in _OPTIONS[prefix]}
+      if prefix == manifest.PREFIX:
+        kw['labels_optional'] = labels_optional
+      return cls(spec[len(prefix):], **kw)
   if spec.startswith(folder.PREFIX):
-    return folder.FolderSource(spec[len(folder.PREFIX):])
+    return folder.FolderSource(spec[len(folder.PREFIX):], labels_optional)
   if spec == 'digits' or spec.startswith('digits:'):
     return catalog.TfdsSource(spec, data_dir, builtin=True)
   return catalog.TfdsSource(spec, data_dir)
