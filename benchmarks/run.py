@@ -1,6 +1,6 @@
 """`make bench`: runs every benchmark (each in its own process) and prints one table.
 
-    python -m benchmarks.run [--quick] [--only backbone,embed,predict,probe,finetune]
+    python -m benchmarks.run [--quick] [--only backbone,embed,predict,probe,finetune,finetune_input]
 
 Each figure is a ratio measured side by side in one process run on this
 machine; the table says which machine and when. --quick shrinks every run
@@ -91,6 +91,18 @@ def _finetune(r):
            f"{r['train_images_per_s']:.1f} vs {r['forward_images_per_s']:.1f} images/s")]
 
 
+def _finetune_input(r):
+  p, s = r['prepare'], r['step']
+  host, ft = p['pairs_embed_host_finetune_images_per_s'][-1]
+  const, fed = s['pairs_constant_fed_images_per_s'][-1]
+  return [(f"fine-tune data preparation vs the embed stage's host preprocessing ({r['images']} "
+           f"JPEGs of {r['image_size']} px, {r['cores']} cores)", f"{p['ratio_median']:.2f}",
+           '>= 0.8', f"{ft:.1f} vs {host:.1f} images/s"),
+          (f"fine-tune step fed by the input pipeline vs a constant batch ({r['model']}, batch "
+           f"{r['batch_size']}, mode {s['mode']})", f"{s['ratio_median']:.2f}", '>= 0.95',
+           f"{fed:.1f} vs {const:.1f} images/s")]
+
+
 # name: (module, full-run args, quick-run args, rows from the JSON)
 BENCHES = {
     'backbone': ('benchmarks.backbone', ['--iters', '5'], ['--iters', '1', '--batch_size', '4'],
@@ -105,6 +117,9 @@ BENCHES = {
                                        '--skip_digits'], _probe),
     'finetune': ('benchmarks.finetune', ['--batch_size', '32', '--steps', '3'],
                  ['--model', 'random:tiny', '--batch_size', '8', '--steps', '2'], _finetune),
+    'finetune_input': ('benchmarks.finetune_input', [],
+                       ['--model', 'random:tiny', '--images', '32', '--image_size', '64',
+                        '--repeats', '1', '--batch_size', '8', '--steps', '2'], _finetune_input),
 }
 
 
