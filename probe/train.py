@@ -141,11 +141,14 @@ class ProbeConfig:
     if self.output_dir and os.path.isfile(self.output_dir):
       raise UserError(f'--output_dir {self.output_dir} is a file; pass a directory')
 
-  def methods(self, anchor: Optional[np.ndarray] = None) -> list[core.Method]:
+  def methods(self, zeroshot_head: Optional[heads_lib.ZeroshotHead] = None) -> list[core.Method]:
     """The JAX head first (the one saved), then the baselines."""
     kw = dict(solver=self.solver, max_iter=self.max_iter, tol=self.tol)
-    jax_method = (core.AnchoredMethod(anchor=anchor, **kw) if self.method == 'zeroshot-anchored'
-                  else core.JaxMethod(**kw))
+    if self.method == 'zeroshot-anchored':
+      jax_method = core.AnchoredMethod(anchor=np.asarray(zeroshot_head.head, np.float32).T,
+                                       scale=float(np.exp(zeroshot_head.logit_scale)), **kw)
+    else:
+      jax_method = core.JaxMethod(**kw)
     return [jax_method] + [core.METHODS[b](max_iter=self.max_iter, tol=self.tol)
                            for b in self.baselines]
 
@@ -255,15 +258,15 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   and the ``zeroshot_head`` they are anchored at.
   """
   config = ProbeConfig(embeddings='', output_dir=output_dir or '', **options)
-  anchor = None
-  if config.method == 'zeroshot-anchored':
+  anchored = config.method == 'zeroshot-anchored'
+  if anchored:
     if zeroshot_head is None:
       raise UserError('--method=zeroshot-anchored needs --zeroshot=DIR (a probe.zeroshot run)')
-    anchor = zeroshot_head.dense()[0]
-    if anchor.shape != (np.shape(x_train)[1], len(class_names)):
-      raise UserError(f'the zero-shot head is {anchor.shape[0]}-d for {anchor.shape[1]} classes; '
-                      f'the projected features are {np.shape(x_train)[1]}-d for '
-                      f'{len(class_names)} classes')
+    shape = np.shape(zeroshot_head.head)
+    if shape != (len(class_names), np.shape(x_train)[1]):
+      raise UserError(f'the zero-shot head is {shape[1]}-d for {shape[0]} classes; the '
+                      f'projected features are {np.shape(x_train)[1]}-d for {len(class_names)} '
+                      'classes')
   class_names = list(class_names)
   num_classes = len(class_names)
   x_train, x_eval = np.asarray(x_train, np.float32), np.asarray(x_eval, np.float32)
@@ -294,11 +297,11 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
               'num_eval': int(len(y_eval)), 'dim': int(x_eval.shape[1]),
               'validation': val.record, 'final_fit': config.final_fit,
               'eval': validation.eval_record(ids_eval, y_eval), 'method': config.method,
-              'feature': ('projected (L2-normalised)' if anchor is not None
+              'feature': ('projected (L2-normalised)' if anchored
                           else 'embedding (standardised)'),
               'l2_grid': [json_l2(v) for v in config.l2_grid], 'solver': config.solver,
               'max_iter': config.max_iter, 'tol': config.tol, 'methods': {}})
-  methods = config.methods(anchor)
+  methods = config.methods(zeroshot_head)
   fits = [core.select_and_fit(method, x_fit, y_fit, x_val, y_val, x_eval, num_classes,
                               config.l2_grid, progress=config.progress,
                               final_fit=config.final_fit) for method in methods]
@@ -311,7 +314,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   jax_fit = fits[0]  # the JAX head (methods() puts it first) is the one saved
   head = LinearHead(kernel=jax_fit.kernel, bias=jax_fit.bias, mean=jax_fit.standardizer.mean,
                     std=jax_fit.standardizer.std, class_names=class_names, l2=jax_fit.l2,
-                    feature='projected' if anchor is not None else 'embedding')
+                    feature='projected' if anchored else 'embedding')
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
     head.save(output_dir)

@@ -12,7 +12,10 @@ whole grid of ``l2`` values in one ``vmap``ped L-BFGS program. With an
     mean_i CE(x_i (W0 + Δ) + b, y_i) + l2/2 * (||Δ||^2 + ||b||^2)
 
 so a large ``l2`` stays at W0 (zero bias: exactly the zero-shot classifier)
-and a small one is a plain probe on the same features. The probe fits
+and a small one is a plain probe on the same features. ``AnchoredMethod``
+takes x = exp(logit_scale) · normalize(projected) and W0 = the unit-norm
+class text embeddings, so Δ is measured in text-embedding units (CLAP's
+parametrisation) and the loss gradient is not shrunk by the temperature. The probe fits
 it on cached embeddings; fine-tune modes that train only the head fit it on the
 frozen backbone's features, so "linear" means the same thing in both stages.
 The saved heads (and ``fold``, a standardised head on raw features) are in
@@ -37,12 +40,10 @@ from tqdm import tqdm
 
 # Decades wide enough for a huge clean set (weak) and a few shots (strong).
 DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-# The anchored head's penalty on its offset from the zero-shot head, on
-# L2-normalised features (norm 1, not sqrt(D) as standardised ones): an offset
-# column moves a logit by about (loss gradient)/l2, against zero-shot logit
-# gaps of a few units, so 1e-4 is a free probe and 1e2 a nudge. inf is the
+# The anchored head's penalty on its offset from the unit-norm class text
+# embeddings (features of norm exp(logit_scale), ~100 for CLIP). inf is the
 # zero-shot head itself (no solve), so validation can always keep it.
-DEFAULT_ANCHOR_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float('inf'))
+DEFAULT_ANCHOR_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0, float('inf'))
 FINAL_FITS = ('fit', 'fit+validation')  # what the chosen configuration is refit on
 SOLVERS = ('lbfgs', 'adam')
 MAX_ITER = 1000  # sklearn's max_iter in the CLIP paper's protocol
@@ -101,8 +102,9 @@ class Standardizer:
     return cls(mean.astype(np.float32), std.astype(np.float32))
 
   @classmethod
-  def unit_norm(cls, dim: int) -> 'Standardizer':
-    return cls(np.zeros(dim, np.float32), np.ones(dim, np.float32), normalize=True)
+  def unit_norm(cls, dim: int, scale: float = 1.0) -> 'Standardizer':
+    """Rows normalised, then times ``scale`` (as std 1/scale, so a saved head holds it)."""
+    return cls(np.zeros(dim, np.float32), np.full(dim, 1 / scale, np.float32), normalize=True)
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
     if self.normalize:
@@ -326,17 +328,19 @@ class JaxMethod(Method):
 class AnchoredMethod(JaxMethod):
   """A head W0 + Δ anchored at the zero-shot head W0, on L2-normalised features (module docstring).
 
-  W0 is exp(logit_scale) · the class text embeddings (``heads.ZeroshotHead.dense``),
-  so at Δ = 0 the logits are zero-shot's. An infinite L2 is W0 itself, no
-  solve: exactly zero-shot's predictions, a choice validation can always make.
+  W0 is the class text embeddings (``heads.ZeroshotHead.head.T``) on features
+  normalised and scaled by exp(logit_scale), so at Δ = 0 the logits are
+  zero-shot's. An infinite L2 is W0 itself, no solve: exactly zero-shot's
+  predictions, a choice validation can always make.
   """
 
-  anchor: Optional[np.ndarray] = None  # (D, C) float32
+  anchor: Optional[np.ndarray] = None  # (D, C) float32, unit-norm columns
+  scale: float = 1.0  # exp(logit_scale)
   name: str = 'zeroshot-anchored'
 
   def standardizer(self, x_fit):
     # No per-feature statistics: W0 is a head on unit-norm features as they are.
-    return Standardizer.unit_norm(x_fit.shape[1])
+    return Standardizer.unit_norm(x_fit.shape[1], self.scale)
 
   def fit_grid(self, x, y, num_classes, l2s, *, progress=False):
     anchor = np.asarray(self.anchor, np.float32)

@@ -1,0 +1,209 @@
+"""The zero-shot-anchored probe, --final_fit and few-shot draws by id, through probe.train."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import probe
+from probe import train
+from clip_transfer.data import embeddings
+from clip_transfer.protocol import heads
+from clip_transfer.protocol import linear
+from clip_transfer.protocol import metrics as metrics_lib
+from clip_transfer.protocol import validation
+
+SHA = 'ab' * 32
+NAMES = ['a', 'b', 'c', 'd', 'e']
+
+
+def _synthetic(seed, n_train, n_eval, num_classes=5, dim=16, text_noise=1.5, img_noise=3.0):
+  """Projected features around class means, and text embeddings that point near them.
+
+  The text embeddings are the means plus noise: a zero-shot head that is good
+  but imperfect (well above chance, well below what labels can reach).
+  """
+  rng = np.random.default_rng(seed)
+  mu = rng.normal(size=(num_classes, dim))
+  mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+  text = mu + text_noise * rng.normal(size=mu.shape) / np.sqrt(dim)
+  text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+  def draw(n):
+    y = np.arange(n) % num_classes
+    return (mu[y] + img_noise * rng.normal(size=(n, dim)) / np.sqrt(dim)).astype(np.float32), y
+
+  zs = heads.ZeroshotHead(text.astype(np.float32), float(np.log(100.0)),
+                          NAMES[:num_classes], ['a photo of a {}.'])
+  return draw(n_train), draw(n_eval), zs
+
+
+def _zeroshot_pred(zs, x):
+  kernel, bias = zs.dense()
+  return np.argmax(linear.l2_normalize(x) @ kernel + bias, axis=1)
+
+
+def test_anchored_beats_zero_shot_at_one_shot_and_the_plain_probe_at_every_k():
+  (x, y), (xe, ye), zs = _synthetic(0, 200, 600)
+  zs_top1 = float(np.mean(_zeroshot_pred(zs, xe) == ye))
+  shots = (1, 2, 4, 8)
+  common = dict(shots=shots, seeds=3, progress=False)
+  anchored = train.train_probe_arrays(x, y, xe, ye, NAMES, method='zeroshot-anchored',
+                                      zeroshot_head=zs, **common)['methods']
+  plain = train.train_probe_arrays(x, y, xe, ye, NAMES, baselines=(), **common)['methods']
+  assert 0.3 < zs_top1 < 0.7  # good but imperfect: chance is 0.2
+  # Within noise: two binomial standard errors of a mean over 3 x 600 predictions.
+  noise = 2 * np.sqrt(0.25 / (3 * len(ye)))
+  assert anchored['zeroshot-anchored_1shot']['top1'] >= zs_top1 - noise
+  for k in shots:
+    a, p = anchored[f'zeroshot-anchored_{k}shot'], plain[f'jax_{k}shot']
+    assert a['top1'] >= p['top1'] - noise, (k, a['top1'], p['top1'])
+  # k = 1: the documented rule, the grid's largest penalty (inf: zero-shot itself).
+  assert anchored['zeroshot-anchored_1shot']['l2'] == ['inf'] * 3
+  assert anchored['zeroshot-anchored_1shot']['top1'] == pytest.approx(zs_top1)
+  # With labels the anchored head moves off zero-shot where they help: all of train, chosen
+  # on validation, does better than zero-shot; and the plain probe cannot beat it by much.
+  assert anchored['zeroshot-anchored']['top1'] > zs_top1 + noise
+  assert anchored['zeroshot-anchored']['top1'] >= plain['jax']['top1'] - 2 * noise
+
+
+def test_a_large_penalty_reproduces_zero_shot_predictions_exactly():
+  (x, y), (xe, _), zs = _synthetic(1, 100, 300)
+  method = linear.AnchoredMethod(anchor=zs.head.T, scale=float(np.exp(zs.logit_scale)))
+  std = method.standardizer(x)
+  fitted, info = method.fit_grid(std(x), y, len(NAMES), [1e-3, 1e6, float('inf')])
+  want = _zeroshot_pred(zs, xe)
+  for i in (1, 2):
+    assert np.array_equal(np.argmax(method.logits(fitted, i, std(xe), len(NAMES)), axis=1), want)
+  # inf is no solve at all: zero-shot's own logits.
+  np.testing.assert_allclose(method.logits(fitted, 2, std(xe), len(NAMES)),
+                             linear.l2_normalize(xe) @ zs.dense()[0], rtol=1e-5, atol=1e-4)
+  assert info['n_iter'][2] == 0 and all(info['converged'])
+  # A small penalty moves away from zero-shot.
+  assert not np.array_equal(np.argmax(method.logits(fitted, 0, std(xe), len(NAMES)), axis=1), want)
+
+
+def test_few_shot_draws_are_by_id_whatever_the_order():
+  ids = [f'img{i:03d}' for i in range(60)]
+  y = np.arange(60) % 3
+  perm = np.random.default_rng(0).permutation(60)
+  for k in (1, 4):
+    a = validation.few_shot(ids, y, k, 7)
+    b = validation.few_shot([ids[i] for i in perm], y[perm], k, 7)
+    assert sorted(ids[i] for i in a) == sorted(ids[perm[i]] for i in b)
+    assert np.array_equal(np.bincount(y[a]), [k] * 3)
+  # The 4-shot draw holds the 1-shot one; another seed draws others.
+  assert set(validation.few_shot(ids, y, 1, 7)) <= set(validation.few_shot(ids, y, 4, 7))
+  assert set(validation.few_shot(ids, y, 4, 8)) != set(validation.few_shot(ids, y, 4, 7))
+
+
+# --- through python -m probe.train -------------------------------------------------------
+
+
+def _dataset(path, splits, projected=True, sha=SHA):
+  """{split: (projected, labels)}; the pooled embedding is a fixed random projection of it."""
+  w = np.random.default_rng(9).normal(size=(16, 12)).astype(np.float32)
+  rows = {s: [(f'{s}/{i:04d}', x[i] @ w, int(y[i])) + ((x[i],) if projected else ())
+              for i in range(len(y))] for s, (x, y) in splits.items()}
+  embeddings.write_dataset(str(path), rows, NAMES,
+                           {'model': {'name': 'random:tiny', 'params_sha256': sha},
+                            'source': {'name': 'synthetic', 'spec': 'synthetic'}})
+  return str(path)
+
+
+def _zeroshot_dir(path, zs, sha=SHA, dataset='synthetic'):
+  os.makedirs(path, exist_ok=True)
+  zs.save(str(path))
+  m = metrics_lib.header('zeroshot', dataset={'spec': dataset, 'name': dataset, 'version': None,
+                                              'train_split': None, 'eval_split': 'test'},
+                         model={'name': 'random:tiny', 'weights_sha256': sha},
+                         class_names=zs.class_names, num_train=0, num_eval=0)
+  m['methods']['zeroshot'] = {'top1': 0.5}
+  metrics_lib.write(str(path), m)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def synthetic_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('anchored')
+  (x, y), (xe, ye), zs = _synthetic(2, 150, 100)
+  ds = _dataset(tmp / 'emb', {'train': (x, y), 'test': (xe, ye)})
+  zs_dir = _zeroshot_dir(tmp / 'zs', zs)
+  out = tmp / 'out'
+  train.main([f'--embeddings={ds}', f'--output_dir={out}', '--method=zeroshot-anchored',
+              f'--zeroshot={zs_dir}', '--shots=1,2', '--seeds=2', '--final_fit=fit+validation',
+              '--no_progress'])
+  m = json.loads((out / 'metrics.json').read_text())
+  return m, str(out), ds, zs_dir, zs, (xe, ye)
+
+
+def test_cli_anchored_run_records_and_saves_its_head(synthetic_run):
+  m, out, _, zs_dir, zs, (xe, ye) = synthetic_run
+  e = m['methods']['zeroshot-anchored']
+  assert m['method'] == 'zeroshot-anchored' and m['feature'] == 'projected (L2-normalised)'
+  assert m['final_fit'] == e['final_fit'] == 'fit+validation' and 'refit' in e['cost']
+  assert m['l2_grid'] == [0.01, 0.1, 1.0, 10.0, 100.0, 'inf']
+  assert m['zeroshot']['dir'] == zs_dir and set(m['methods']) == {
+      'zeroshot-anchored', 'zeroshot-anchored_1shot', 'zeroshot-anchored_2shot'}  # no baseline
+  for k in (1, 2):
+    runs = m['methods'][f'zeroshot-anchored_{k}shot']['runs']
+    assert [r['num_fit'] for r in runs] == [5 * k] * 2 and len(runs[0]['predictions']) == 100
+    assert runs[0]['draw_sha256'] != runs[1]['draw_sha256']
+  # The saved head reads projected features (normalised inside) and gives the metrics' predictions.
+  head = probe.load_head(out)
+  assert head.feature == 'projected' and head.class_names == NAMES
+  order = validation.eval_order([f'test/{i:04d}' for i in range(len(ye))])
+  assert probe.predict(head, xe[order]).tolist() == e['predictions']
+  # Fine-tune's --head_init=probe:DIR folds it into a head on normalised projected features.
+  kernel, bias = head.folded()
+  np.testing.assert_allclose(linear.l2_normalize(xe) @ kernel + bias, head.logits(xe), atol=1e-3)
+
+
+def test_cli_final_fit_refits_on_fit_and_validation(synthetic_run):
+  m, _, ds, _, _, _ = synthetic_run
+  x, y, _ = embeddings.read_split(ds, 'train')
+  xe, ye, _ = embeddings.read_split(ds, 'test')
+  kw = dict(baselines=(), l2_grid=(1e-3, 1.0), progress=False)
+  fit = train.train_probe_arrays(x, y, xe, ye, NAMES, **kw)
+  both = train.train_probe_arrays(x, y, xe, ye, NAMES, final_fit='fit+validation', **kw)
+  assert fit['final_fit'] == 'fit' and both['final_fit'] == 'fit+validation'
+  # Same sweep and choice; another final model.
+  assert fit['methods']['jax']['sweep'] == both['methods']['jax']['sweep']
+  assert fit['methods']['jax']['l2'] == both['methods']['jax']['l2']
+  assert fit['methods']['jax']['predictions'] != both['methods']['jax']['predictions']
+
+
+def _error(argv, capsys):
+  with pytest.raises(SystemExit) as e:
+    train.main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and 'Traceback' not in err and err.startswith('error: '), err
+  assert len(err.strip().splitlines()) == 1, err
+  return err
+
+
+def test_cli_refusals(synthetic_run, tmp_path, capsys):
+  _, _, ds, zs_dir, zs, _ = synthetic_run
+  base = [f'--embeddings={ds}', f'--output_dir={tmp_path / "o"}']
+  anchored = base + ['--method=zeroshot-anchored']
+  assert 'needs --zeroshot' in _error(anchored, capsys)
+  assert 'drop --zeroshot' in _error(base + [f'--zeroshot={zs_dir}'], capsys)
+  assert 'plain probe' in _error(anchored + [f'--zeroshot={zs_dir}', '--baselines=sklearn'],
+                                 capsys)
+  assert 'positive numbers' in _error(base + ['--l2_grid=1,inf'], capsys)
+  # A vision-only model's dataset has no projected feature (nor a text tower to anchor at).
+  (x, y), _, _ = _synthetic(3, 20, 10)
+  vision = _dataset(tmp_path / 'vision', {'train': (x, y), 'test': (x, y)}, projected=False)
+  assert 'vision-only' in _error([f'--embeddings={vision}', f'--output_dir={tmp_path / "o"}',
+                                  '--method=zeroshot-anchored', f'--zeroshot={zs_dir}'], capsys)
+  # A zero-shot head from other weights, or for other classes.
+  other = _zeroshot_dir(tmp_path / 'other_weights', zs, sha='cd' * 32)
+  assert 'other weights' in _error(anchored + [f'--zeroshot={other}'], capsys)
+  four = heads.ZeroshotHead(zs.head[:4], zs.logit_scale, NAMES[:4], zs.templates)
+  other = _zeroshot_dir(tmp_path / 'other_classes', four)
+  assert 'classifies 4 classes' in _error(anchored + [f'--zeroshot={other}'], capsys)
+  renamed = heads.ZeroshotHead(zs.head, zs.logit_scale, list('vwxyz'), zs.templates)
+  other = _zeroshot_dir(tmp_path / 'other_dataset', renamed, dataset='cifar10')
+  assert 'classifies 5 classes' in _error(anchored + [f'--zeroshot={other}'], capsys)
+  assert not (tmp_path / 'o' / 'metrics.json').exists()
