@@ -363,20 +363,23 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
                   f'{m["stage"]}:{name}+wise.', '']
   lines += ['What the times cover:', ''] + cost_lines(runs, rows)
   if shots:
+    pairs = few_shot_pairs(shots, rows)
+    # Files from before per-seed predictions were recorded pair with nothing: no Δ columns.
+    paired_any = any(d['vs_zeroshot'] or d['vs_plain'] for d in pairs)
+    extra = (' Δ top-1 vs zero-shot [95% CI], verdict | Δ top-1 vs probe:jax, same draws |'
+             if paired_any else '')
     lines += ['', '## Few-shot (mean ± std over seeds)', '',
-              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. | '
-              'Δ top-1 vs zero-shot [95% CI] verdict | Δ top-1 vs probe:jax, same draws |',
-              '|---|---:|---:|---|---:|---:|---:|---:|---:|']
+              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. |'
+              + extra, '|---|---:|---:|---|---:|---:|---:|' + ('---:|---:|' if paired_any else '')]
     for r in rows:  # zero labels: the line every few-shot method should stay above
       if r['stage'] == 'zeroshot':
         ci = r['ci']['top1']
         lines.append(f"| {r['method']} | 0 | — | no labels | {_fmt(r['top1'], '.4f')} | "
                      f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
-                     f"{_fmt(r['balanced_accuracy'], '.4f')} | — | — |")
+                     f"{_fmt(r['balanced_accuracy'], '.4f')} |" + (' — | — |' if paired_any else ''))
     order = sorted(range(len(shots)), key=lambda i: (
         shots[i]['stage'], _rung(shots[i]['stage'], shots[i]['method'], {}),
         shots[i]['method'], shots[i].get('selection') or '', shots[i]['shots']))
-    pairs = few_shot_pairs(shots, rows)
     for i in order:
       s, d = shots[i], pairs[i]
       ci = s.get('top1_ci95')
@@ -384,12 +387,14 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
                    f"{SELECTION.get(s.get('selection'), 'not recorded')} | "
                    f"{_fmt(s.get('top1'), '.4f')} ± {_fmt(s.get('top1_std'), '.4f')} | "
                    f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
-                   f"{_fmt(s.get('balanced_accuracy'), '.4f')} | {_delta(d['vs_zeroshot'])} | "
-                   f"{_delta(d['vs_plain'])} |")
-    lines += ['', 'Few-shot Δ: per eval example, the fraction of seeds right, minus the other '
-              'method\'s; paired bootstrap interval and a sign test on the examples where they '
-              'differ (McNemar\'s with one seed). Against the plain probe only when both drew '
-              'the same examples seed by seed (draws are by example id).']
+                   f"{_fmt(s.get('balanced_accuracy'), '.4f')} |"
+                   + (f" {_delta(d['vs_zeroshot'])} | {_delta(d['vs_plain'])} |"
+                      if paired_any else ''))
+    if paired_any:
+      lines += ['', 'Few-shot Δ: per eval example, the fraction of seeds right, minus the other '
+                'method\'s; paired bootstrap interval and a sign test on the examples where they '
+                'differ (McNemar\'s with one seed). Against the plain probe only when both drew '
+                'the same examples seed by seed (draws are by example id).']
   return '\n'.join(lines) + '\n'
 
 
