@@ -16,8 +16,8 @@ chosen head, and every accuracy carries a bootstrap 95% interval. Few-shot
 fits choose their L2 within the shots (true few-shot) unless
 ``--few_shot_selection=validation``; a seed's shots are drawn by example id
 (``validation.few_shot``), the same in every stage and rerun.
-``--final_fit=fit+validation`` refits the chosen L2 on fit ∪ validation. Writes OUT/metrics.json and OUT/head.npz
-(apply it with probe.predict). The logic lives in ``train_probe`` /
+``--final_fit=fit+validation`` refits the chosen L2 on fit ∪ validation.
+Writes OUT/metrics.json and OUT/head.npz (apply it with probe.predict). The logic lives in ``train_probe`` /
 ``train_probe_arrays``, which tests call; ``main`` only parses and prints.
 """
 
@@ -305,6 +305,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   fits = [core.select_and_fit(method, x_fit, y_fit, x_val, y_val, x_eval, num_classes,
                               config.l2_grid, progress=config.progress,
                               final_fit=config.final_fit) for method in methods]
+  out['final_fit'] = fits[0].final_fit  # 'fit' when nothing was held out to add
   for method, fitted in zip(methods, fits):
     out['methods'][method.name] = _entry(fitted, y_eval, class_names, method, head_params)
   for k in config.shots:
