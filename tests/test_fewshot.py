@@ -144,7 +144,7 @@ def test_cli_anchored_run_records_and_saves_its_head(synthetic_run):
   e = m['methods']['zeroshot-anchored']
   assert m['method'] == 'zeroshot-anchored' and m['feature'] == 'projected (L2-normalised)'
   assert m['final_fit'] == e['final_fit'] == 'fit+validation' and 'refit' in e['cost']
-  assert m['l2_grid'] == [0.01, 0.1, 1.0, 10.0, 100.0, 'inf']
+  assert m['l2_grid'] == [1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, 'inf']
   assert m['zeroshot']['dir'] == zs_dir and set(m['methods']) == {
       'zeroshot-anchored', 'zeroshot-anchored_1shot', 'zeroshot-anchored_2shot'}  # no baseline
   for k in (1, 2):
