@@ -277,3 +277,17 @@ def test_report_puts_the_anchored_probe_beside_the_plain_probe_and_zero_shot(tmp
   assert rows['probe:zeroshot-anchored'][7].startswith('+0.')
   assert rows['probe:zeroshot-anchored'][7].endswith('better')
   assert os.path.getsize(tmp_path / 'out' / 'report.png') > 5000
+
+
+def test_paired_difference_of_seed_means_is_a_sign_test_over_examples():
+  from clip_transfer.protocol import stats  # pylint: disable=g-import-not-at-top
+  a = np.array([1.0, 0.5, 0.5, 0.0, 1.0, 1.0])  # fraction of seeds right, per example
+  b = np.array([1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+  d = stats.paired_difference(a, b)
+  assert d['diff'] == pytest.approx(np.mean(a - b))
+  assert (d['only_a'], d['only_b']) == (3, 1)  # examples where a is ahead / behind
+  assert d['mcnemar_p'] == stats.mcnemar_exact(3, 1)
+  assert d['ci95'][0] <= d['diff'] <= d['ci95'][1]
+  # 0/1 inputs keep McNemar's path: the same numbers either way.
+  binary = stats.paired_difference(a == 1, b == 1)
+  assert binary['diff'] == pytest.approx(np.mean((a == 1).astype(float) - (b == 1)))
