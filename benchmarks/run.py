@@ -1,6 +1,6 @@
 """`make bench`: runs every benchmark (each in its own process) and prints one table.
 
-    python -m benchmarks.run [--quick] [--only backbone,embed,probe,finetune]
+    python -m benchmarks.run [--quick] [--only backbone,embed,predict,probe,finetune]
 
 Each figure is a ratio measured side by side in one process run on this
 machine; the table says which machine and when. --quick shrinks every run
@@ -59,6 +59,21 @@ def _embed(r):
   return rows
 
 
+def _predict(r):
+  t = r['throughput']
+  raw, pipe = t['pairs_raw_pipeline_images_per_s'][-1]
+  rows = [(f"pipelines.predict end to end (probe head) vs raw jitted backbone ({t['model']}, "
+           f"{t['images']} images)", f"{t['ratio_median']:.2f}", '>= 0.9',
+           f"{pipe:.1f} vs {raw:.1f} images/s; {t['ratio_steady_median']:.2f} without "
+           f"Beam's {t['startup_s']:.1f} s start-up")]
+  if 'memory' in r:
+    m = r['memory']
+    rows.append((f"predict peak memory, {m['images_10x']} vs {m['images_1x']} images",
+                 f"{m['ratio']:.2f}x", '<= 1.2',
+                 f"{m['peak_rss_mb_10x']:.0f} vs {m['peak_rss_mb_1x']:.0f} MB"))
+  return rows
+
+
 def _probe(r):
   rows = []
   for key in ('synthetic', 'digits'):
@@ -84,6 +99,8 @@ BENCHES = {
               ['--images', '16', '--repeats', '1', '--model', 'random:tiny',
                '--memory_images', '10', '--decode_images', '64', '--unique_images', '16',
                '--fast_model', 'random:tiny', '--fast_repeats', '1'], _embed),
+    'predict': ('benchmarks.predict', [], ['--images', '16', '--model', 'random:tiny',
+                                           '--memory_images', '10'], _predict),
     'probe': ('benchmarks.probe', [], ['--num', '3000', '--dim', '64', '--classes', '10',
                                        '--skip_digits'], _probe),
     'finetune': ('benchmarks.finetune', ['--batch_size', '32', '--steps', '3'],

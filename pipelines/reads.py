@@ -50,16 +50,20 @@ class LoadFile(CountedRead):
 
     if entry.problem:
       return [self._dead_letter(entry.id, entry.problem)]
-    if entry.cls not in self._class_names:  # a class folder that appeared after the listing
+    if entry.cls is None:  # an unlabelled image (only listed so with labels_optional)
+      label = -1
+    elif entry.cls not in self._class_names:  # a class folder that appeared after the listing
       return [self._dead_letter(entry.id, f'class folder {entry.cls!r} is not one of the '
                                 'classes listed when the run started')]
+    else:
+      label = self._class_names.index(entry.cls)
     try:
       # UNCOMPRESSED: AUTO would gunzip a file that happens to end in .gz.
       with FileSystems.open(entry.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         data = fh.read()
     except Exception as e:  # permissions, vanished file, network
       return [self._dead_letter(entry.id, sources_lib.failure_reason(e, 'cannot read: '))]
-    return [self._example(entry.id, self._class_names.index(entry.cls), data)]
+    return [self._example(entry.id, label, data)]
 
 
 def read_folder(p, source: sources_lib.FolderSource, split: str, data_dir=None) -> Read:
@@ -67,7 +71,8 @@ def read_folder(p, source: sources_lib.FolderSource, split: str, data_dir=None) 
   listed = (p
             | f'Split[{split}]' >> beam.Create([split])
             | f'List[{split}]' >> beam.FlatMap(
-                lambda s, root=source.root: sources_lib.list_folder_split(root, s)))
+                lambda s, root=source.root, opt=source.labels_optional:
+                sources_lib.list_folder_split(root, s, opt)))
   loaded = (listed
             # The listing comes from one element: without this the reads fuse
             # onto one Dataflow worker.

@@ -47,12 +47,15 @@ class ParseCsvLine(beam.DoFn):
 class LoadCsvRow(_ToOutputs):
   """A manifest row → (id, label, image bytes), or a dead letter (missing file, bad label)."""
 
-  def __init__(self, base_dir: str, class_names: list[str], split: str):
+  def __init__(self, base_dir: str, class_names: list[str], split: str,
+               labels_optional: bool = False):
     super().__init__(split)
     self._base_dir, self._class_names = base_dir, class_names
+    self._labels_optional = labels_optional
 
   def process(self, row):
-    yield self._emit(fs.load_csv_row(row, self._base_dir, self._class_names))
+    yield self._emit(fs.load_csv_row(row, self._base_dir, self._class_names,
+                                     self._labels_optional))
 
 
 def _key_by_id(row):
@@ -76,7 +79,8 @@ def read_csv(p, source: fs.CsvSource, split: str, data_dir=None):
             | f'GroupById[{split}]' >> beam.GroupByKey()
             | f'Dedupe[{split}]' >> beam.FlatMapTuple(_dedupe)
             | f'Load[{split}]' >> beam.ParDo(
-                LoadCsvRow(source.base_dir, source.class_names, split)).with_outputs(
+                LoadCsvRow(source.base_dir, source.class_names, split,
+                           source.labels_optional)).with_outputs(
                     DEAD, main='ok'))
   found = rows | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
   return Read(loaded.ok, [loaded[DEAD]], found)

@@ -242,13 +242,18 @@ class FileSource(Source):
 # --------------------------------------------------------------------------
 
 
-def sniff_csv(first_line: str, path: str, image_column: str, label_column: str) -> dict:
-  """How to read the manifest: delimiter, header or Vertex layout, column positions."""
+def sniff_csv(first_line: str, path: str, image_column: str, label_column: str,
+              labels_optional: bool = False) -> dict:
+  """How to read the manifest: delimiter, header or Vertex layout, column positions.
+
+  ``labels_optional``: a header naming the image column alone is a header too.
+  """
   delimiter = '\t' if (path.endswith('.tsv') or '\t' in first_line) else ','
   fields = [f.strip().lower() for f in next(csv.reader([first_line], delimiter=delimiter))]
-  if image_column.lower() in fields and label_column.lower() in fields:
+  has_label = label_column.lower() in fields
+  if image_column.lower() in fields and (has_label or labels_optional):
     return {'delimiter': delimiter, 'header': True, 'image': fields.index(image_column.lower()),
-            'label': fields.index(label_column.lower()),
+            'label': fields.index(label_column.lower()) if has_label else None,
             'split': fields.index('split') if 'split' in fields else None}
   return {'delimiter': delimiter, 'header': False}
 
@@ -263,13 +268,13 @@ def parse_csv_line(line: str, layout: dict, default_split: str):
     return None
   fields = [f.strip() for f in next(csv.reader([line], delimiter=layout['delimiter']))]
   if layout['header']:
-    cols = [layout['image'], layout['label']] + ([layout['split']] if layout['split'] is not None
-                                                 else [])
+    cols = [layout['image']] + [layout[k] for k in ('label', 'split') if layout[k] is not None]
     if len(fields) <= max(cols):
       return default_split, line, None, f'{len(fields)} columns, expected {max(cols) + 1}'
     split = fields[layout['split']] if layout['split'] is not None else ''
     split = VERTEX_SPLITS.get(split.lower(), split) if split else None
-    image, label = fields[layout['image']], fields[layout['label']]
+    image = fields[layout['image']]
+    label = fields[layout['label']] if layout['label'] is not None else ''
   else:  # Vertex AI: [ML_USE,]GCS_FILE_PATH[,LABEL]
     split = None
     if len(fields) >= 2 and fields[0].lower() in VERTEX_SPLITS:
@@ -298,11 +303,12 @@ def dedupe_rows(rows: list) -> list:
   return rows[:1] + [(r[0], r[1], None, f'duplicate row (listed {n} times)') for r in rows[1:]]
 
 
-def load_csv_row(row, base_dir: str, class_names: list[str]) -> Union[Example, Dead]:
+def load_csv_row(row, base_dir: str, class_names: list[str],
+                 labels_optional: bool = False) -> Union[Example, Dead]:
   _, ex_id, image, label = row
   if image is None:
     return ex_id, label  # the parse error's reason
-  index = label_index(label, class_names)
+  index = -1 if labels_optional and not label else label_index(label, class_names)
   if isinstance(index, str):
     return ex_id, index
   data = load_image(resolve(base_dir, image), ex_id)
@@ -314,8 +320,10 @@ def load_csv_row(row, base_dir: str, class_names: list[str]) -> Union[Example, D
 class CsvSource(FileSource):
   """A manifest of image paths and labels (Vertex AI layout or headed CSV/TSV)."""
 
-  def __init__(self, path: str, image_column: str = 'image', label_column: str = 'label', **kw):
+  def __init__(self, path: str, image_column: str = 'image', label_column: str = 'label',
+               labels_optional: bool = False, **kw):
     super().__init__(**kw)
+    self.labels_optional = labels_optional
     if not path:
       raise UserError('csv: needs a manifest path, e.g. csv:gs://bucket/manifest.csv')
     self.path = path
@@ -329,7 +337,7 @@ class CsvSource(FileSource):
     first = next((l for l in lines if l.strip()), None)
     if first is None:
       raise UserError(f'manifest {path} is empty')
-    self.layout = sniff_csv(first, path, image_column, label_column)
+    self.layout = sniff_csv(first, path, image_column, label_column, labels_optional)
     if self.layout['header']:
       if lines[0] != first:
         raise UserError(f'manifest {path}: the header must be the first line')
@@ -344,7 +352,7 @@ class CsvSource(FileSource):
       self.class_names = read_class_names(self.class_names_file)
     else:
       self.class_names = names_from_labels((r[3] for r in rows if r[2] is not None), path)
-    if not self.class_names:
+    if not self.class_names and not labels_optional:
       raise UserError(f'manifest {path} has no labels')
 
   def num_examples(self, split):
@@ -357,7 +365,7 @@ class CsvSource(FileSource):
       by_id.setdefault(row[1], []).append(row)
     for rows in by_id.values():
       for row in dedupe_rows(rows):
-        yield load_csv_row(row, self.base_dir, self.class_names)
+        yield load_csv_row(row, self.base_dir, self.class_names, self.labels_optional)
 
 
 # --------------------------------------------------------------------------

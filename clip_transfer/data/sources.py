@@ -56,6 +56,8 @@ class Source:
   version: str
   class_names: list[str]
   splits: list[str]
+  # Inputs without a label are examples with label -1 (predict), not dead letters.
+  labels_optional: bool = False
 
   def num_examples(self, split: str) -> Optional[int]:
     raise NotImplementedError
@@ -79,11 +81,14 @@ class Source:
                       f'{", ".join(self.splits)}')
 
 
-def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
+def open_source(spec: str, data_dir: Optional[str] = None, labels_optional: bool = False,
+                **options) -> Source:
   """'digits', 'folder:PATH', 'csv:PATH', 'parquet:GLOB', 'wds:PATTERN' or a TFDS name.
 
   ``options`` (``clip_transfer.data.files.SOURCE_OPTIONS``: class_names, image_column,
   label_column, label_field, default_split) configure the csv/parquet/wds sources.
+  ``labels_optional`` (predict): images directly in a folder's split folder and CSV rows
+  with no label are examples with label -1 instead of dead letters.
   """
   from clip_transfer.data import files as file_sources  # pylint: disable=g-import-not-at-top
 
@@ -97,7 +102,8 @@ def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
   options = {k: v for k, v in options.items() if v is not None}
   if spec.startswith(file_sources.CSV_PREFIX):
     options.pop('label_field', None)
-    return file_sources.CsvSource(spec[len(file_sources.CSV_PREFIX):], **options)
+    return file_sources.CsvSource(spec[len(file_sources.CSV_PREFIX):],
+                                  labels_optional=labels_optional, **options)
   if spec.startswith(file_sources.PARQUET_PREFIX):
     options.pop('label_field', None)
     return file_sources.ParquetSource(spec[len(file_sources.PARQUET_PREFIX):], **options)
@@ -105,7 +111,7 @@ def open_source(spec: str, data_dir: Optional[str] = None, **options) -> Source:
     options.pop('image_column', None), options.pop('label_column', None)
     return file_sources.WdsSource(spec[len(file_sources.WDS_PREFIX):], **options)
   if spec.startswith(FOLDER_PREFIX):
-    return FolderSource(spec[len(FOLDER_PREFIX):])
+    return FolderSource(spec[len(FOLDER_PREFIX):], labels_optional)
   if spec == 'digits' or spec.startswith('digits:'):
     return TfdsSource(spec, data_dir, builtin=True)
   return TfdsSource(spec, data_dir)
@@ -253,7 +259,8 @@ def _hidden(name: str) -> bool:
   return name.startswith('.')
 
 
-def _entry(root: str, path: str, exists: bool = True, regular: bool = True) -> FolderEntry:
+def _entry(root: str, path: str, exists: bool = True, regular: bool = True,
+           labels_optional: bool = False) -> FolderEntry:
   """Classifies one listed file by where it sits below ``root``."""
   rel = relative_path(root, path)
   parts = rel.split('/')
@@ -261,6 +268,8 @@ def _entry(root: str, path: str, exists: bool = True, regular: bool = True) -> F
     return FolderEntry(rel, path, None, f'broken symlink: {path}')
   if not regular:
     return FolderEntry(rel, path, None, f'not a regular file: {path}')
+  if len(parts) == 2 and labels_optional:  # <split>/<image>: an image with no label
+    return FolderEntry(rel, path, None)
   if len(parts) == 2:
     return FolderEntry(rel, path, None, f'directly in the split folder, not in a class folder '
                        f'(expected {LAYOUT})')
@@ -270,7 +279,7 @@ def _entry(root: str, path: str, exists: bool = True, regular: bool = True) -> F
   return FolderEntry(rel, path, parts[1])
 
 
-def list_folder_split(root: str, split: str) -> list[FolderEntry]:
+def list_folder_split(root: str, split: str, labels_optional: bool = False) -> list[FolderEntry]:
   """Every non-hidden file below ``root/split`` (at any depth), sorted by id.
 
   Hidden files and folders (a name starting with '.') are skipped and not
@@ -280,7 +289,7 @@ def list_folder_split(root: str, split: str) -> list[FolderEntry]:
   """
   root = root.rstrip('/')
   if '://' not in root:
-    return _list_local(root, split)
+    return _list_local(root, split, labels_optional)
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
 
   pattern = FileSystems.join(root, split, '**')
@@ -288,12 +297,12 @@ def list_folder_split(root: str, split: str) -> list[FolderEntry]:
     metadata = FileSystems.match([pattern])[0].metadata_list
   except Exception as e:  # no such directory, unknown scheme, permissions
     raise UserError(f'cannot list {pattern}: {str(e).splitlines()[0][:200]}') from None
-  entries = [_entry(root, m.path) for m in metadata]
+  entries = [_entry(root, m.path, labels_optional=labels_optional) for m in metadata]
   return sorted((e for e in entries if not any(_hidden(p) for p in e.id.split('/'))),
                 key=lambda e: e.id)
 
 
-def _list_local(root: str, split: str) -> list[FolderEntry]:
+def _list_local(root: str, split: str, labels_optional: bool = False) -> list[FolderEntry]:
   import os  # pylint: disable=g-import-not-at-top
 
   base = os.path.join(root, split)
@@ -320,7 +329,8 @@ def _list_local(root: str, split: str) -> list[FolderEntry]:
         continue  # .DS_Store and friends: not inputs, not counted
       path = os.path.join(dirpath, name)
       entries.append(_entry(root, path, exists=os.path.exists(path),
-                            regular=not os.path.exists(path) or os.path.isfile(path)))
+                            regular=not os.path.exists(path) or os.path.isfile(path),
+                            labels_optional=labels_optional))
   return sorted(entries, key=lambda e: e.id)
 
 
@@ -348,7 +358,8 @@ def _list_splits(root: str) -> list[str]:
 class FolderSource(Source):
   """``PATH/<split>/<class>/<image>``; files listed with Beam's FileSystems."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, labels_optional: bool = False):
+    self.labels_optional = labels_optional
     if not path:
       raise UserError('folder: needs a path, e.g. folder:/data/flowers or folder:gs://b/flowers')
     self.root = path.rstrip('/')
@@ -366,7 +377,7 @@ class FolderSource(Source):
     """{split: every entry found below it} (splits with nothing in them left out)."""
     out = {}
     for split in _list_splits(self.root):
-      entries = list_folder_split(self.root, split)
+      entries = list_folder_split(self.root, split, self.labels_optional)
       if entries:
         out[split] = entries
     return out
@@ -398,4 +409,4 @@ class FolderSource(Source):
       # UNCOMPRESSED: AUTO would gunzip a file that happens to end in .gz.
       with FileSystems.open(e.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         data = fh.read()
-      yield Example(e.id, self.class_names.index(e.cls), data)
+      yield Example(e.id, -1 if e.cls is None else self.class_names.index(e.cls), data)
