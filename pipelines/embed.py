@@ -99,6 +99,8 @@ def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   flags.add_flags(p, EmbedConfig)
   args, beam_args = p.parse_known_args(argv)
+  # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.
+  flags.refuse_near_misses(p, beam_args, set(PipelineOptions([]).get_all_options()))
   return flags.from_args(EmbedConfig, args), beam_args
 
 

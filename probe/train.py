@@ -92,6 +92,8 @@ class ProbeConfig:
   max_iter: int = flags.field(core.linear.MAX_ITER, 'solver iterations, both methods')
   tol: float = flags.field(core.linear.TOL, 'stop at max |gradient| <= tol')
   progress: bool = flags.field(True, 'progress bars on stderr')
+  overwrite: bool = flags.field(False, 'replace the probe run this tool wrote in --output_dir '
+                                '(nothing else is ever removed)')
 
   def __post_init__(self):
     """Every flag checked before any data is read."""
@@ -377,10 +379,10 @@ def train_probe(config: ProbeConfig) -> dict:
   if anchored and not config.zeroshot:
     raise UserError('--method=zeroshot-anchored needs --zeroshot=DIR (a probe.zeroshot run on '
                     'the same embeddings)')
-  # Refuses a file, a read-only directory or one holding files this tool did not write;
-  # a rerun replaces only its own metrics.json and head.npz.
-  outputs.prepare_output_dir(config.output_dir, overwrite=True, kind='probe run',
-                             owned=OWNED_FILES, clear=False)
+  # Refuses a file, a read-only directory, one holding files this tool did not write,
+  # or a previous run without --overwrite (the rule of every stage); held exclusively.
+  outputs.prepare_output_dir(config.output_dir, overwrite=config.overwrite, kind='probe run',
+                             owned=OWNED_FILES, complete='metrics.json', clear=False)
   metadata = emb.read_metadata(config.embeddings)
   class_names = emb.class_names(config.embeddings)
   feature, zs, zs_record = 'embedding', None, None
@@ -397,6 +399,9 @@ def train_probe(config: ProbeConfig) -> dict:
   # Checked here too, so NaN errors can name the offending example's id.
   check_split(config.train_split, x_train, y_train, len(class_names), ids_train)
   check_split(config.eval_split, x_eval, y_eval, len(class_names), ids_eval)
+  # The inputs hold up: only now remove the previous run's files (--overwrite).
+  outputs.prepare_output_dir(config.output_dir, overwrite=config.overwrite, kind='probe run',
+                             owned=OWNED_FILES, complete='metrics.json')
   src, model = metadata.get('source', {}), metadata.get('model', {})
   header = metrics_lib.header(
       'probe',
@@ -409,7 +414,7 @@ def train_probe(config: ProbeConfig) -> dict:
       embedding=emb.read_run_info(config.embeddings),  # the one-off cost, for the report
       **({'zeroshot': zs_record} if zs_record else {}))
   options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-             if f.name not in ('embeddings', 'output_dir')}
+             if f.name not in ('embeddings', 'output_dir', 'overwrite')}
   return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, config.output_dir,
                             ids_train=ids_train, ids_eval=ids_eval, header=header,
                             zeroshot_head=zs, **options)

@@ -56,7 +56,7 @@ def no_model_load(monkeypatch):
   """Fails the test if the model is loaded (the refusal must come first)."""
   def boom(*_, **__):
     raise AssertionError('the model was loaded before the refusal')
-  monkeypatch.setattr(embed.clip, 'load', boom)
+  monkeypatch.setattr(embed.models, 'load', boom)
 
 
 # --------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_projected_without_a_projection_fails_before_the_pipeline(small_folder, 
   def vision_only(name, *a, **k):
     pre = load(name, *a, **k)
     return dataclasses.replace(pre, module=pre.module.clone(projection_dim=None))
-  monkeypatch.setattr(embed.clip, 'load', vision_only)
+  monkeypatch.setattr(embed.models, 'load', vision_only)
   monkeypatch.setattr(embed, 'build', lambda *a, **k: pytest.fail('the pipeline was built'))
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={tmp_path}/o',
                    '--splits=test', '--projected')
