@@ -38,7 +38,8 @@ def initial_head(config: Config, pretrained: models.Pretrained,
   _check_source_run(path, pretrained, class_names)
   try:
     if kind == 'probe':  # the probe's standardisation folded into the Dense head
-      return heads.load_head(path).folded(), False
+      head = heads.load_head(path)  # the zero-shot-anchored probe's reads normalised projected
+      return head.folded(), head.feature == 'projected'
     # Zero-shot: exp(logit_scale) · cos(image, class text) = a head on normalised features.
     return heads.load_zeroshot_head(path).dense(), True
   except (OSError, ValueError, KeyError) as e:

@@ -4,9 +4,12 @@
 
 Each RUN_DIR is a zero-shot or probe output dir or a fine-tune workdir (anything
 holding a ``metrics.json``), or a directory whose subdirectories hold them (the
-demo's run directory). Rows run up the ladder: zero-shot, probe, head-only
-fine-tune, LP-FT, fine-tune, WiSE-FT. Each carries its 95% interval and a paired
-comparison with the best probe on the same eval examples.
+demo's run directory). Rows run up the ladder: zero-shot, probe (plain, then
+anchored at zero-shot), head-only fine-tune, LP-FT, fine-tune, WiSE-FT. Each
+carries its 95% interval and a paired comparison with the best probe on the
+same eval examples. The few-shot table and curve put every method's k-shot
+mean ± std beside zero-shot (0 shots), paired against zero-shot and against
+the plain probe on the same draws.
 
 Runs are refused (one line, exit 2) when they differ in dataset, eval split, eval
 examples, model weights or validation split, or when a file holds NaN or inf.
@@ -210,7 +213,7 @@ def _rung(stage: str, name: str, e: dict) -> tuple:
   if stage == 'zeroshot':
     return (0, 0)
   if stage == 'probe':
-    return (1, {'jax': 0, 'sklearn': 1}.get(name, 2))
+    return (1, {'jax': 0, 'zeroshot-anchored': 1, 'sklearn': 2}.get(name, 3))
   if stage == 'finetune':
     mode, _, init = name.partition('@')
     if mode == 'linear' or 'l2' in (e.get('selected') or {}):
@@ -229,7 +232,8 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     for name, e in m['methods'].items():
       if 'shots' in e:  # few-shot entries are named '<method>_<k>shot'
         base = name[:-len(f"_{e['shots']}shot")] if name.endswith('shot') else name
-        shots.append({'method': base, 'stage': stage, **e})
+        shots.append({'method': base, 'stage': stage, 'source': path,
+                      'correct': _few_shot_correct(e, labels), **e})
         continue
       correct = None
       if labels is not None and e.get('predictions') is not None:
@@ -237,8 +241,10 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
           raise UserError(f'{path}: methods.{name}.predictions has {len(e["predictions"])} '
                           f'entries but eval.labels has {len(labels)}')
         correct = np.asarray(e['predictions']) == np.asarray(labels)
+      # A refit on fit+validation is another model than the fit-only one: said in its name.
+      refit = ' [fit+validation]' if e.get('final_fit') == 'fit+validation' else ''
       rows.append({
-          'method': f'{stage}:{name}', 'stage': stage, 'name': name, 'source': path,
+          'method': f'{stage}:{name}{refit}', 'stage': stage, 'name': name, 'source': path,
           'top1': e.get('top1'), 'top1_ci95': e.get('top1_ci95'),
           'balanced_accuracy': e.get('balanced_accuracy'),
           'balanced_accuracy_ci95': e.get('balanced_accuracy_ci95'),
@@ -250,6 +256,47 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
       rows[-1]['ci'] = _intervals(rows[-1])
   rows.sort(key=lambda r: r['rung'])  # stable: file order within a rung
   return rows, shots
+
+
+def _few_shot_correct(e: dict, labels) -> Optional[np.ndarray]:
+  """Per eval example, the fraction of seeds that got it right (None: predictions not recorded)."""
+  runs = e.get('runs') or []
+  if labels is None or not runs or any(r.get('predictions') is None for r in runs):
+    return None
+  return np.mean([np.asarray(r['predictions']) == np.asarray(labels) for r in runs], axis=0)
+
+
+def _draws(s: dict) -> Optional[list]:
+  return [r.get('draw_sha256') for r in s.get('runs') or []] or None
+
+
+def few_shot_pairs(shots: list[dict], rows: list[dict]) -> list[dict]:
+  """Per few-shot entry: paired Δ against zero-shot and against the plain probe on the same draws."""
+  zs = next((r for r in rows if r['stage'] == 'zeroshot' and r['correct'] is not None), None)
+  plain = {(s['shots'], s.get('selection'), json.dumps(_draws(s))): s for s in shots
+           if s['stage'] == 'probe' and s['method'] == 'jax' and s['correct'] is not None}
+  out = []
+  for s in shots:
+    vs_zs = vs_plain = None
+    if s['correct'] is not None:
+      if zs is not None and len(zs['correct']) == len(s['correct']):
+        vs_zs = stats.paired_difference(s['correct'], zs['correct'])
+      ref = plain.get((s['shots'], s.get('selection'), json.dumps(_draws(s))))
+      if ref is s:
+        vs_plain = 'reference'
+      elif ref is not None and _draws(s) and None not in _draws(s):  # same ids drawn, seed by seed
+        vs_plain = stats.paired_difference(s['correct'], ref['correct'])
+    out.append({'vs_zeroshot': vs_zs, 'vs_plain': vs_plain})
+  return out
+
+
+def _delta(d) -> str:
+  if d is None:
+    return '—'
+  if d == 'reference':
+    return '(reference)'
+  return (f'{d["diff"]:+.4f} [{d["ci95"][0]:+.3f}, {d["ci95"][1]:+.3f}] '
+          f'{stats.verdict(d)}')
 
 
 def reference(rows: list[dict]) -> Optional[dict]:
@@ -399,17 +446,38 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
                   f'{m["stage"]}:{name}+wise.', '']
   lines += ['What the times cover:', ''] + cost_lines(runs, rows)
   if shots:
+    pairs = few_shot_pairs(shots, rows)
+    # Files from before per-seed predictions were recorded pair with nothing: no Δ columns.
+    paired_any = any(d['vs_zeroshot'] or d['vs_plain'] for d in pairs)
+    extra = (' Δ top-1 vs zero-shot [95% CI], verdict | Δ top-1 vs probe:jax, same draws |'
+             if paired_any else '')
     lines += ['', '## Few-shot (mean ± std over seeds)', '',
-              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. |',
-              '|---|---:|---:|---|---:|---:|---:|']
-    for s in sorted(shots, key=lambda s: (s['stage'], s['method'], s.get('selection') or '',
-                                          s['shots'])):
+              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. |'
+              + extra, '|---|---:|---:|---|---:|---:|---:|' + ('---:|---:|' if paired_any else '')]
+    for r in rows:  # zero labels: the line every few-shot method should stay above
+      if r['stage'] == 'zeroshot':
+        ci = r['ci']['top1']
+        lines.append(f"| {r['method']} | 0 | — | no labels | {_fmt(r['top1'], '.4f')} | "
+                     f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
+                     f"{_fmt(r['balanced_accuracy'], '.4f')} |" + (' — | — |' if paired_any else ''))
+    order = sorted(range(len(shots)), key=lambda i: (
+        shots[i]['stage'], _rung(shots[i]['stage'], shots[i]['method'], {}),
+        shots[i]['method'], shots[i].get('selection') or '', shots[i]['shots']))
+    for i in order:
+      s, d = shots[i], pairs[i]
       ci = s.get('top1_ci95')
       lines.append(f"| {s['stage']}:{s['method']} | {s['shots']} | {s.get('seeds', '—')} | "
                    f"{SELECTION.get(s.get('selection'), 'not recorded')} | "
                    f"{_fmt(s.get('top1'), '.4f')} ± {_fmt(s.get('top1_std'), '.4f')} | "
                    f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
-                   f"{_fmt(s.get('balanced_accuracy'), '.4f')} |")
+                   f"{_fmt(s.get('balanced_accuracy'), '.4f')} |"
+                   + (f" {_delta(d['vs_zeroshot'])} | {_delta(d['vs_plain'])} |"
+                      if paired_any else ''))
+    if paired_any:
+      lines += ['', 'Few-shot Δ: per eval example, the fraction of seeds right, minus the other '
+                'method\'s; paired bootstrap interval and a sign test on the examples where they '
+                'differ (McNemar\'s with one seed). Against the plain probe only when both drew '
+                'the same examples seed by seed (draws are by example id).']
   return '\n'.join(lines) + '\n'
 
 
@@ -454,6 +522,11 @@ def plot(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict], path
   ax.grid(True, alpha=0.3)
   if shots:
     ax = next(panels)
+    for r in rows:  # zero-shot: no labels, a level line with its interval
+      if r['stage'] == 'zeroshot' and r['top1'] is not None:
+        line = ax.axhline(r['top1'], linestyle='--', color='gray', label=f'{r["method"]} (0 shots)')
+        if r['ci']['top1']:
+          ax.axhspan(*r['ci']['top1'], color=line.get_color(), alpha=0.15)
     by_method: dict[str, list] = {}
     for s in shots:
       sel = {'within-shots': 'true few-shot', 'validation': 'L2 on validation'}.get(

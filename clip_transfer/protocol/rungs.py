@@ -29,6 +29,7 @@ from clip_transfer.protocol import heads
 
 KINDS = ('probe', 'zeroshot', 'finetune')
 PROBE_METHOD, ZEROSHOT_METHOD, WISE = 'jax', 'zeroshot', '+wise'
+ANCHORED_PROBE_METHOD = 'zeroshot-anchored'  # linear.AnchoredMethod.name (linear imports JAX; this must not)
 
 
 @dataclasses.dataclass
@@ -78,6 +79,8 @@ class Rung:
     """Logits of a probe/zero-shot head on stored features (numpy, or jnp inside jit)."""
     h = self.head
     if self.kind == 'probe':  # exactly as the probe scored its eval split
+      if self.feature == 'projected':  # the zero-shot-anchored probe's head: normalised first
+        x = x / xp.linalg.norm(x, axis=-1, keepdims=True)
       return ((x - h['mean']) / h['std']) @ h['kernel'] + h['bias']
     if self.kind == 'zeroshot':
       x = x / xp.linalg.norm(x, axis=-1, keepdims=True)
@@ -141,10 +144,12 @@ def open_rung(spec: str, mode: Optional[str] = None, flag: str = '--head') -> Ru
     raise UserError(f'{path}/metrics.json records no model.weights_sha256 to check the weights '
                     'against')
   if kind == 'probe':
-    entry = _entry(methods, PROBE_METHOD, path)
     head = heads.load_head(path)
+    # A head on projected features is the zero-shot-anchored probe's (probe.train --method).
+    method = PROBE_METHOD if head.feature == 'embedding' else ANCHORED_PROBE_METHOD
+    entry = _entry(methods, method, path)
     h = {'kernel': head.kernel, 'bias': head.bias, 'mean': head.mean, 'std': head.std}
-    rung = Rung(kind, path, PROBE_METHOD, names, model, entry, header, 'embedding', h)
+    rung = Rung(kind, path, method, names, model, entry, header, head.feature, h)
     _check_head(rung, head.class_names, head.kernel.shape[1])
     return rung
   if kind == 'zeroshot':
