@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from clip_transfer import distributed
+
 # Decades wide enough for a huge clean set (weak) and a few shots (strong).
 DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 SOLVERS = ('lbfgs', 'adam')
@@ -73,6 +75,20 @@ class Standardizer:
     std = np.where(std < 1e-8, 1.0, std)
     return cls(mean.astype(np.float32), std.astype(np.float32))
 
+  @classmethod
+  def fit_across_processes(cls, x_local: np.ndarray) -> 'Standardizer':
+    """``fit`` on the rows of every process together; each passes its own rows."""
+    if distributed.process_count() == 1:
+      return cls.fit(x_local)
+    # Two passes in float64 like np.std, the sums taken over processes.
+    n = distributed.sum_over_processes(np.float64(len(x_local)))
+    mean = distributed.sum_over_processes(x_local.sum(axis=0, dtype=np.float64)) / n
+    var = distributed.sum_over_processes(
+        np.square(x_local - mean).sum(axis=0, dtype=np.float64)) / n
+    std = np.sqrt(var)
+    std = np.where(std < 1e-8, 1.0, std)
+    return cls(mean.astype(np.float32), std.astype(np.float32))
+
   def __call__(self, x: np.ndarray) -> np.ndarray:
     return ((x - self.mean) / self.std).astype(np.float32)
 
@@ -90,7 +106,7 @@ def _max_abs(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _solver(num_classes: int, solver: str, tol: float):
+def _solver(num_classes: int, solver: str, tol: float, mesh=None):
   """A jitted, vmapped (over L2) run of the solver up to `stop_at` iterations; compiled once per shape.
 
   L-BFGS directions come from ``optax.lbfgs(linesearch=None)``; the step size
@@ -168,31 +184,56 @@ def _solver(num_classes: int, solver: str, tol: float):
                             jax.ShapeDtypeStruct((1, dim), jnp.float32))
     return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
 
-  run = jax.jit(jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None)))
-  return empty_carry, run
+  vmapped = jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None))
+  if mesh is None:
+    return empty_carry, jax.jit(vmapped)
+  # Rows sharded over the mesh, the heads replicated: every matmul over rows
+  # becomes a per-device partial sum and one all-reduce (GSPMD inserts it),
+  # and every process holds the whole (small) solver state.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  run = jax.jit(vmapped, out_shardings=replicated)
+
+  def placed_carry(dim, num_l2):
+    return jax.device_put(jax.tree.map(np.asarray, empty_carry(dim, num_l2)), replicated)
+  return placed_carry, run
 
 
 def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
             weights: Optional[np.ndarray] = None, solver: str = 'lbfgs',
             max_iter: int = MAX_ITER, tol: float = TOL, desc: str = 'jax',
-            progress: bool = True) -> tuple[dict, dict]:
-  """Fits one head per L2 in a single vmapped solve. Returns stacked params (G, …) and info."""
+            progress: bool = True, mesh=None) -> tuple[dict, dict]:
+  """Fits one head per L2 in a single vmapped solve. Returns stacked params (G, …) and info.
+
+  With a ``mesh`` (``clip_transfer.distributed.mesh()``) the rows are split
+  over its devices, and over processes: each process passes only its own rows
+  (``x``, ``y``, ``weights``) and gets the same heads back.
+  """
   if solver not in SOLVERS:
     raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
-  empty_carry, run = _solver(num_classes, solver, float(tol))
+  empty_carry, run = _solver(num_classes, solver, float(tol), mesh)
   w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
-  pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
-  xj = jnp.asarray(np.pad(np.asarray(x, np.float32), ((0, pad), (0, 0))))
-  yj = jnp.asarray(np.pad(np.asarray(y, np.int32), (0, pad)))
-  wj = jnp.asarray(np.pad(w, (0, pad)))
-  l2j = jnp.asarray(l2s, jnp.float32)
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  if mesh is None:
+    pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
+    xj = jnp.asarray(np.pad(x, ((0, pad), (0, 0))))
+    yj = jnp.asarray(np.pad(y, (0, pad)))
+    wj = jnp.asarray(np.pad(w, (0, pad)))
+  else:
+    # Padding to equal shards gets weight 0: out of the loss and of its mean.
+    (xj, yj, wj), _ = distributed.shard_rows((x, y, w), mesh)
+  l2j = np.asarray(l2s, np.float32)
   carry = empty_carry(x.shape[1], len(l2s))
   bar = tqdm(total=max_iter, desc=desc, file=sys.stderr, leave=False, disable=not progress)
   done = 0
   while True:
     stop_at = min(done + CHUNK, max_iter)
-    carry = run(carry, l2j, xj, yj, wj, jnp.int32(stop_at), jnp.bool_(done == 0))
-    its, gmax, stalled = np.asarray(carry[4]), np.asarray(carry[5]), np.asarray(carry[6])
+    carry = run(carry, l2j, xj, yj, wj, np.int32(stop_at), np.bool_(done == 0))
+    if mesh is not None:
+      # Every device done before the next call: on CPU, devices that raced
+      # ahead into the next call's all-reduce can hold every thread the
+      # late ones need (a deadlock seen with 4 devices on 2 cores).
+      jax.block_until_ready(carry)
+    its, gmax, stalled = distributed.replicated((carry[4], carry[5], carry[6]))
     bar.update(stop_at - done)
     stopped = (gmax <= tol) | (its >= max_iter) | stalled
     bar.set_postfix_str(f'converged {int((gmax <= tol).sum())}/{len(l2s)} '
@@ -201,7 +242,7 @@ def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float]
     if stopped.all() or done >= max_iter:
       break
   bar.close()
-  params = jax.tree.map(np.asarray, carry[0])
+  params = distributed.replicated(carry[0])
   # A stalled search (no decrease left in float32) counts as converged: sklearn's ftol stop.
   return params, {'n_iter': its.tolist(), 'converged': ((gmax <= tol) | stalled).tolist()}
 
@@ -262,8 +303,11 @@ class JaxMethod(Method):
   name: str = 'jax'
 
   def fit_grid(self, x, y, num_classes, l2s, *, progress=False):
+    # More than one device (or process): rows split over all of them.
+    mesh = distributed.mesh() if jax.device_count() > 1 else None
     return fit_jax(x, y, num_classes, l2s, solver=self.solver, max_iter=self.max_iter,
-                          tol=self.tol, desc=f'jax ({len(l2s)} L2 values)', progress=progress)
+                   tol=self.tol, desc=f'jax ({len(l2s)} L2 values)', progress=progress,
+                   mesh=mesh)
 
   def logits(self, fitted, i, x, num_classes):
     return jax_logits({'kernel': fitted['kernel'][i], 'bias': fitted['bias'][i]}, x)
@@ -294,21 +338,25 @@ def select_and_fit(method: Method, x_fit: np.ndarray, y_fit: np.ndarray, x_val: 
   Inputs are raw features; the statistics come from x_fit alone, so the
   validation data never shapes the model it selects. With a single L2 the
   validation set may be empty.
+
+  Over several processes each passes its own rows of ``x_*`` and ``y_fit``
+  (in the global order), and ``y_val`` whole: the statistics, the solve and
+  the logits (gathered in process order) cover every process's rows.
   """
   t0 = time.perf_counter()
-  std = Standardizer.fit(x_fit)
+  std = Standardizer.fit_across_processes(x_fit)
   fitted, info = method.fit_grid(std(x_fit), y_fit, num_classes, l2s, progress=progress)
   sweep, scores = {}, []
   if len(l2s) > 1:
     zv = std(x_val)
     for i, l2 in enumerate(l2s):
-      val_logits = method.logits(fitted, i, zv, num_classes)
+      val_logits = distributed.gather_rows(method.logits(fitted, i, zv, num_classes))
       top1, loss = score(val_logits, y_val)
       scores.append((top1, loss))
       sweep[repr(float(l2))] = {'val_top1': top1, 'val_log_loss': loss,
                                 'n_iter': info['n_iter'][i], 'converged': info['converged'][i]}
   b = select(scores) if scores else 0
   kernel, bias = method.head(fitted, b, num_classes, x_fit.shape[1])
-  eval_logits = method.logits(fitted, b, std(x_eval), num_classes)
+  eval_logits = distributed.gather_rows(method.logits(fitted, b, std(x_eval), num_classes))
   return Fitted(float(l2s[b]), sweep, eval_logits, kernel, bias, std, int(info['n_iter'][b]),
                 time.perf_counter() - t0)
