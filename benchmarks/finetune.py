@@ -24,7 +24,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from finetune import groups  # pylint: disable=g-import-not-at-top
-from finetune import trainer  # pylint: disable=g-import-not-at-top
+from finetune import config, steps  # pylint: disable=g-import-not-at-top
 from clip_transfer import models  # pylint: disable=g-import-not-at-top
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
 
@@ -66,17 +66,17 @@ def run(argv=None) -> dict:
   t_start = time.perf_counter()
   log = lambda what: print(f'[{time.perf_counter() - t_start:6.1f} s] {what}', file=sys.stderr,
                            flush=True)
-  mesh = trainer.make_mesh()
-  trainer.check_batch_size(args.batch_size, mesh)
+  mesh = steps.make_mesh()
+  steps.check_batch_size(args.batch_size, mesh)
   pre = models.load(args.model, args.dtype)
   log(f'loaded {args.model}')
-  cfg = trainer.Config(model=args.model, dtype=args.dtype, warmup=0.0)
-  state, trainable, _ = trainer.create_state(pre, args.num_classes, args.mode, cfg,
+  cfg = config.Config(model=args.model, dtype=args.dtype, warmup=0.0)
+  state, trainable, _ = steps.create_state(pre, args.num_classes, args.mode, cfg,
                                              total_steps=args.steps + 10, mesh=mesh)
-  train_step, eval_step = trainer.jit_steps(mesh, trainable, pre.preprocess)
+  train_step, eval_step = steps.jit_steps(mesh, trainable, pre.preprocess)
   rng = np.random.default_rng(0)
   h, w, c = pre.preprocess.output_shape
-  batch = trainer.shard_batch({
+  batch = steps.shard_batch({
       'image': rng.integers(0, 256, (args.batch_size, h, w, c), dtype=np.uint8),
       'label': rng.integers(0, args.num_classes, (args.batch_size,)).astype(np.int32),
   }, mesh)

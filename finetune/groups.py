@@ -175,7 +175,7 @@ class Plan:
   trainable: Any  # tree like params: True where the leaf's rule trains it
 
   def head_only(self, params) -> bool:
-    """True when only ``head/`` leaves train: a convex problem (see trainer.solve_head_only)."""
+    """True when only ``head/`` leaves train: a convex problem (see head_only.solve_head_only)."""
     return all(path.startswith('head/') for path, t in zip(paths(params),
                                                             jax.tree.leaves(self.trainable)) if t)
 

@@ -9,8 +9,8 @@ and keeps the best (lr, step); the eval split is scored once, for that one.
 Modes that train only the head (linear, last:0) are solved exactly as the
 probe solves them. Writes WORKDIR/metrics.json and Orbax checkpoints under
 WORKDIR/checkpoints/<mode>/lr=<lr>/{latest,best}. The logic lives in
-``finetune.trainer`` so tests and notebooks can call
-``train_and_evaluate(config, workdir)`` directly."""
+the modules beside it so tests and notebooks can call
+``finetune.trainer.train_and_evaluate(config, workdir)`` directly."""
 
 from __future__ import annotations
 
@@ -24,17 +24,17 @@ from clip_transfer.errors import cli_main
 
 def parse_args(argv=None):
   """(Config, workdir) from the command line; every Config field is a flag."""
-  from finetune import trainer  # pylint: disable=g-import-not-at-top
+  from finetune.config import Config  # pylint: disable=g-import-not-at-top
 
   p = argparse.ArgumentParser(prog='python -m finetune.train', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--workdir', required=True, help='metrics.json and checkpoints go here')
-  flags.add_flags(p, trainer.Config)
+  flags.add_flags(p, Config)
   p.add_argument('--smoke', action='store_true',
                  help='a seconds-long smoke run: 256 train / 128 eval examples, 5 steps')
   args = p.parse_args(argv)
   smoke = dict(limit_train=256, limit_eval=128, steps=5) if args.smoke else {}
-  return flags.from_args(trainer.Config, args, **smoke), args.workdir
+  return flags.from_args(Config, args, **smoke), args.workdir
 
 
 @cli_main

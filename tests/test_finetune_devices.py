@@ -11,7 +11,8 @@ import numpy as np
 SCRIPT = r'''
 import json
 import numpy as np
-from finetune import trainer
+from finetune import config
+from finetune import steps as steps_lib
 from clip_transfer import models
 from clip_transfer.models import clip
 from clip_transfer.data import preprocess
@@ -24,21 +25,21 @@ def run():
   module = clip.CLIP(vision)
   pre = models.Pretrained(module, {'params': clip.init_params(module)},
                                preprocess.PreprocessConfig.for_image_size(16), 'micro')
-  cfg = trainer.Config(model='random:tiny', lr=(1e-2,), warmup=0.0)
-  mesh = trainer.make_mesh()
-  state, trainable, _ = trainer.create_state(pre, 5, 'full', cfg, 10, mesh=mesh)
-  step, evaluate = trainer.jit_steps(mesh, trainable, pre.preprocess)
+  cfg = config.Config(model='random:tiny', lr=(1e-2,), warmup=0.0)
+  mesh = steps_lib.make_mesh()
+  state, trainable, _ = steps_lib.create_state(pre, 5, 'full', cfg, 10, mesh=mesh)
+  step, evaluate = steps_lib.jit_steps(mesh, trainable, pre.preprocess)
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8),
            'label': rng.integers(0, 5, (8,)).astype(np.int32)}
-  batch = trainer.shard_batch(batch, mesh)
+  batch = steps_lib.shard_batch(batch, mesh)
   losses = []
   for _ in range(4):  # one batch, fitted: the loss must fall
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   logits = evaluate(state, batch)
   try:
-    trainer.check_batch_size(6, mesh)
+    steps_lib.check_batch_size(6, mesh)
     error = None
   except UserError as e:
     error = str(e)

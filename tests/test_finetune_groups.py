@@ -8,7 +8,8 @@ import pytest
 
 from finetune import groups
 from finetune import model as model_lib
-from finetune import trainer
+from finetune import config
+from finetune import steps as steps_lib
 from clip_transfer import models
 from clip_transfer.models import clip
 from clip_transfer.data import preprocess
@@ -42,12 +43,12 @@ def _batch(n=8, seed=0):
 
 
 def _train(pretrained, initialised, mode, steps=3, **kw):
-  cfg = trainer.Config(model='micro', lr=(1e-2,), warmup=0.0, **kw)
-  mesh = trainer.make_mesh()
-  state, trainable, _ = trainer.create_state(pretrained, NUM_CLASSES, mode, cfg, 100, initialised,
+  cfg = config.Config(model='micro', lr=(1e-2,), warmup=0.0, **kw)
+  mesh = steps_lib.make_mesh()
+  state, trainable, _ = steps_lib.create_state(pretrained, NUM_CLASSES, mode, cfg, 100, initialised,
                                              mesh)
   before = jax.tree.map(np.asarray, state.params)
-  step, _ = trainer.jit_steps(mesh, trainable, pretrained.preprocess)
+  step, _ = steps_lib.jit_steps(mesh, trainable, pretrained.preprocess)
   for i in range(steps):
     state, metrics = step(state, _batch(seed=i))
   return before, jax.tree.map(np.asarray, state.params), trainable, state
@@ -134,11 +135,11 @@ def test_frozen_leaves_bit_for_bit_trainable_moved_no_state(pretrained, initiali
 
 def test_differential_scales_backbone_updates(pretrained, initialised):
   # Adam's first update is lr × g/|g| per scalar: its magnitude is the group's lr alone.
-  cfg = trainer.Config(model='micro', lr=(1e-2,), warmup=0.0, weight_decay=0.0, clip_norm=0.0,
+  cfg = config.Config(model='micro', lr=(1e-2,), warmup=0.0, weight_decay=0.0, clip_norm=0.0,
                        backbone_lr_factor=0.1)
   updates = {}
   for mode in ('full', 'differential'):
-    state, _, _ = trainer.create_state(pretrained, NUM_CLASSES, mode, cfg, 100, initialised)
+    state, _, _ = steps_lib.create_state(pretrained, NUM_CLASSES, mode, cfg, 100, initialised)
     rng = np.random.default_rng(0)
 
     def grad(p):

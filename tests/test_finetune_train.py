@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from finetune import train
-from finetune import trainer
+from finetune import checkpoints
 from clip_transfer import models
 from clip_transfer.data import preprocess
 from clip_transfer.data import sources
@@ -115,20 +115,20 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   assert _cli(*_resume_args(straight, data_dir)) == 0
   assert _cli(*_resume_args(interrupted, data_dir), '--stop_after=3') == 0
   assert not json.load(open(os.path.join(interrupted, 'metrics.json')))['methods']
-  assert trainer.load_checkpoint(interrupted, 'full', 3e-3)['step'] == 3
+  assert checkpoints.load_checkpoint(interrupted, 'full', 3e-3)['step'] == 3
   assert _cli(*_resume_args(interrupted, data_dir), '--resume') == 0
-  a = trainer.load_checkpoint(straight, 'full', 3e-3)
-  b = trainer.load_checkpoint(interrupted, 'full', 3e-3)
+  a = checkpoints.load_checkpoint(straight, 'full', 3e-3)
+  b = checkpoints.load_checkpoint(interrupted, 'full', 3e-3)
   assert a['step'] == b['step'] == 8
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
                a['params'], b['params'])
   # Stopped before the first validation score: the resume still starts from the saved state.
   early = str(tmp_path / 'early')
   assert _cli(*_resume_args(early, data_dir), '--stop_after=1') == 0
-  with caplog.at_level(logging.INFO, logger='finetune.trainer'):
+  with caplog.at_level(logging.INFO, logger='finetune.sweep'):
     assert _cli(*_resume_args(early, data_dir), '--resume') == 0
   assert 'resumed from step 1' in caplog.text
-  c = trainer.load_checkpoint(early, 'full', 3e-3)
+  c = checkpoints.load_checkpoint(early, 'full', 3e-3)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
                a['params'], c['params'])
   assert (json.load(open(os.path.join(early, 'metrics.json')))['methods']['full']['top1'] ==
@@ -139,7 +139,7 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
   assert _cli(*_resume_args(interrupted, data_dir), '--resume', '--weight_decay=0.5') == 2
   assert 'cannot --resume: weight_decay was 0.0001' in capsys.readouterr().err
   # … and so does a damaged checkpoint, in one line.
-  ckpt = trainer.checkpoint_dir(interrupted, 'full', 3e-3)
+  ckpt = checkpoints.checkpoint_dir(interrupted, 'full', 3e-3)
   for root, _, files in os.walk(ckpt):
     for f in files:
       if f == 'curve.json':

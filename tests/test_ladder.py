@@ -9,7 +9,8 @@ import pytest
 
 from finetune import model as model_lib
 from finetune import train as finetune_cli
-from finetune import trainer
+from finetune import config as config_lib
+from finetune import head_init as head_init_lib
 from pipelines import embed
 from probe import train as probe_cli
 from probe import zeroshot
@@ -44,10 +45,10 @@ def _metrics(path):
 def _step0_logits(digits_data_dir, head_init):
   """The initialised classifier (no training step) applied to the digits test images."""
   pre = models.load(MODEL)
-  config = trainer.Config(dataset='digits', data_dir=digits_data_dir, model=MODEL,
-                          head_init=head_init)
+  config = config_lib.Config(dataset='digits', data_dir=digits_data_dir, model=MODEL,
+                             head_init=head_init)
   src = sources.open_source('digits', digits_data_dir)
-  head, projected = trainer.initial_head(config, pre, src.class_names)
+  head, projected = head_init_lib.initial_head(config, pre, src.class_names)
   model, variables = model_lib.create(pre, 10, head=head, projected=projected)
   ex = sorted(src.iter_examples('test'), key=lambda e: e.id)
   images = np.stack([preprocess.prepare(e.image, pre.preprocess) for e in ex])

@@ -1,0 +1,117 @@
+"""Orbax checkpoints per configuration (latest for --resume, best on validation) and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from finetune.config import Config, RESUME_KEYS
+from finetune.steps import TrainState
+from clip_transfer.errors import UserError
+
+def checkpoint_dir(workdir: str, mode: str, lr: Optional[float] = None) -> str:
+  """A mode's checkpoints, or one configuration's (``lr``) below it."""
+  path = os.path.abspath(os.path.join(workdir, 'checkpoints', mode.replace(':', '_')))
+  return path if lr is None else os.path.join(path, f'lr={lr:g}')
+
+
+def _manager(path: str):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1,
+                                                                          create=True))
+
+
+def _resume_config(config: Config) -> dict:
+  return json.loads(json.dumps({k: getattr(config, k) for k in RESUME_KEYS}))
+
+
+def _restore(path: str, state: TrainState, mesh: Mesh) -> TrainState:
+  """The latest checkpoint in ``path`` restored into ``state``'s structure, replicated."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  mgr = _manager(path)
+  step = mgr.latest_step()
+  repl = NamedSharding(mesh, P())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+  try:
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # truncated files, wrong shapes, another model's checkpoint
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f'cannot read checkpoint {path}/{step} ({type(e).__name__}: {reason}); '
+                    'delete it or run without --resume') from None
+  finally:
+    mgr.close()
+
+
+@dataclasses.dataclass
+class Checkpoints:
+  """One configuration's directory: ``latest/`` (for --resume), ``best/``, ``curve.json``."""
+
+  path: str
+
+  def __post_init__(self):
+    self.curve_file = os.path.join(self.path, 'curve.json')
+
+  def start(self, config: Config) -> dict:
+    """The saved curve when resuming (after checking the config), else a fresh directory."""
+    if config.resume and os.path.exists(self.curve_file):
+      with open(self.curve_file) as fh:
+        saved = json.load(fh)
+      now = _resume_config(config)
+      diff = [k for k in RESUME_KEYS if saved['config'].get(k) != now.get(k)]
+      if diff:
+        k = diff[0]
+        raise UserError(f'cannot --resume: {k} was {saved["config"].get(k)!r} in the '
+                        f'checkpointed run, now {now.get(k)!r} (delete {self.path} to start over)')
+      return saved
+    if os.path.isdir(self.path):
+      shutil.rmtree(self.path)  # a fresh run: never mix its checkpoints with an older run's
+    os.makedirs(self.path)
+    return {'config': _resume_config(config), 'curve': [], 'done': False, 'wall_s': 0.0}
+
+  def save(self, record: dict, state: TrainState, best: bool) -> None:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    step = int(state.step)
+    for name in ('latest',) + (('best',) if best else ()):
+      mgr = _manager(os.path.join(self.path, name))
+      try:
+        mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+        mgr.wait_until_finished()
+      finally:
+        mgr.close()
+    self.save_record(record)  # after the states: the curve never names a missing step
+
+  def save_record(self, record: dict) -> None:
+    tmp = self.curve_file + '.tmp'
+    with open(tmp, 'w') as fh:
+      json.dump(record, fh, indent=1)
+    os.replace(tmp, self.curve_file)
+
+  def has(self, which: str) -> bool:
+    return os.path.isdir(os.path.join(self.path, which))
+
+  def restore(self, which: str, state: TrainState, mesh: Mesh) -> TrainState:
+    return _restore(os.path.join(self.path, which), state, mesh)
+
+
+def load_checkpoint(workdir: str, mode: str, lr: float, which: str = 'latest') -> dict:
+  """A configuration's saved state as a plain tree (for inspection and tests)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  mgr = _manager(os.path.join(checkpoint_dir(workdir, mode, lr), which))
+  try:
+    step = mgr.latest_step()
+    if step is None:
+      raise UserError(f'no checkpoint for mode {mode}, lr {lr:g} in {workdir}')
+    return mgr.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    mgr.close()
+

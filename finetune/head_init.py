@@ -1,0 +1,46 @@
+"""--head_init: the head another stage saved (probe, zero-shot), checked against this run first."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from finetune.config import Config
+from clip_transfer import models
+from clip_transfer.errors import UserError
+from clip_transfer.protocol import heads
+
+def _check_source_run(path: str, pretrained: models.Pretrained, class_names) -> None:
+  """A head from another stage's run must come from the same weights and classes."""
+  try:
+    with open(os.path.join(path, 'metrics.json')) as fh:
+      m = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise UserError(f'--head_init: cannot read {path}/metrics.json ({type(e).__name__})') from None
+  got = (m.get('model') or {}).get('weights_sha256')
+  if got != pretrained.checksum():
+    raise UserError(f'--head_init: {path} was made with other weights ({str(got)[:12]}…) than '
+                    f'{pretrained.name} ({pretrained.checksum()[:12]}…)')
+  if list(m.get('class_names') or []) != list(class_names):
+    raise UserError(f'--head_init: {path} has classes {m.get("class_names")}, the dataset '
+                    f'{list(class_names)}')
+
+
+def initial_head(config: Config, pretrained: models.Pretrained,
+                 class_names) -> tuple[Optional[tuple[np.ndarray, np.ndarray]], bool]:
+  """((kernel, bias) or None, head on projected features?) from ``--head_init``."""
+  kind, _, path = config.head_init.partition(':')
+  if kind == 'zeros':
+    return None, False
+  _check_source_run(path, pretrained, class_names)
+  try:
+    if kind == 'probe':  # the probe's standardisation folded into the Dense head
+      return heads.load_head(path).folded(), False
+    # Zero-shot: exp(logit_scale) · cos(image, class text) = a head on normalised features.
+    return heads.load_zeroshot_head(path).dense(), True
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f'--head_init: cannot read the head in {path} ({type(e).__name__})') from None
+

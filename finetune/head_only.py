@@ -1,0 +1,63 @@
+"""Modes that train only the head, solved exactly as the probe solves them (no gradient steps)."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from finetune import groups
+from finetune import input_pipeline
+from finetune.config import Config
+from finetune.splits import Data
+from finetune.steps import apply_to_split
+from clip_transfer import models
+from clip_transfer.data import preprocess
+from clip_transfer.protocol import heads
+from clip_transfer.protocol import linear
+from clip_transfer.protocol import metrics as metrics_lib
+
+def frozen_features(pretrained: models.Pretrained, splits: Sequence[input_pipeline.Split],
+             batch_size: int, mesh: Mesh) -> list[np.ndarray]:
+  """The frozen backbone's pooled features of every example (what the probe embeds), per split."""
+  backbone, variables = pretrained.vision_tower()
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  pre = pretrained.preprocess
+  # One jitted function for every split: one compilation for the fixed batch shape.
+  fn = jax.jit(lambda v, b: backbone.apply(v, preprocess.normalize(b['image'], pre)).pooler_output
+               .astype(jnp.float32), in_shardings=(repl, data), out_shardings=data)
+  return [apply_to_split(fn, variables, split, batch_size, mesh) for split in splits]
+
+
+def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data, config: Config,
+                    mesh: Mesh) -> dict:
+  """A mode that trains only the head is the probe's convex problem: solved as the probe solves it.
+
+  Standardised frozen features, the L2 grid in one vmapped L-BFGS solve, the
+  L2 chosen on the validation split, the standardisation folded into the
+  Dense head — so `linear` here and `probe:jax` agree up to float noise.
+  """
+  t0 = time.perf_counter()
+  x = dict(zip(('fit', 'val', 'eval'),
+               frozen_features(pretrained, (data.fit, data.val, data.eval), config.batch_size, mesh)))
+  fitted = linear.select_and_fit(linear.JaxMethod(), x['fit'], data.fit.labels, x['val'],
+                                 data.val.labels, x['eval'], len(data.class_names),
+                                 config.l2_grid, progress=config.progress)
+  kernel, bias = heads.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
+                             fitted.standardizer.std)
+  logits = x['eval'] @ kernel + bias  # = the Classifier with this head on the eval images
+  entry = metrics_lib.classification(logits, data.eval.labels, data.class_names)
+  entry.update({
+      'wall_s': data.wall_s + time.perf_counter() - t0,
+      'cost': 'its own data preparation, one frozen-backbone pass over fit/validation/eval and '
+              'the exact solve of the L2 grid',
+      'trainable_params': int(kernel.size + bias.size),
+      'grid': list(config.l2_grid), 'selected': {'l2': fitted.l2}, 'sweep': fitted.sweep,
+      'solver': 'lbfgs (exact, as the probe)', 'rules': [[r, s] for r, s in plan.rules],
+  })
+  return entry
+

@@ -1,0 +1,146 @@
+"""The pure jitted steps, the data-parallel mesh and the state they run on."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from finetune import groups
+from finetune import input_pipeline
+from finetune import model as model_lib
+from finetune.config import Config
+from clip_transfer import models
+from clip_transfer.data import preprocess
+from clip_transfer.errors import UserError
+from clip_transfer.protocol import linear
+
+class TrainState(train_state.TrainState):
+  """flax's TrainState plus the non-trained collections (e.g. batch_stats) of the backbone."""
+
+  rest: Any = flax.struct.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# Pure steps
+# --------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch, *, trainable, pre: preprocess.PreprocessConfig):
+  """One optimizer step: (state, {'image': uint8 NHWC, 'label'}) → (state, metrics)."""
+
+  def loss_fn(params):
+    # Frozen leaves are constants: JAX then skips their backward pass entirely
+    # (linear mode costs about one forward), and their gradients are exact zeros.
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    x = preprocess.normalize(batch['image'], pre)
+    logits = state.apply_fn({'params': params, **state.rest}, x).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    return loss, logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads)
+  accuracy = (logits.argmax(-1) == batch['label']).mean()
+  grad_norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+  return state, {'loss': loss, 'accuracy': accuracy, 'grad_norm': grad_norm}
+
+
+def eval_step(state: TrainState, batch, *, pre: preprocess.PreprocessConfig):
+  """Logits (float32) for a batch of uint8 images."""
+  x = preprocess.normalize(batch['image'], pre)
+  return state.apply_fn({'params': state.params, **state.rest}, x).astype(jnp.float32)
+
+
+def make_mesh() -> Mesh:
+  """A 1-D data-parallel mesh over all local devices."""
+  return Mesh(np.array(jax.local_devices()), ('data',))
+
+
+def jit_steps(mesh: Mesh, trainable, pre: preprocess.PreprocessConfig):
+  """train/eval steps jitted for the mesh: batch sharded over 'data', state replicated."""
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  train = jax.jit(functools.partial(train_step, trainable=trainable, pre=pre),
+                  in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, pre=pre), in_shardings=(repl, data),
+                     out_shardings=data)
+  return train, evaluate
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.size
+  if batch_size < 1:
+    raise UserError(f'--batch_size must be >= 1, got {batch_size}')
+  if batch_size % n:
+    raise UserError(f'--batch_size {batch_size} is not divisible by the {n} local devices; '
+                    f'use a multiple of {n}')
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  return jax.device_put(batch, NamedSharding(mesh, P('data')))
+
+
+def schedule_for(config: Config, lr: float, total_steps: int):
+  warmup = int(round(config.warmup * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+
+
+def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, config: Config,
+                 total_steps: int, initialised=None, mesh: Optional[Mesh] = None,
+                 lr: Optional[float] = None):
+  """(TrainState with pretrained weights, trainable mask, groups.Plan) for one mode and lr.
+
+  ``initialised``: a ``(model, variables)`` from ``model.create`` to reuse
+  across modes (it is copied, never donated). With ``mesh`` the state is
+  placed replicated on it, as the jitted step returns it (else the second step
+  would compile again for the changed input shardings).
+  """
+  if initialised is None:
+    initialised = model_lib.create(pretrained, num_classes, config.seed)
+  model, variables = initialised
+  # Copies: the train step donates the state's buffers.
+  variables = jax.tree.map(jnp.copy, flax.core.unfreeze(variables))
+  params = variables.pop('params')
+  plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
+                     custom_rules=config.rules)
+  lr = config.lrs[0] if lr is None else lr
+  tx = plan.optimizer(schedule_for(config, lr, total_steps), weight_decay=config.weight_decay,
+                      clip_norm=config.clip_norm)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rest=variables)
+  state = state.replace(step=jnp.zeros((), jnp.int32))  # not a weak-typed Python int
+  if mesh is not None:
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+  return state, plan.trainable, plan
+
+
+def total_steps_for(config: Config, num_train: int) -> int:
+  per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+  if config.steps is not None:
+    return int(config.steps)
+  return max(1, int(round(config.epochs * per_epoch)))
+
+
+def apply_to_split(fn, arg, split: input_pipeline.Split, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """``fn(arg, batch)`` (logits, features) for every example of ``split``, in its order."""
+  out = []
+  for batch in input_pipeline.eval_batches(split, batch_size):
+    got = np.asarray(jax.device_get(fn(arg, shard_batch(batch, mesh))))
+    out.append(got[batch['mask']])
+  return np.concatenate(out)
+
+
+def val_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+  """(top-1, log-loss): the selection key, as the probe's (accuracy first, loss breaks ties)."""
+  if not np.isfinite(logits).all():
+    return 0.0, math.inf
+  return linear.score(logits, labels)
+
