@@ -188,6 +188,20 @@ def mesh():
   return Mesh(np.asarray(jax.devices()), (AXIS,))
 
 
+def rows_sharded() -> bool:
+  """Whether a stage should split its rows over ``mesh()``: several processes or accelerators.
+
+  Several CPU devices of one process share its RAM, so splitting rows over
+  them saves nothing; and XLA's CPU client runs their collectives on one
+  thread per core, where devices waiting in an all-reduce inside a loop can
+  starve the others (a hang seen with 4 fake devices on 2 cores).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    return True
+  return jax.device_count() > 1 and jax.default_backend() != 'cpu'
+
+
 def local_range(num_rows: int, index: Optional[int] = None,
                 count: Optional[int] = None) -> range:
   """The contiguous rows ``[start, stop)`` process ``index`` of ``count`` reads (balanced)."""
@@ -198,10 +212,14 @@ def local_range(num_rows: int, index: Optional[int] = None,
 
 def allgather(x: np.ndarray) -> np.ndarray:
   """(P, *x.shape): every process's ``x`` (same shape everywhere), on every process."""
+  x = np.asarray(x)
   if process_count() == 1:
-    return np.asarray(x)[None]
+    return x[None]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=False))
+  # As raw bytes: JAX would turn float64/int64 into 32 bits (x64 is off).
+  raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+  got = np.asarray(multihost_utils.process_allgather(raw, tiled=False))
+  return np.ascontiguousarray(got).view(x.dtype).reshape((-1,) + x.shape)
 
 
 def gather_rows(local: np.ndarray) -> np.ndarray:

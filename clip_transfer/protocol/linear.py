@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -131,8 +132,34 @@ def _solver(num_classes: int, solver: str, tol: float, mesh=None):
     value, grad = value_and_grad(params)
     return params, opt.init(params), value, grad, jnp.int32(0), _max_abs(grad), jnp.bool_(False)
 
+  def sharded_value_and_grad(params, x, y, w, l2):
+    """``loss_fn``'s value and gradient on rows split over the mesh: one psum per call.
+
+    Each device differentiates the weighted sum of its rows' losses; a single
+    all-reduce adds the partial sums, gradients and weights of every device.
+    One collective per evaluation, each depending on the last, so every process
+    issues them in the same order (concurrent independent all-reduces can be
+    paired up differently on different processes by CPU collectives).
+    """
+    def local_sum(p):
+      logits = head.apply({'params': p}, x)
+      return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    total, grad = jax.value_and_grad(local_sum)(params)
+    # Packed into one vector: a tuple would lower to several all-reduces that
+    # may run concurrently, in a different order on each process.
+    packed, unpack = jax.flatten_util.ravel_pytree((total, grad, jnp.sum(w)))
+    total, grad, weight = unpack(jax.lax.psum(packed, distributed.AXIS))
+    value = total / weight + 0.5 * l2 * jnp.sum(jnp.square(params['kernel']))
+    grad = jax.tree.map(lambda g: g / weight, grad)
+    grad['kernel'] = grad['kernel'] + l2 * params['kernel']
+    return value, grad
+
   def run_one(carry, l2, x, y, w, stop_at, fresh):
-    value_and_grad = jax.value_and_grad(functools.partial(loss_fn, x=x, y=y, w=w, l2=l2))
+    if mesh is None:
+      value_and_grad = jax.value_and_grad(functools.partial(loss_fn, x=x, y=y, w=w, l2=l2))
+    else:
+      value_and_grad = functools.partial(sharded_value_and_grad, x=x, y=y, w=w, l2=l2)
     # `fresh` is the same for every L2, so under vmap this stays a real branch.
     carry = jax.lax.cond(fresh, lambda c: start(c, value_and_grad), lambda c: c, carry)
 
@@ -187,11 +214,14 @@ def _solver(num_classes: int, solver: str, tol: float, mesh=None):
   vmapped = jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None))
   if mesh is None:
     return empty_carry, jax.jit(vmapped)
-  # Rows sharded over the mesh, the heads replicated: every matmul over rows
-  # becomes a per-device partial sum and one all-reduce (GSPMD inserts it),
-  # and every process holds the whole (small) solver state.
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  run = jax.jit(vmapped, out_shardings=replicated)
+  # Rows split over the mesh, the solver state (the heads) replicated: each
+  # device runs the same iterations on its rows, its matmuls' sums completed
+  # by the psum above; every process holds the whole (small) state.
+  spec, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(distributed.AXIS)
+  replicated = jax.sharding.NamedSharding(mesh, spec)
+  run = jax.jit(jax.shard_map(vmapped, mesh=mesh,
+                              in_specs=(spec, spec, rows, rows, rows, spec, spec),
+                              out_specs=spec, check_vma=False))
 
   def placed_carry(dim, num_l2):
     return jax.device_put(jax.tree.map(np.asarray, empty_carry(dim, num_l2)), replicated)
@@ -229,10 +259,7 @@ def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float]
     stop_at = min(done + CHUNK, max_iter)
     carry = run(carry, l2j, xj, yj, wj, np.int32(stop_at), np.bool_(done == 0))
     if mesh is not None:
-      # Every device done before the next call: on CPU, devices that raced
-      # ahead into the next call's all-reduce can hold every thread the
-      # late ones need (a deadlock seen with 4 devices on 2 cores).
-      jax.block_until_ready(carry)
+      jax.block_until_ready(carry)  # every device, not only the first one read below
     its, gmax, stalled = distributed.replicated((carry[4], carry[5], carry[6]))
     bar.update(stop_at - done)
     stopped = (gmax <= tol) | (its >= max_iter) | stalled
@@ -303,8 +330,7 @@ class JaxMethod(Method):
   name: str = 'jax'
 
   def fit_grid(self, x, y, num_classes, l2s, *, progress=False):
-    # More than one device (or process): rows split over all of them.
-    mesh = distributed.mesh() if jax.device_count() > 1 else None
+    mesh = distributed.mesh() if distributed.rows_sharded() else None
     return fit_jax(x, y, num_classes, l2s, solver=self.solver, max_iter=self.max_iter,
                    tol=self.tol, desc=f'jax ({len(l2s)} L2 values)', progress=progress,
                    mesh=mesh)
