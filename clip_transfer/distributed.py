@@ -25,11 +25,13 @@ one line naming the lost process instead of hanging or dumping a C++ trace.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import threading
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -90,6 +92,7 @@ def _check(options: DistributedOptions) -> bool:
 
 
 _stop_watching = threading.Event()
+_heartbeat_timeout_s = None  # set by initialize: how long the service takes to notice a death
 
 
 def _lost(message: str) -> None:
@@ -154,6 +157,8 @@ def initialize(options: DistributedOptions) -> None:
                     f'{options.coordinator_address or "the auto-detected coordinator"}: '
                     f'{first}') from None
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  global _heartbeat_timeout_s  # pylint: disable=global-statement  (one run per process)
+  _heartbeat_timeout_s = options.heartbeat_timeout_s
   client = jax_distributed.global_state.client
   me, n = jax.process_index(), jax.process_count()
   address = options.coordinator_address or jax_distributed.global_state.coordinator_address
@@ -164,6 +169,24 @@ def initialize(options: DistributedOptions) -> None:
   atexit.register(_at_exit)
   log.info('process %d of %d joined %s: %d local devices, %d in all', me, n, address,
            jax.local_device_count(), jax.device_count())
+
+
+@contextlib.contextmanager
+def peer_failures():
+  """Around a stage's work: a collective that fails because a peer died ends in one line.
+
+  A dead peer shows first as an error inside a collective (gloo: connection
+  reset); the coordination service names it within the heartbeat timeout, and
+  the watchdog then ends this process with that one line. So on an error in a
+  multi-process run, wait that long for the watchdog before letting the error
+  through (it was then this process's own).
+  """
+  try:
+    yield
+  except Exception:  # pylint: disable=broad-except
+    if _heartbeat_timeout_s is not None and not _stop_watching.is_set():
+      time.sleep(_heartbeat_timeout_s + 5 * WATCH_EVERY_S)
+    raise
 
 
 def process_index() -> int:
@@ -189,17 +212,9 @@ def mesh():
 
 
 def rows_sharded() -> bool:
-  """Whether a stage should split its rows over ``mesh()``: several processes or accelerators.
-
-  Several CPU devices of one process share its RAM, so splitting rows over
-  them saves nothing; and XLA's CPU client runs their collectives on one
-  thread per core, where devices waiting in an all-reduce inside a loop can
-  starve the others (a hang seen with 4 fake devices on 2 cores).
-  """
+  """Whether a stage splits its rows over ``mesh()``: more than one device in the run."""
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    return True
-  return jax.device_count() > 1 and jax.default_backend() != 'cpu'
+  return jax.device_count() > 1
 
 
 def local_range(num_rows: int, index: Optional[int] = None,

@@ -362,7 +362,8 @@ def main(argv=None):
   flags.add_flags(p, ProbeConfig)
   config = flags.from_args(ProbeConfig, p.parse_args(argv))
   distributed.initialize(config)
-  metrics = train_probe(config)
+  with distributed.peer_failures():
+    metrics = train_probe(config)
   if not distributed.is_writer():
     return
   print(summary_table(metrics))

@@ -7,6 +7,7 @@ over gloo on CPU, each with two fake devices.
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -117,65 +118,22 @@ def one_device(dataset, tmp_path_factory):
   return _result(out)
 
 
-# XLA's CPU client runs a program's collectives on its intra-op pool, one
-# thread per core. With several fake devices in one process, devices that
-# reach an all-reduce inside the solver's loop first can hold every thread the
-# others need to get there: on this project's 2-core machines 4 devices in one
-# process (and even 2) hang now and then, then XLA aborts the process after
-# 40 s. So where cores are few, the sharded solve is tested over processes of
-# one device each; the fake-device variants need a core per device.
-# Accelerators (and one CPU device per process) do not share such a pool.
-ENOUGH_CORES = (os.cpu_count() or 1) >= 8
-needs_cores = pytest.mark.skipif(not ENOUGH_CORES, reason='fake CPU devices need a core each '
-                                 '(XLA CPU collectives deadlock otherwise; see above)')
-
-
-FOUR_DEVICES = """
-import json, sys
-import numpy as np
-from clip_transfer import distributed
-from clip_transfer.protocol import linear
-z, y = np.load(sys.argv[1]), np.load(sys.argv[2])
-params, _ = linear.fit_jax(z, y, 5, (1e-4, 1e-2, 1.0), progress=False, mesh=distributed.mesh())
-print('RESULT ' + json.dumps({k: np.asarray(v).tolist() for k, v in params.items()}))
-"""
-
-
-@needs_cores
-def test_solve_on_four_devices_matches_one(tmp_path):
-  from clip_transfer.protocol import linear
-  rng = np.random.default_rng(1)
-  y = rng.integers(0, 5, 301)  # not a multiple of 4: padded rows must not count
-  z = rng.normal(size=(301, 24)).astype(np.float32) + np.eye(5, 24, dtype=np.float32)[y]
-  np.save(tmp_path / 'z.npy', z)
-  np.save(tmp_path / 'y.npy', y)
-  [(rc, out, err)] = _run_all([['-c', FOUR_DEVICES, str(tmp_path / 'z.npy'),
-                                str(tmp_path / 'y.npy')]], devices=4)
-  assert rc == 0, err
-  four = json.loads(out.split('RESULT ', 1)[1])
-  one, _ = linear.fit_jax(z, y, 5, (1e-4, 1e-2, 1.0), progress=False)
-  for k in ('kernel', 'bias'):
-    got = np.asarray(four[k])
-    assert np.max(np.abs(got - one[k])) <= 1e-5 * np.max(np.abs(one[k])), k
-
-
-def _two_processes(dataset, one_device, tmp_path, devices):
+def test_probe_on_four_devices_matches_one(dataset, one_device, tmp_path):
   out = str(tmp_path / 'out')
-  results = _run_all(_multi(_probe_argv(dataset, out), _free_port(), 2), devices=devices)
-  for rc, _, err in results:
-    assert rc == 0, err
-  assert 'jax' in results[0][1] and not results[1][1]  # the table printed once
-  assert sorted(os.listdir(out)) == ['head.npz', 'metrics.json']
+  [(rc, _, err)] = _run_all([_probe_argv(dataset, out)], devices=4)
+  assert rc == 0, err
   _same_probe(one_device, _result(out))
 
 
-def test_probe_on_two_processes_matches_one(dataset, one_device, tmp_path):
-  _two_processes(dataset, one_device, tmp_path, devices=1)
-
-
-@needs_cores
 def test_probe_on_two_processes_of_two_devices_matches_one(dataset, one_device, tmp_path):
-  _two_processes(dataset, one_device, tmp_path, devices=2)
+  out = str(tmp_path / 'out')
+  results = _run_all(_multi(_probe_argv(dataset, out), _free_port(), 2), devices=2)
+  for rc, _, err in results:
+    assert rc == 0, err
+  # The table printed once (gloo itself prints a line to stdout in each process).
+  assert 'metrics:' in results[0][1] and 'metrics:' not in results[1][1]
+  assert sorted(os.listdir(out)) == ['head.npz', 'metrics.json']
+  _same_probe(one_device, _result(out))
 
 
 def test_killed_process_ends_the_run_with_one_line(dataset, tmp_path):
@@ -184,13 +142,15 @@ def test_killed_process_ends_the_run_with_one_line(dataset, tmp_path):
   argv += ['--solver=adam', '--max_iter=1000000', '--tol=1e-30']
   procs = [_start(a, devices=1) for a in _multi(argv, _free_port(), 2)]
   try:
-    # Wait until process 1 is solving (its progress bar), then kill it outright.
+    # Wait until the run is solving (process 0's progress bar), then kill process 1 outright.
     seen = ''
     deadline = time.monotonic() + TIMEOUT_S
     while 'jax (' not in seen and time.monotonic() < deadline:
-      seen += os.read(procs[1].stderr.fileno(), 4096).decode(errors='replace')
-      assert procs[1].poll() is None, seen
-    assert 'jax (' in seen
+      ready, _, _ = select.select([procs[0].stderr], [], [], 1.0)
+      if ready:
+        seen += os.read(procs[0].stderr.fileno(), 4096).decode(errors='replace')
+      assert procs[0].poll() is None and procs[1].poll() is None, seen
+    assert 'jax (' in seen, seen
     os.killpg(procs[1].pid, signal.SIGKILL)
     t0 = time.monotonic()
     _, err = procs[0].communicate(timeout=60)
@@ -205,12 +165,14 @@ def test_killed_process_ends_the_run_with_one_line(dataset, tmp_path):
   assert took < 40  # the heartbeat timeout (10 s) and the watchdog's poll, with slack
 
 
-def test_a_process_that_never_joins_is_one_line_not_a_hang(dataset, tmp_path):
+def test_a_process_that_never_joins_ends_the_run_not_a_hang(dataset, tmp_path):
+  # JAX itself ends a process whose peers do not register in time (from C++,
+  # with its own message: no Python hook can shorten it to one line).
   argv = _multi(_probe_argv(dataset, str(tmp_path / 'out')), _free_port(), 2)[0]
+  t0 = time.monotonic()
   [(rc, _, err)] = _run_all([argv + ['--initialization_timeout_s=3']], devices=1, timeout=120)
-  assert rc == 2
-  assert err.strip().splitlines()[-1].startswith('error: cannot join the multi-host run at '
-                                                 'localhost:'), err
+  assert rc != 0 and 'DEADLINE_EXCEEDED' in err, err
+  assert time.monotonic() - t0 < 100
 
 
 @pytest.mark.parametrize('flags, match', [
