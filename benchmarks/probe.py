@@ -20,6 +20,7 @@ a run on a tiny dataset) the 2-process peak should be about half
 """
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -80,8 +81,8 @@ def compare(name, x, y, num_classes, l2s, tol, eval_fraction=0.2, seed=0):
   return speed, res['jax'][1], res['sklearn'][1]
 
 
-_PEAK = """import resource, subprocess, sys
-procs = [subprocess.Popen(c.split('\\0')) for c in sys.argv[1:]]
+_PEAK = """import json, resource, subprocess, sys
+procs = [subprocess.Popen(c) for c in json.loads(sys.argv[1])]
 codes = [p.wait() for p in procs]
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if not any(codes) else -1)
 """
@@ -92,7 +93,7 @@ def _peak_mb(commands) -> float:
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  out = subprocess.run([sys.executable, '-c', _PEAK, *('\0'.join(c) for c in commands)],
+  out = subprocess.run([sys.executable, '-c', _PEAK, json.dumps(commands)],
                        env=env, capture_output=True, text=True, timeout=3600, check=True)
   peak = float(out.stdout.split()[-1])
   if peak < 0:
