@@ -1,6 +1,6 @@
 """`make bench`: runs every benchmark (each in its own process) and prints one table.
 
-    python -m benchmarks.run [--quick] [--only backbone,embed,probe,finetune]
+    python -m benchmarks.run [--quick] [--only backbone,embed,predict,probe,finetune,finetune_input]
 
 Each figure is a ratio measured side by side in one process run on this
 machine; the table says which machine and when. --quick shrinks every run
@@ -59,6 +59,21 @@ def _embed(r):
   return rows
 
 
+def _predict(r):
+  t = r['throughput']
+  raw, pipe = t['pairs_raw_pipeline_images_per_s'][-1]
+  rows = [(f"pipelines.predict end to end (probe head) vs raw jitted backbone ({t['model']}, "
+           f"{t['images']} images)", f"{t['ratio_median']:.2f}", '>= 0.9',
+           f"{pipe:.1f} vs {raw:.1f} images/s; {t['ratio_steady_median']:.2f} without "
+           f"Beam's {t['startup_s']:.1f} s start-up")]
+  if 'memory' in r:
+    m = r['memory']
+    rows.append((f"predict peak memory, {m['images_10x']} vs {m['images_1x']} images",
+                 f"{m['ratio']:.2f}x", '<= 1.2',
+                 f"{m['peak_rss_mb_10x']:.0f} vs {m['peak_rss_mb_1x']:.0f} MB"))
+  return rows
+
+
 def _probe(r):
   rows = []
   for key in ('synthetic', 'digits'):
@@ -82,6 +97,18 @@ def _finetune(r):
            f"{r['train_images_per_s']:.1f} vs {r['forward_images_per_s']:.1f} images/s")]
 
 
+def _finetune_input(r):
+  p, s = r['prepare'], r['step']
+  host, ft = p['pairs_embed_host_finetune_images_per_s'][-1]
+  const, fed = s['pairs_constant_fed_images_per_s'][-1]
+  return [(f"fine-tune data preparation vs the embed stage's host preprocessing ({r['images']} "
+           f"JPEGs of {r['image_size']} px, {r['cores']} cores)", f"{p['ratio_median']:.2f}",
+           '>= 0.8', f"{ft:.1f} vs {host:.1f} images/s"),
+          (f"fine-tune step fed by the input pipeline vs a constant batch ({r['model']}, batch "
+           f"{r['batch_size']}, mode {s['mode']})", f"{s['ratio_median']:.2f}", '>= 0.95',
+           f"{fed:.1f} vs {const:.1f} images/s")]
+
+
 # name: (module, full-run args, quick-run args, rows from the JSON)
 BENCHES = {
     'backbone': ('benchmarks.backbone', ['--iters', '5'], ['--iters', '1', '--batch_size', '4'],
@@ -90,11 +117,16 @@ BENCHES = {
               ['--images', '16', '--repeats', '1', '--model', 'random:tiny',
                '--memory_images', '10', '--decode_images', '64', '--unique_images', '16',
                '--fast_model', 'random:tiny', '--fast_repeats', '1'], _embed),
+    'predict': ('benchmarks.predict', [], ['--images', '16', '--model', 'random:tiny',
+                                           '--memory_images', '10'], _predict),
     'probe': ('benchmarks.probe', ['--memory_rows', '400000'],
               ['--num', '3000', '--dim', '64', '--classes', '10', '--skip_digits',
                '--memory_rows', '4000'], _probe),
     'finetune': ('benchmarks.finetune', ['--batch_size', '32', '--steps', '3'],
                  ['--model', 'random:tiny', '--batch_size', '8', '--steps', '2'], _finetune),
+    'finetune_input': ('benchmarks.finetune_input', [],
+                       ['--model', 'random:tiny', '--images', '32', '--image_size', '64',
+                        '--repeats', '1', '--batch_size', '8', '--steps', '2'], _finetune_input),
 }
 
 

@@ -17,6 +17,7 @@ Every stage's CLI uses this, so a flag and its config field cannot drift.
 from __future__ import annotations
 
 import argparse
+import difflib
 import dataclasses
 import types
 import typing
@@ -109,3 +110,23 @@ def from_args(cls, args: argparse.Namespace, **overrides):
         if hasattr(args, f.name)}
   kw.update(overrides)
   return cls(**kw)
+
+
+def refuse_near_misses(parser: argparse.ArgumentParser, rest: list[str],
+                       passed_on: set[str]) -> None:
+  """Refuses a flag in ``rest`` (what ``parse_known_args`` did not know) that looks like ours.
+
+  ``passed_on``: flag names another parser takes (Beam's options), which pass
+  unchanged. Without this a typo such as ``--bacth_size=8`` would only be a Beam
+  warning, and the run would go ahead with the default.
+  """
+  ours = sorted({s[2:] for s in parser._option_string_actions if s.startswith('--')})  # pylint: disable=protected-access
+  for arg in rest:
+    if not arg.startswith('--') or arg == '--':
+      continue
+    name = arg[2:].split('=', 1)[0]
+    if name.replace('-', '_') in passed_on:
+      continue
+    close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
+    if close:
+      raise UserError(f'unknown flag --{name}; did you mean --{close[0]}?')

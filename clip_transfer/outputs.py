@@ -7,11 +7,20 @@ inference), refuses a path that is a file, and refuses a directory holding any
 file the stage does not write. ``overwrite`` then deletes only the stage's own
 files, the completion file first, so an interrupted delete never looks complete.
 
-Works on local paths and on any Beam filesystem (gs://, …).
+A claim is exclusive for the life of the process (``claim_exclusive``): a second
+run pointed at a directory another live run holds is refused in one line, even
+when both start within the same second. The lock is the kernel's ``flock`` on
+the directory itself, so it goes away with the process however it ends (even
+SIGKILL) and never leaves a stale lock file behind.
+
+Works on local paths and on any Beam filesystem (gs://, …); the exclusive
+claim is local-only (object stores have no lock to take).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import fnmatch
 import json
 import os
@@ -21,6 +30,72 @@ from clip_transfer.errors import UserError
 
 # Written first into every output directory the tool claims.
 MARKER = '.clip-transfer-output'
+
+# Directories this process holds: {normalised path: open fd carrying the flock}.
+_HELD: dict[str, int] = {}
+
+
+def claimed() -> list[str]:
+  """The output directories this process claimed, in claim order (for error messages)."""
+  return list(_HELD)
+
+
+def claim_exclusive(path: str, flag: str = '--output_dir') -> None:
+  """Holds ``path`` (created if missing) for this process; refuses one another run holds.
+
+  Idempotent within a process. Non-local paths are not locked.
+
+  Raises:
+    UserError: the directory is in use by another run, or cannot be created.
+  """
+  if not is_local(path):
+    return
+  key = os.path.realpath(path)
+  if _holds(key):
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+  except OSError as e:
+    raise UserError(f'cannot create {flag}={path}: {_one_line(e)}') from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    os.close(fd)
+    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+      raise UserError(f'{flag}={path} is in use by another run that is still going; wait for '
+                      f'it to finish or choose another {flag}') from None
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+      raise UserError(f'cannot lock {flag}={path}: {_one_line(e)}') from None
+    fd = -1  # a filesystem without locks (some network mounts): claim without one
+  _HELD[key] = fd
+
+
+def _holds(key: str) -> bool:
+  """Whether this process's claim on ``key`` is still on that very directory."""
+  if key not in _HELD:
+    return False
+  fd = _HELD[key]
+  try:
+    if fd < 0 or os.fstat(fd).st_ino == os.stat(key).st_ino:
+      return True
+  except OSError:
+    pass
+  release(key)  # the directory was removed (and maybe made again) since: claim it afresh
+  return False
+
+
+def release(path: str) -> None:
+  """Gives up this process's claim on ``path``."""
+  fd = _HELD.pop(os.path.realpath(path), -1)
+  if fd >= 0:
+    os.close(fd)
+
+
+def release_all() -> None:
+  """Gives up every claim (the CLI wrapper calls it when a stage returns or fails)."""
+  for key in list(_HELD):
+    release(key)
 
 
 def _fs():
@@ -86,6 +161,9 @@ def prepare_output_dir(path: str, overwrite: bool, kind: str, owned: Sequence[st
   path = path.rstrip('/') or path
   if is_local(path) and os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f'{flag}={path} is a file, not a directory; choose another {flag}')
+  # Exclusive before anything is read: a concurrent run's half-written files must
+  # never be taken for a previous run's (and --overwrite must never delete them).
+  claim_exclusive(path, flag)
   try:
     existing = list_files(path)
   except Exception as e:  # permissions, unknown scheme

@@ -14,11 +14,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from finetune.config import Config, RESUME_KEYS
 from finetune.steps import TrainState
 from clip_transfer.errors import UserError
+from clip_transfer.protocol import rungs
 
 def checkpoint_dir(workdir: str, mode: str, lr: Optional[float] = None) -> str:
   """A mode's checkpoints, or one configuration's (``lr``) below it."""
-  path = os.path.abspath(os.path.join(workdir, 'checkpoints', mode.replace(':', '_')))
-  return path if lr is None else os.path.join(path, f'lr={lr:g}')
+  # The layout's one home is the library: pipelines.predict and finetune.export read it too.
+  return rungs.checkpoint_dir(workdir, mode, lr)
 
 
 def _manager(path: str):

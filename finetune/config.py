@@ -10,7 +10,7 @@ from typing import Optional
 from finetune import groups
 from clip_transfer import flags
 from clip_transfer import models
-from clip_transfer.data import files as file_sources
+from clip_transfer.data import sources
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import linear
 from clip_transfer.protocol import validation
@@ -27,7 +27,7 @@ HEAD_INITS = ('zeros', 'probe', 'zeroshot')
 
 
 @dataclasses.dataclass
-class Config(file_sources.SourceOptions):
+class Config(sources.SourceOptions):
   """Everything a fine-tune run depends on; each field is also its CLI flag (clip_transfer.flags)."""
 
   dataset: str = flags.field(

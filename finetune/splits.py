@@ -20,7 +20,7 @@ class Data:
   class_names: list
   validation: dict  # the record metrics.json carries
   wall_s: float  # reading + decoding + resizing, counted into every row's cost
-  skipped: dict  # inputs found but unusable, per split ('train', 'eval')
+  dead: dict  # {source split: its Dead inputs}, counted and written as embed does
 
 
 def prepare_data(source, pretrained: models.Pretrained, config: Config, scratch: str) -> Data:
@@ -36,5 +36,5 @@ def prepare_data(source, pretrained: models.Pretrained, config: Config, scratch:
   val = validation.split(train.ids, train.labels, config.val_fraction, config.seed)
   return Data(train.subset(val.fit, 'fit'), train.subset(val.val, 'validation'),
               evaluation.sorted_by_id(), class_names, val.record, time.perf_counter() - t0,
-              {'train': train.skipped, 'eval': evaluation.skipped})
+              {train.name: train.dead, evaluation.name: evaluation.dead})
 

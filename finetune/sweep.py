@@ -47,11 +47,11 @@ def train_config(mode: str, lr: float, pretrained: models.Pretrained, data: Data
   bar = tqdm.tqdm(total=total, initial=start, desc=f'finetune {mode} lr={lr:g}', unit='step',
                   file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
   t_steady, steady, t_scoring = None, 0, 0.0  # scoring: validation + checkpoints, not training
+  batches = input_pipeline.Prefetch(data.fit, config.batch_size, start, end, config.seed,
+                                    config.augment, place=lambda b: shard_batch(b, mesh))
   try:
-    for step in range(start, end):
-      batch = input_pipeline.train_batch(data.fit, config.batch_size, step, config.seed,
-                                         config.augment)
-      state, m = train_fn(state, shard_batch(batch, mesh))
+    for step, batch in zip(range(start, end), batches):
+      state, m = train_fn(state, batch)
       if step == start:  # the first step compiles: time the rest
         jax.block_until_ready(state)
         t_steady = time.perf_counter()
@@ -81,6 +81,7 @@ def train_config(mode: str, lr: float, pretrained: models.Pretrained, data: Data
         ckpt.save(record, state, best=False)
     jax.block_until_ready(state)
   finally:
+    batches.close()
     bar.close()
   if steady and t_steady is not None:
     record['images_per_s'] = steady * config.batch_size / (

@@ -55,6 +55,11 @@ def main(argv=None):
     print(f'{mode:>14}: top1 {m["top1"]:.4f} [{lo:.4f}, {hi:.4f}]  balanced '
           f'{m["balanced_accuracy"]:.4f}  trainable {m["trainable_params"]:,}  '
           f'{m["wall_s"]:.1f} s  (chosen on validation: {chosen})')
+  unfinished = sorted(n for n in names if n not in out['methods'])
+  if unfinished:  # --stop_after: checkpointed, not finished; say so rather than "metrics: …"
+    print(f'stopped early (--stop_after) before {", ".join(unfinished)} finished; continue with '
+          f'--resume (metrics: {workdir}/metrics.json holds only finished modes)')
+    return 0
   print(f'metrics: {workdir}/metrics.json')
   return 0
 

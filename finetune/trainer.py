@@ -8,6 +8,7 @@ them; ``finetune.train`` is only flags and one call to ``train_and_evaluate``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 
@@ -25,14 +26,17 @@ from finetune.config import Config
 from finetune.steps import check_batch_size, make_mesh
 from clip_transfer import models
 from clip_transfer import outputs
-from clip_transfer.data import files as file_sources
+from clip_transfer.data import base as data_base
 from clip_transfer.data import sources
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import validation
 
+log = logging.getLogger(__name__)
+
 # What a fine-tune run writes in its workdir (the rest is the user's, and never touched).
-OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*')
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*',
+               'dead_letters.*.jsonl')
 
 
 def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
@@ -63,13 +67,17 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   outputs.prepare_output_dir(workdir, overwrite=True, kind='fine-tune workdir',
                              owned=OWNED_FILES, flag='--workdir', clear=False)
   source = sources.open_source(config.dataset, config.data_dir,
-                               **file_sources.source_options(config))
+                               **sources.source_options(config))
   class_names = list(source.class_names)
   if config.num_classes is not None and config.num_classes != len(class_names):
     raise UserError(f'--num_classes {config.num_classes} but {config.dataset} has '
                     f'{len(class_names)} classes')
   for split in (config.train_split, config.eval_split):
     source.check_split(split)
+  shared = source.shared_inputs((config.train_split, config.eval_split))
+  if shared:
+    log.warning('%d image(s) are listed in both %s and %s: scores on %s are not held out for '
+                'them', shared, config.train_split, config.eval_split, config.eval_split)
   pretrained = models.load(config.model, config.dtype)
   head, projected = head_init.initial_head(config, pretrained, class_names)  # checked before the data
   with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
@@ -85,8 +93,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         class_names=class_names, num_train=len(data.fit) + len(data.val),
         num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
         final_fit='fit', eval=validation.eval_record(data.eval.ids, data.eval.labels),
-        skipped=data.skipped, data_wall_s=data.wall_s,
+        dead_lettered={k: len(v) for k, v in data.dead.items()}, data_wall_s=data.wall_s,
         devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
+    for split, dead in data.dead.items():  # beside metrics.json, as embed writes them
+      data_base.write_dead_letters(workdir, split, dead)
     out = _write_metrics(workdir, header, {})
     initialised = model_lib.create(pretrained, len(class_names), config.seed, head=head,
                                    projected=projected)  # once for all modes

@@ -14,6 +14,7 @@ from finetune.config import Config
 from finetune.splits import Data
 from finetune.steps import TrainState, apply_to_split, val_score
 from clip_transfer.protocol import metrics as metrics_lib
+from clip_transfer.protocol import rungs
 
 def wise_ft(entry: dict, initialised, tuned: TrainState, eval_fn, data: Data, config: Config,
             mesh: Mesh) -> dict:
@@ -26,8 +27,7 @@ def wise_ft(entry: dict, initialised, tuned: TrainState, eval_fn, data: Data, co
   t0 = time.perf_counter()
   repl = NamedSharding(mesh, P())
   start = jax.device_put(flax.core.unfreeze(initialised[1])['params'], repl)
-  mix = jax.jit(lambda a, s, t: jax.tree.map(lambda x, y: ((1 - a) * x + a * y).astype(y.dtype),
-                                             s, t))
+  mix = rungs.wise_mix  # the one mix: predict and export rebuild the chosen α's model with it
   curve, logits = [], {}
   for alpha in config.wise:
     state = tuned.replace(params=mix(jnp.float32(alpha), start, tuned.params))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
 import sys
@@ -24,8 +23,6 @@ import time
 from typing import Any, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
@@ -36,8 +33,8 @@ from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
 from clip_transfer import models
 from clip_transfer.data import embeddings as emb_lib
-from clip_transfer.data import files as file_sources
 from clip_transfer import flags
+from clip_transfer.data import base as data_base
 from clip_transfer.data import sources as sources_lib
 from clip_transfer.errors import UserError, cli_main
 
@@ -45,7 +42,7 @@ SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
 
 @dataclasses.dataclass
-class EmbedConfig(file_sources.SourceOptions):
+class EmbedConfig(sources_lib.SourceOptions):
   """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
   dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), "
@@ -99,6 +96,8 @@ def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   flags.add_flags(p, EmbedConfig)
   args, beam_args = p.parse_known_args(argv)
+  # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.
+  flags.refuse_near_misses(p, beam_args, set(PipelineOptions([]).get_all_options()))
   return flags.from_args(EmbedConfig, args), beam_args
 
 
@@ -146,7 +145,8 @@ class Preprocess(beam.DoFn):
     if isinstance(result, Exception):  # ImageError, and anything else PIL raises on odd inputs
       self._dead.inc()
       return beam.pvalue.TaggedOutput(
-          DEAD, WindowedValue((ex_id, sources_lib.failure_reason(result)), timestamp, [window]))
+          DEAD, WindowedValue(data_base.Dead(ex_id, data_base.failure_reason(result)), timestamp,
+                              [window]))
     return WindowedValue(((self._split, ex_id, label), result), timestamp, [window])
 
 
@@ -190,14 +190,9 @@ class Progress(beam.DoFn):
 
 
 def write_dead_letters(split_and_rows, output_dir: str) -> tuple[str, int]:
-  """Sorted JSON lines (id, reason) per split, through FileSystems."""
+  """Sorted JSON lines (id, reason) per split, as every stage writes them."""
   split, rows = split_and_rows
-  rows = sorted(r for r in rows if r is not None)
-  path = FileSystems.join(output_dir, f'dead_letters.{split}.jsonl')
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-    for ex_id, reason in rows:
-      fh.write((json.dumps({'id': ex_id, 'reason': reason}) + '\n').encode())
-  return split, len(rows)
+  return split, data_base.write_dead_letters(output_dir, split, rows)
 
 
 def finalize(_, output_dir, shard_results, dead_counts, found_counts, num_shards, dim,
@@ -333,9 +328,13 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
   args, beam_args = parse_args(argv)
   source = sources_lib.open_source(args.dataset, args.data_dir,
-                                   **file_sources.source_options(args))
+                                   **sources_lib.source_options(args))
   for split in args.splits:
     source.check_split(split)
+  shared = source.shared_inputs(args.splits)
+  if shared:
+    logging.warning('%d image(s) are listed in more than one of the splits %s: each is '
+                    'embedded into every split that lists it', shared, ', '.join(args.splits))
   # Claims the output directory before the model loads: a file in the way, foreign
   # files or a read-only directory fail here, not after all the inference.
   emb_lib.prepare_output(args.output_dir, args.overwrite, clear=False)

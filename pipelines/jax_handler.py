@@ -26,7 +26,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 class VisionModel:
   """What load_model returns: a jitted uint8 → (pooled, projected) function."""
 
-  forward: Callable  # (B, H, W, 3) uint8 → ((B, D), (B, P) or None)
+  forward: Callable  # (B, H, W, 3) uint8 → a tuple of (B, …) arrays or None: ((B, D), (B, P) or None)
   batch_size: int
   image_shape: tuple[int, int, int]
 
@@ -90,12 +90,13 @@ class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):
         pixels[i] = image
       dispatched.append((len(chunk), model.forward(pixels)))
     out = []
-    for n, (pooled, projected) in dispatched:
-      pooled = np.asarray(pooled)[:n]  # blocks until this batch is done
-      projected = None if projected is None else np.asarray(projected)[:n]
+    for n, outputs in dispatched:
+      # Each output (embed: pooled, projected or None; predict: logits) cut to the real rows;
+      # np.asarray blocks until this batch is done.
+      outputs = [None if o is None else np.asarray(o)[:n] for o in outputs]
       for i in range(n):
         # example=None: the image is not carried past inference (memory).
-        out.append(PredictionResult(None, (pooled[i], None if projected is None else projected[i])))
+        out.append(PredictionResult(None, tuple(None if o is None else o[i] for o in outputs)))
     return out
 
   def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

@@ -64,6 +64,8 @@ class ProbeConfig(distributed.DistributedOptions):
   max_iter: int = flags.field(core.linear.MAX_ITER, 'solver iterations, both methods')
   tol: float = flags.field(core.linear.TOL, 'stop at max |gradient| <= tol')
   progress: bool = flags.field(True, 'progress bars on stderr')
+  overwrite: bool = flags.field(False, 'replace the probe run this tool wrote in --output_dir '
+                                '(nothing else is ever removed)')
 
   def __post_init__(self):
     """Every flag checked before any data is read."""
@@ -276,23 +278,28 @@ def _header(config: ProbeConfig, metadata: dict, class_names, num_train: int,
 def train_probe(config: ProbeConfig) -> dict:
   """Reads two splits of an embedding dataset and runs the probe protocol on them."""
   from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
-  if distributed.is_writer():
-    # Refuses a file, a read-only directory or one holding files this tool did not write;
-    # a rerun replaces only its own metrics.json and head.npz.
-    outputs.prepare_output_dir(config.output_dir, overwrite=True, kind='probe run',
-                               owned=OWNED_FILES, clear=False)
+  claim = dict(overwrite=config.overwrite, kind='probe run', owned=OWNED_FILES,
+               complete='metrics.json')
+  if distributed.is_writer():  # process 0 alone writes (clip_transfer.distributed)
+    # Refuses a file, a read-only directory, one holding files this tool did not write,
+    # or a previous run without --overwrite (the rule of every stage); held exclusively.
+    outputs.prepare_output_dir(config.output_dir, clear=False, **claim)
   metadata = emb.read_metadata(config.embeddings)
   class_names = emb.class_names(config.embeddings)
   if distributed.process_count() > 1:
+    if distributed.is_writer():
+      outputs.prepare_output_dir(config.output_dir, **claim)
     return _train_probe_processes(config, metadata, class_names)
   x_train, y_train, ids_train = emb.read_split(config.embeddings, config.train_split)
   x_eval, y_eval, ids_eval = emb.read_split(config.embeddings, config.eval_split)
   # Checked here too, so NaN errors can name the offending example's id.
   check_split(config.train_split, x_train, y_train, len(class_names), ids_train)
   check_split(config.eval_split, x_eval, y_eval, len(class_names), ids_eval)
+  # The inputs hold up: only now remove the previous run's files (--overwrite).
+  outputs.prepare_output_dir(config.output_dir, **claim)
   header = _header(config, metadata, class_names, len(y_train), len(y_eval))
   options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-             if f.name not in ('embeddings', 'output_dir')}
+             if f.name not in ('embeddings', 'output_dir', 'overwrite')}
   return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, config.output_dir,
                             ids_train=ids_train, ids_eval=ids_eval, header=header, **options)
 

@@ -31,6 +31,7 @@ from clip_transfer.protocol.metrics import classification
 
 HEAD_FILE = heads.ZEROSHOT_HEAD_FILE
 METHOD = 'zeroshot'
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', HEAD_FILE)  # what a zero-shot run writes
 BATCH_SIZE = 256  # prompts per text-tower call; every call has this shape (one compile)
 
 
@@ -96,8 +97,11 @@ def read_projected(embeddings: str, split: str) -> tuple[np.ndarray, np.ndarray,
   from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
 
   if 'projected' not in emb.feature_names(embeddings):
+    # Not "re-embed with --projected": a vision-only model (DINOv2) has no projection at all.
     raise UserError(f'{embeddings} has no projected feature (the visual_projection output '
-                    'zero-shot compares with text); re-embed with pipelines.embed --projected')
+                    'zero-shot compares with text): zero-shot needs a model with a text tower '
+                    '(CLIP, SigLIP, OpenCLIP), embedded without --no_projected; vision-only '
+                    'models (DINOv2) can be probed but not scored zero-shot')
   return emb.read_split(embeddings, split, feature='projected')
 
 
@@ -126,7 +130,8 @@ def load_head(output_dir: str) -> heads.ZeroshotHead:
 
 def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[str] = None,
                  templates: str = 'openai_imagenet', class_names_file: Optional[str] = None,
-                 eval_split: str = 'test', batch_size: int = BATCH_SIZE) -> dict:
+                 eval_split: str = 'test', batch_size: int = BATCH_SIZE,
+                 overwrite: bool = False) -> dict:
   """Zero-shot eval of an embedding dataset; returns the metrics dict (written when output_dir)."""
   from clip_transfer import models  # pylint: disable=g-import-not-at-top
   from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
@@ -142,9 +147,10 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   x, y, ids = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
   order = validation.eval_order(ids)
   x, y, ids = x[order], y[order], [ids[i] for i in order]
-  if output_dir:  # a file, a read-only directory or foreign files: refused before the model loads
-    outputs.prepare_output_dir(output_dir, overwrite=True, kind='zero-shot run',
-                               owned=('metrics.json', 'metrics.json.tmp', HEAD_FILE), clear=False)
+  if output_dir:  # a file, a read-only directory, foreign files or a previous run without
+    # --overwrite (the rule of every stage): refused before the model loads; held exclusively.
+    outputs.prepare_output_dir(output_dir, overwrite=overwrite, kind='zero-shot run',
+                               owned=OWNED_FILES, complete='metrics.json', clear=False)
   recorded = metadata.get('model') or {}
   model = model or recorded.get('name')
   if not model:
@@ -166,6 +172,9 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
     raise UserError(f'{model} is not the model that embedded {embeddings}: weights sha256 '
                     f'{got[:12]}… != {want[:12]}… recorded (model {recorded.get("name")!r})')
   tok = tokenizer_lib.load_tokenizer(model, module.text_config)
+  if output_dir:  # everything checked: only now remove the previous run's files (--overwrite)
+    outputs.prepare_output_dir(output_dir, overwrite=overwrite, kind='zero-shot run',
+                               owned=OWNED_FILES, complete='metrics.json')
 
   t0 = time.perf_counter()
   head = zeroshot_head(module, variables, tok, names, prompts, batch_size)
@@ -219,6 +228,8 @@ class ZeroshotConfig:
                                            "order (default: the dataset's label names)")
   eval_split: str = flags.field('test', 'split scored')
   batch_size: int = flags.field(BATCH_SIZE, 'prompts per text-tower call')
+  overwrite: bool = flags.field(False, 'replace the zero-shot run this tool wrote in '
+                                '--output_dir (nothing else is ever removed)')
 
 
 @cli_main
@@ -228,7 +239,7 @@ def main(argv=None):
   c = flags.from_args(ZeroshotConfig, p.parse_args(argv))
   out = run_zeroshot(c.embeddings, c.output_dir, model=c.model, templates=c.templates,
                      class_names_file=c.class_names, eval_split=c.eval_split,
-                     batch_size=c.batch_size)
+                     batch_size=c.batch_size, overwrite=c.overwrite)
   print(summary(out))
 
 

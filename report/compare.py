@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from clip_transfer import outputs
 from clip_transfer.protocol import stats
 from clip_transfer.errors import UserError, cli_main
 
@@ -33,21 +34,39 @@ SELECTION = {'within-shots': 'true few-shot (L2 chosen within the shots)',
 NO_COST = 'not described in its metrics.json'
 
 
-def find_metrics(paths: list[str]) -> list[str]:
-  """metrics.json files in each path or its direct subdirectories, in a stable order."""
+def _walk_runs(root: str) -> list[str]:
+  """metrics.json files at any depth below ``root``; a run's own subfolders are not searched."""
   found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))  # scratch, markers
+    if 'metrics.json' in filenames:
+      found.append(os.path.join(dirpath, 'metrics.json'))
+      dirnames[:] = []  # a run's checkpoints are not runs
+  return found
+
+
+def find_metrics(paths: list[str]) -> list[str]:
+  """metrics.json files in each path or the folders below it (any depth), each once, in order.
+
+  A run named twice (``runs/demo runs/demo/probe``) is read once.
+  """
+  found, seen = [], set()
   for p in paths:
     if os.path.isfile(p) and os.path.basename(p) == 'metrics.json':
-      found.append(p)
-    elif os.path.isfile(os.path.join(p, 'metrics.json')):
-      found.append(os.path.join(p, 'metrics.json'))
+      below = [p]
+    elif os.path.isfile(p):
+      raise UserError(f'{p} is a file but not a metrics.json; pass a run directory')
     elif os.path.isdir(p):
-      below = sorted(glob.glob(os.path.join(p, '*', 'metrics.json')))
+      below = _walk_runs(p)
       if not below:
-        raise UserError(f'{p} holds no metrics.json (nor do its subdirectories)')
-      found.extend(below)
+        raise UserError(f'{p} holds no metrics.json (nor does any folder below it)')
     else:
       raise UserError(f'no such run directory: {p}')
+    for f in below:
+      key = os.path.realpath(f)
+      if key not in seen:
+        seen.add(key)
+        found.append(f)
   return found
 
 
@@ -76,11 +95,75 @@ def _load(path: str) -> dict:
     raise UserError(f'{path}: not readable JSON ({e})') from None
   if not isinstance(m, dict) or not isinstance(m.get('methods'), dict) or 'stage' not in m:
     raise UserError(f'{path}: not a probe/fine-tune metrics.json (no "stage" and "methods")')
+  if not m['methods']:
+    raise UserError(f'{path} holds no results: its run was interrupted or stopped early '
+                    '(fine-tune --stop_after); finish it (fine-tune: --resume) or leave it out')
   bad = _non_finite(m)
   if bad:
     raise UserError(f'{path}: {bad} is NaN or inf; the run that wrote it diverged or is broken, '
                     'rerun it')
+  problem = _wrong_type(m)
+  if problem:
+    raise UserError(f'{path}: {problem}; not a metrics.json this tool wrote, or damaged')
   return m
+
+
+_NUMBER = (int, float)
+_num = lambda v: isinstance(v, _NUMBER) and not isinstance(v, bool)
+_opt = lambda check: (lambda v: v is None or check(v))
+_interval = lambda v: isinstance(v, list) and len(v) == 2 and all(map(_num, v))
+_ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool)
+                                              for x in v)
+_numbers = lambda v: isinstance(v, list) and all(map(_num, v))
+_dict = lambda v: isinstance(v, dict)
+_str = lambda v: isinstance(v, str)
+# What this report reads of a metrics.json, and the type it needs (absent keys are fine).
+_TOP = {'stage': (_str, 'a string'), 'dataset': (_opt(_dict), 'an object'),
+        'model': (_opt(_dict), 'an object'), 'num_eval': (_opt(_num), 'a number'),
+        'num_classes': (_opt(_num), 'a number'), 'validation': (_opt(_dict), 'an object'),
+        'eval': (_opt(_dict), 'an object'), 'embedding': (_opt(_dict), 'an object'),
+        'data_wall_s': (_opt(_num), 'a number')}
+_NESTED = {'eval.labels': (_opt(_ints), 'a list of integers'),
+           'model.name': (_opt(_str), 'a string'), 'model.weights_sha256': (_opt(_str), 'a string'),
+           'embedding.wall_s': (_opt(_num), 'a number'),
+           'embedding.images_per_s': (_opt(_num), 'a number')}
+_METHOD = {'top1': (_opt(_num), 'a number'), 'top1_ci95': (_opt(_interval), 'a [low, high] pair'),
+           'balanced_accuracy': (_opt(_num), 'a number'),
+           'balanced_accuracy_ci95': (_opt(_interval), 'a [low, high] pair'),
+           'trainable_params': (_opt(_num), 'a number'), 'wall_s': (_opt(_num), 'a number'),
+           'images_per_s': (_opt(_num), 'a number'), 'cost': (_opt(_str), 'a string'),
+           'predictions': (_opt(_ints), 'a list of integers'), 'shots': (_num, 'a number'),
+           'top1_std': (_opt(_num), 'a number'), 'selected': (_opt(_dict), 'an object'),
+           'wise': (_opt(_dict), 'an object')}
+_WISE = {'alphas': (_numbers, 'a list of numbers'), 'val_top1': (_numbers, 'a list of numbers'),
+         'eval_top1': (_numbers, 'a list of numbers'),
+         'selected_alpha': (_opt(_num), 'a number')}
+
+
+def _wrong_type(m: dict) -> Optional[str]:
+  """'KEY is X, not TYPE' for the first field this report reads that has the wrong type."""
+  def first(obj, checks, prefix):
+    for key, (ok, want) in checks.items():
+      if key in obj and not ok(obj[key]):
+        return f'{prefix}{key} is {type(obj[key]).__name__} {json.dumps(obj[key])[:40]}, not {want}'
+    return None
+
+  problem = first(m, _TOP, '')
+  if problem:
+    return problem
+  for dotted, check in _NESTED.items():
+    outer, inner = dotted.split('.')
+    problem = first(m.get(outer) or {}, {inner: check}, f'{outer}.')
+    if problem:
+      return problem
+  for name, e in m['methods'].items():
+    if not isinstance(e, dict):
+      return f'methods.{name} is {type(e).__name__}, not an object'
+    problem = (first(e, _METHOD, f'methods.{name}.')
+               or first(e.get('wise') or {}, _WISE, f'methods.{name}.wise.'))
+    if problem:
+      return problem
+  return None
 
 
 def _task(m: dict) -> tuple:
@@ -435,10 +518,8 @@ def check_output_dir(output_dir: str) -> None:
   if os.path.exists(png) and not ours:
     raise UserError(f'{png} was not written by report.compare; move it or pass another '
                     '--output_dir')
-  try:
-    os.makedirs(output_dir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'cannot create --output_dir {output_dir}: {e.strerror}') from None
+  # Created and held as every stage holds its output dir: two reports at once are refused.
+  outputs.claim_exclusive(output_dir, '--output_dir')
   if not os.access(output_dir, os.W_OK):
     raise UserError(f'--output_dir {output_dir} is not writable')
 

@@ -203,7 +203,7 @@ def test_pipeline_serialises_with_to_runner_api(image_folder, tmp_path):
   proto = p.to_runner_api()
   labels = {t.unique_name for t in proto.components.transforms.values()}
   for want in ('RunInference', 'Encode', 'GroupShards', 'WriteShard', 'Finalize',
-               'Load[train]', 'Preprocess[test]'):
+               'Read[train]', 'Preprocess[test]'):
     assert want in labels
   # Every DoFn round-trips through the proto (pickled), as a runner would load it.
   beam.Pipeline.from_runner_api(proto, FnApiRunner(), beam.options.pipeline_options.PipelineOptions())

@@ -12,7 +12,7 @@ import pytest
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
-from pipelines import embed, reads
+from pipelines import embed, read_common
 from clip_transfer import models
 from clip_transfer.data import embeddings
 from clip_transfer import outputs
@@ -56,7 +56,7 @@ def no_model_load(monkeypatch):
   """Fails the test if the model is loaded (the refusal must come first)."""
   def boom(*_, **__):
     raise AssertionError('the model was loaded before the refusal')
-  monkeypatch.setattr(embed.clip, 'load', boom)
+  monkeypatch.setattr(embed.models, 'load', boom)
 
 
 # --------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_projected_without_a_projection_fails_before_the_pipeline(small_folder, 
   def vision_only(name, *a, **k):
     pre = load(name, *a, **k)
     return dataclasses.replace(pre, module=pre.module.clone(projection_dim=None))
-  monkeypatch.setattr(embed.clip, 'load', vision_only)
+  monkeypatch.setattr(embed.models, 'load', vision_only)
   monkeypatch.setattr(embed, 'build', lambda *a, **k: pytest.fail('the pipeline was built'))
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={tmp_path}/o',
                    '--splits=test', '--projected')
@@ -230,11 +230,11 @@ def test_every_file_of_a_folder_is_accounted_for(odd_folder, tmp_path):
 
 def test_a_lost_input_fails_the_run_and_leaves_it_unreadable(small_folder, tmp_path, capsys,
                                                             monkeypatch):
-  process = reads.LoadFile.process
+  process = read_common.ReadParts.process
 
-  def lose_one(self, entry):
-    return [] if entry.id == 'test/dog/b.png' else process(self, entry)
-  monkeypatch.setattr(reads.LoadFile, 'process', lose_one)
+  def lose_one(self, part):  # a folder's parts are its listed entries
+    return [] if part.id == 'test/dog/b.png' else process(self, part)
+  monkeypatch.setattr(read_common.ReadParts, 'process', lose_one)
   out = tmp_path / 'out'
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={out}',
                    '--splits=test')

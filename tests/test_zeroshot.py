@@ -207,6 +207,8 @@ def test_cli_random_tiny(tmp_path, capsys):
   assert m['methods']['zeroshot']['num_templates'] == 18
   assert m['methods']['zeroshot']['top5'] == 1.0  # 5 classes
   code, cap = _run([f'--embeddings={data}', f'--output_dir={out}'], capsys)
+  assert code == 2 and 'already holds a zero-shot run; pass --overwrite' in cap.err
+  code, cap = _run([f'--embeddings={data}', f'--output_dir={out}', '--overwrite'], capsys)
   assert code == 0 and (out / 'metrics.json').exists() and (out / 'zeroshot_head.npz').exists()
   assert 'zeroshot (80 templates from openai_imagenet)' in cap.out
 

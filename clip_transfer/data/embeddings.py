@@ -300,24 +300,50 @@ def read_split(out_dir: str, split: str, feature: str = 'embedding',
   if split not in builder.info.splits:
     raise UserError(f'{out_dir} has no split {split!r}; available: '
                     f'{", ".join(sorted(builder.info.splits))}')
-  source = builder.as_data_source(split=split)
-  rows_wanted = range(len(source))
-  if part is not None:
-    from clip_transfer import distributed  # pylint: disable=g-import-not-at-top
-    rows_wanted = distributed.local_range(len(source), *part)
-  n = len(rows_wanted)
   dim = builder.info.features[feature].shape[0]
-  embeddings = np.empty((n, dim), np.float32)
-  labels = np.empty((n,), np.int64)
-  ids: list[str] = []
-  step = 1024
-  for start in range(0, n, step):
-    rows = source.__getitems__(list(rows_wanted[start:min(n, start + step)]))
-    for i, row in enumerate(rows, start):
-      embeddings[i] = row[feature]
-      labels[i] = row['label']
-      ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
+  try:
+    source = builder.as_data_source(split=split)
+    rows_wanted = range(len(source))
+    if part is not None:
+      from clip_transfer import distributed  # pylint: disable=g-import-not-at-top
+      rows_wanted = distributed.local_range(len(source), *part)
+    n = len(rows_wanted)
+    embeddings = np.empty((n, dim), np.float32)
+    labels = np.empty((n,), np.int64)
+    ids: list[str] = []
+    step = 1024
+    for start in range(0, n, step):
+      rows = source.__getitems__(list(rows_wanted[start:min(n, start + step)]))
+      for i, row in enumerate(rows, start):
+        embeddings[i] = row[feature]
+        labels[i] = row['label']
+        ids.append(row['id'].decode() if isinstance(row['id'], bytes) else str(row['id']))
+  except (RuntimeError, OSError, ValueError) as e:  # array_record: "Corrupted Riegeli/records file"
+    shard = _unreadable_shard(out_dir, split, builder.info.splits[split].num_shards)
+    what = f'shard {shard}' if shard else f'split {split!r} of {out_dir}'
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    raise UserError(f'cannot read {what}: it is truncated or damaged ({reason}); re-embed with '
+                    'pipelines.embed --overwrite') from None
   return embeddings, labels, ids
+
+
+def _unreadable_shard(out_dir: str, split: str, num_shards: int) -> Optional[str]:
+  """The first shard file of ``split`` that array_record cannot read to its end, or None."""
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+
+  if not outputs.is_local(out_dir):  # array_record reads local files only
+    return None
+  for i in range(num_shards):
+    path = _fs().join(out_dir, shard_name(split, i, num_shards))
+    try:
+      reader = ArrayRecordReader(path, 'readahead_buffer_size:0')
+      try:
+        reader.read_all()
+      finally:
+        reader.close()
+    except Exception:  # pylint: disable=broad-except  (whatever it raises, this is the file)
+      return path
+  return None
 
 
 def write_run_info(out_dir: str, info: dict[str, Any]) -> None:

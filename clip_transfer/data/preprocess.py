@@ -57,6 +57,12 @@ class PreprocessConfig:
   # JPEGs decoded at reduced DCT scale before the resize (not CLIPImageProcessor's
   # pixels; recorded in metadata only when on, so default datasets' files stay unchanged).
   fast_decode: bool = False
+  # 'shortest': the shortest side to `size`, aspect kept; 'squash': both sides to `size`
+  # (open_clip's resize_mode='squash'). Recorded only when not the default, as fast_decode.
+  resize_mode: str = 'shortest'
+  # Center-crop offset (h - crop) / 2: 'floor' as transformers, 'round' as torchvision's
+  # CenterCrop (open_clip); they differ by a pixel when h - crop is 3 mod 4.
+  crop_offset: str = 'floor'
 
   @classmethod
   def for_image_size(cls, image_size: int) -> 'PreprocessConfig':
@@ -107,14 +113,18 @@ class PreprocessConfig:
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    if not d['fast_decode']:
-      del d['fast_decode']
+    for name in ('fast_decode', 'resize_mode', 'crop_offset'):
+      if d[name] == PREPROCESS_DEFAULTS[name]:
+        del d[name]
     return d
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> 'PreprocessConfig':
     return cls(**{**d, 'crop_size': tuple(d['crop_size']), 'mean': tuple(d['mean']),
                   'std': tuple(d['std'])})
+
+
+PREPROCESS_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
 
 
 def decode(data: bytes, draft_size: Optional[int] = None) -> np.ndarray:
@@ -181,7 +191,7 @@ def _resize_shape(h: int, w: int, size: int) -> tuple[int, int]:
   return (new_short, new_long) if h <= w else (new_long, new_short)
 
 
-def _center_crop(a: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+def _center_crop(a: np.ndarray, crop_h: int, crop_w: int, offset: str = 'floor') -> np.ndarray:
   h, w = a.shape[:2]
   if h < crop_h or w < crop_w:  # pad with zeros, centred, as transformers does
     ph, pw = max(crop_h, h), max(crop_w, w)
@@ -189,7 +199,10 @@ def _center_crop(a: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     top, left = (ph - h) // 2, (pw - w) // 2
     padded[top:top + h, left:left + w] = a
     a, h, w = padded, ph, pw
-  top, left = (h - crop_h) // 2, (w - crop_w) // 2
+  if offset == 'round':  # torchvision's CenterCrop: int(round(...)), ties to even
+    top, left = int(round((h - crop_h) / 2.0)), int(round((w - crop_w) / 2.0))
+  else:
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
   return a[top:top + crop_h, left:left + crop_w]
 
 
@@ -202,11 +215,14 @@ def prepare(image, cfg: PreprocessConfig) -> np.ndarray:
   else:
     a = to_rgb(image)
   h, w = a.shape[:2]
-  nh, nw = _resize_shape(h, w, cfg.size)
+  if cfg.resize_mode == 'squash':
+    nh, nw = cfg.size, cfg.size
+  else:
+    nh, nw = _resize_shape(h, w, cfg.size)
   if (nh, nw) != (h, w):
     a = np.asarray(Image.fromarray(a).resize((nw, nh), resample=cfg.resample))
   if cfg.do_center_crop:
-    a = _center_crop(a, *cfg.crop_size)
+    a = _center_crop(a, *cfg.crop_size, cfg.crop_offset)
   return np.ascontiguousarray(a)
 
 

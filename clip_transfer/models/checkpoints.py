@@ -65,9 +65,15 @@ def read(name_or_path: str, seed: int = 0) -> Checkpoint:
 
   The module computes in float32; ``clip_transfer.models.load`` clones it for bf16.
   """
+  from clip_transfer.models import open_clip  # pylint: disable=g-import-not-at-top  (imports this module)
+
   if name_or_path.startswith(RANDOM_PREFIX):
     return _load_preset(name_or_path, seed)
+  if name_or_path.startswith(open_clip.HUB_PREFIX):
+    return open_clip.read_hub(name_or_path)
   path = os.path.expanduser(name_or_path)
+  if os.path.isdir(path) and open_clip.is_open_clip_dir(path):
+    return open_clip.read_dir(path)
   if os.path.isdir(path):
     return _load_dir(path)
   if os.path.exists(path):

@@ -133,6 +133,8 @@ def check_fits(tok: Tokenizer, text_config, name: str) -> None:
 def _load_hf(name_or_path: str):
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
+  # open_clip's hub ids; its push_to_hf_hub saves the CLIP tokenizer files beside the weights.
+  name_or_path = name_or_path.removeprefix('hf-hub:')
   path = os.path.expanduser(name_or_path)
   if os.path.isdir(path):
     where = name_or_path

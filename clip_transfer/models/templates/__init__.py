@@ -34,6 +34,8 @@ def load_templates(name_or_file: str) -> list[str]:
     path = bundled
   elif os.path.isfile(name_or_file):
     path = name_or_file
+  elif os.sep in name_or_file or name_or_file.endswith(('.json', '.txt')):
+    raise UserError(f'--templates file {name_or_file} does not exist')  # a path, not a name
   else:
     raise UserError(f'no template list {name_or_file!r}: pass a file (.json list or .txt, one '
                     f'template per line) or one of {", ".join(available())}')

@@ -1,0 +1,94 @@
+"""Our params → a Hugging Face ``save_pretrained`` directory: the inverse of ``checkpoints``.
+
+``save_vision(pretrained, vision_params, out_dir, projection=None)`` writes
+``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` that
+transformers' PyTorch classes load (``CLIPVisionModel``, or
+``CLIPVisionModelWithProjection`` when a projection is given). No torch is needed:
+the tensors are renamed and transposed back with numpy and written with safetensors.
+
+One exporter per family, registered by the linen module's class name in
+``EXPORTERS``; a new family adds its own (the reading side lives beside it in
+``checkpoints``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional
+
+import flax
+import numpy as np
+
+from clip_transfer.errors import UserError
+
+
+def linen_to_pytorch(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """'/'-joined linen paths → PyTorch names/layouts: ``checkpoints._from_pytorch_names`` inverted."""
+  out = {}
+  for path, value in flat.items():
+    *mod, leaf = path.split('/')
+    value = np.asarray(value, np.float32)
+    if leaf == 'kernel':
+      if value.ndim == 4:  # conv (kh, kw, in, out) → (out, in, kh, kw)
+        value = value.transpose(3, 2, 0, 1)
+      else:  # Dense (in, out) → Linear (out, in)
+        value = value.T
+      leaf = 'weight'
+    elif leaf in ('scale', 'embedding'):  # LayerNorm scale, nn.Embed table
+      leaf = 'weight'
+    out['.'.join(mod + [leaf])] = np.ascontiguousarray(value)
+  return out
+
+
+def _preprocessor_json(cfg) -> dict:
+  """CLIPImageProcessor's fields for our PreprocessConfig (``PreprocessConfig.from_hf`` inverted)."""
+  return {'image_processor_type': 'CLIPImageProcessor', 'do_convert_rgb': True,
+          'do_resize': True, 'size': {'shortest_edge': int(cfg.size)}, 'resample': int(cfg.resample),
+          'do_center_crop': bool(cfg.do_center_crop),
+          'crop_size': {'height': int(cfg.crop_size[0]), 'width': int(cfg.crop_size[1])},
+          'do_rescale': True, 'rescale_factor': float(cfg.rescale_factor), 'do_normalize': True,
+          'image_mean': [float(m) for m in cfg.mean], 'image_std': [float(s) for s in cfg.std]}
+
+
+def _save_clip_vision(pretrained, vision_params, out_dir: str,
+                      projection: Optional[np.ndarray]) -> str:
+  import transformers  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  v = pretrained.module.vision_config
+  arch = 'CLIPVisionModelWithProjection' if projection is not None else 'CLIPVisionModel'
+  config = transformers.CLIPVisionConfig(
+      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+      num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+      num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+      hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
+      projection_dim=(projection.shape[1] if projection is not None
+                      else pretrained.module.projection_dim or 512))
+  config.architectures = [arch]
+  config.save_pretrained(out_dir)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(vision_params), sep='/')
+  tensors = linen_to_pytorch({k: np.asarray(a) for k, a in flat.items()})
+  if projection is not None:
+    # CLIPVisionModelWithProjection nests the tower under vision_model (CLIPVisionModel does not).
+    tensors = {f'vision_model.{k}': a for k, a in tensors.items()}
+    tensors['visual_projection.weight'] = np.ascontiguousarray(np.asarray(projection,
+                                                                          np.float32).T)
+  save_file(tensors, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(out_dir, 'preprocessor_config.json'), 'w') as fh:
+    json.dump(_preprocessor_json(pretrained.preprocess), fh, indent=1)
+  return arch
+
+
+# Linen module class name → its exporter(pretrained, vision params, out_dir, projection) → class.
+EXPORTERS: dict[str, Callable[..., str]] = {'CLIP': _save_clip_vision}
+
+
+def save_vision(pretrained, vision_params, out_dir: str,
+                projection: Optional[np.ndarray] = None) -> str:
+  """Writes the vision tower as a save_pretrained directory; returns the transformers class."""
+  family = type(pretrained.module).__name__
+  if family not in EXPORTERS:
+    raise UserError(f'no Hugging Face export for {family} models yet (have: '
+                    f'{", ".join(EXPORTERS)})')
+  return EXPORTERS[family](pretrained, vision_params, out_dir, projection)

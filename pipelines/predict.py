@@ -1,0 +1,436 @@
+r"""Classifies a dataset with a chosen rung and writes the predictions as Parquet.
+
+  python -m pipelines.predict --dataset=folder:new_images --head=probe:runs/demo/probe \
+      --output_dir=runs/demo/predictions
+
+``--head`` is ``probe:DIR`` or ``zeroshot:DIR`` (the backbone the run recorded, its saved
+head folded into the jitted forward) or ``finetune:WORKDIR`` (the selected configuration;
+``--mode`` picks among several methods, ``full+wise`` the WiSE-FT model). ``--embeddings=DIR``
+with a probe or zero-shot head classifies stored embeddings with no backbone pass.
+``--dataset`` takes every source the embed stage reads; unlabelled inputs are fine
+(a folder ``PATH/<split>/<image>``, a CSV with only image paths), their ``label`` is null.
+
+Reads, decodes and batches exactly as ``pipelines.embed`` (the same readers, the
+same ``Preprocess`` step, the same RunInference handler with the head inside), and
+writes ``<split>-NNNNN-of-MMMMM.parquet`` (id, prediction, prediction_name,
+top_k_names, top_k_probabilities, label, label_name), sharded by a hash of the id
+and sorted within a shard (reruns are byte-identical), ``dead_letters.<split>.jsonl``
+and, last, ``predictions.json`` (head, model, class names, counts: found =
+predicted + dead-lettered). Any Beam option (``--runner=DataflowRunner`` …) is passed on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import time
+from typing import Any, Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
+
+import clip_transfer
+from clip_transfer import flags
+from clip_transfer import models
+from clip_transfer import outputs
+from clip_transfer.data import embeddings as emb_lib
+from clip_transfer.data import sources as sources_lib
+from clip_transfer.errors import UserError, cli_main
+from clip_transfer.protocol import rungs
+from pipelines import embed
+from pipelines import reads
+from pipelines.jax_handler import ClipVisionModelHandler, VisionModel
+from pipelines.read_common import DEAD
+
+SUMMARY_FILE = 'predictions.json'  # written last: its presence marks a complete run
+RUN_FILE = 'run.json'  # wall time, runner: apart, so the outputs stay byte-identical
+OWNED_FILES = ('*-?????-of-?????.parquet', SUMMARY_FILE, RUN_FILE, emb_lib.FAILURE_FILE,
+               'dead_letters.*.jsonl')
+EXAMPLES_PER_SHARD = 100_000  # Parquet rows per shard (a few MB)
+
+
+@dataclasses.dataclass
+class PredictConfig(sources_lib.SourceOptions):
+  """The predict stage's own flags (every other flag goes to Beam's PipelineOptions)."""
+
+  head: str = flags.field(help='probe:DIR, zeroshot:DIR or finetune:WORKDIR')
+  output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
+  dataset: Optional[str] = flags.field(None, 'any source pipelines.embed reads (digits, '
+                                       'folder:PATH, csv:PATH, parquet:GLOB, wds:PATTERN, TFDS)')
+  embeddings: Optional[str] = flags.field(
+      None, 'an embedding dataset to classify instead of --dataset (probe/zero-shot heads; no '
+      'backbone pass)')
+  mode: Optional[str] = flags.field(None, 'finetune: the method to use when WORKDIR holds '
+                                    'several (a metrics.json key: full, full@probe+wise, …)')
+  splits: tuple[str, ...] = flags.field((), 'comma-separated splits; empty: every split of '
+                                        'the source')
+  data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
+  model: Optional[str] = flags.field(None, 'where the weights are now (default: the model the '
+                                     'run recorded); refused unless its checksum matches')
+  top_k: int = flags.field(5, 'class names and probabilities kept per image')
+  batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded)')
+  examples_per_shard: int = flags.field(EXAMPLES_PER_SHARD, 'rows per Parquet shard')
+  overwrite: bool = flags.field(False, 'replace predictions this tool wrote in --output_dir')
+  preprocess_threads: int = flags.field(0, 'threads per worker process that decode and resize '
+                                        '(0: one per core; 1: inline)')
+  fast_decode: bool = flags.field(False, 'decode JPEGs at reduced DCT scale first (as embed)')
+  dtype: Optional[str] = flags.field(None, 'compute dtype (default: the one the run used)')
+
+  def __post_init__(self):
+    if (self.dataset is None) == (self.embeddings is None):
+      raise UserError('pass exactly one of --dataset (images) and --embeddings (an embedding '
+                      'dataset)')
+    if self.embeddings and self.head.startswith('finetune:'):
+      raise UserError('--embeddings works with probe:DIR or zeroshot:DIR heads; a fine-tuned '
+                      'model needs the images (--dataset)')
+    for name in ('top_k', 'batch_size', 'examples_per_shard'):
+      if getattr(self, name) < 1:
+        raise UserError(f'--{name} must be >= 1, got {getattr(self, name)}')
+    if self.preprocess_threads < 0:
+      raise UserError('--preprocess_threads must be >= 0 (0: one per core)')
+    if self.dtype is not None and self.dtype not in models.DTYPES:
+      raise UserError(f'--dtype must be one of {", ".join(models.DTYPES)}, got {self.dtype!r}')
+    for split in self.splits:
+      if not embed.SPLIT_NAME.fullmatch(split):
+        raise UserError(f'--splits: {split!r} is not a split name (letters, digits, _ and -)')
+
+
+def parse_args(argv) -> tuple[PredictConfig, list[str]]:
+  """(our config, the remaining flags for Beam)."""
+  p = argparse.ArgumentParser(prog='python -m pipelines.predict',
+                              description=__doc__.split('\n\n')[0])
+  flags.add_flags(p, PredictConfig)
+  args, beam_args = p.parse_known_args(argv)
+  return flags.from_args(PredictConfig, args), beam_args
+
+
+# --------------------------------------------------------------------------
+# Rows and shards
+# --------------------------------------------------------------------------
+
+
+def schema():
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  return pa.schema([('id', pa.string()), ('prediction', pa.int32()),
+                    ('prediction_name', pa.string()), ('top_k_names', pa.list_(pa.string())),
+                    ('top_k_probabilities', pa.list_(pa.float32())),
+                    ('label', pa.int32()), ('label_name', pa.string())])
+
+
+def rows_for(ids, logits: np.ndarray, labels, class_names: list[str], top_k: int) -> list[dict]:
+  """One output row per example: the argmax, the top-k by probability, the label if known."""
+  logits = np.asarray(logits, np.float32).reshape(len(ids), -1)
+  z = logits - logits.max(axis=1, keepdims=True)
+  probs = np.exp(z)
+  probs /= probs.sum(axis=1, keepdims=True)
+  k = min(top_k, logits.shape[1])
+  order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
+  out = []
+  for i, ex_id in enumerate(ids):
+    pred = int(logits[i].argmax())  # the logits' argmax: what metrics.json's predictions hold
+    label = None if labels[i] is None or labels[i] < 0 else int(labels[i])
+    out.append({'id': ex_id, 'prediction': pred, 'prediction_name': class_names[pred],
+                'top_k_names': [class_names[c] for c in order[i]],
+                'top_k_probabilities': [float(p) for p in probs[i, order[i]]],
+                'label': label, 'label_name': None if label is None else class_names[label]})
+  return out
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f'{split}-{index:05d}-of-{num_shards:05d}.parquet'
+
+
+def write_shard(output_dir: str, split: str, index: int, num_shards: int, rows) -> int:
+  """Sorts rows by id and writes one Parquet shard through FileSystems; returns the count."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  rows = sorted(rows, key=lambda r: r['id'])
+  for a, b in zip(rows, rows[1:]):
+    if a['id'] == b['id']:
+      raise ValueError(f'duplicate id {a["id"]!r} in split {split!r}')
+  buf = io.BytesIO()
+  pq.write_table(pa.Table.from_pylist(rows, schema=schema()), buf)
+  path = FileSystems.join(output_dir, shard_name(split, index, num_shards))
+  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    fh.write(buf.getvalue())
+  return len(rows)
+
+
+def finalize(_, output_dir: str, shard_results, dead_counts, found_counts,
+             num_shards: dict[str, int], summary: dict) -> None:
+  """After every shard and dead-letter file: empty shards, then predictions.json (last).
+
+  When a split's books do not balance (found != predicted + dead-lettered) it
+  writes failure.json instead, and ``run`` turns that into the run's error.
+  """
+  written: dict[str, dict[int, int]] = {}
+  for split, index, count in shard_results:
+    written.setdefault(split, {})[index] = count
+  dead = dict(dead_counts)
+  found: dict[str, int] = {}
+  for split, n in found_counts:
+    found[split] = found.get(split, 0) + n
+  counts = {split: {'read': found.get(split, 0), 'written': sum(written.get(split, {}).values()),
+                    'dead_lettered': dead.get(split, 0)} for split in num_shards}
+  problem = emb_lib.check_counts(output_dir, counts)
+  if problem:
+    emb_lib.write_failure(output_dir, problem)
+    return
+  write_summary(output_dir, written, num_shards, {**summary, 'counts': counts})
+
+
+def write_summary(output_dir: str, written: dict[str, dict[int, int]],
+                  num_shards: dict[str, int], summary: dict) -> None:
+  for split, n in num_shards.items():
+    for i in range(n):
+      if i not in written.get(split, {}):  # no id hashed here: the file still exists
+        write_shard(output_dir, split, i, n, [])
+  summary = {**summary, 'num_shards': dict(sorted(num_shards.items()))}
+  with FileSystems.create(FileSystems.join(output_dir, SUMMARY_FILE),
+                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    fh.write(json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+def read_predictions(output_dir: str, split: str) -> list[dict]:
+  """Every row of a split, sorted by id (for tests and notebooks)."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  summary = read_summary(output_dir)
+  n = summary['num_shards'][split]
+  rows = []
+  for i in range(n):
+    with FileSystems.open(FileSystems.join(output_dir, shard_name(split, i, n)),
+                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+      rows += pq.read_table(io.BytesIO(fh.read())).to_pylist()
+  return sorted(rows, key=lambda r: r['id'])
+
+
+def read_summary(output_dir: str) -> dict:
+  path = FileSystems.join(output_dir, SUMMARY_FILE)
+  if not FileSystems.exists(path):
+    raise UserError(f'{output_dir} holds no {SUMMARY_FILE}: not a finished predict run')
+  with FileSystems.open(path) as fh:
+    return json.loads(fh.read().decode())
+
+
+# --------------------------------------------------------------------------
+# Beam
+# --------------------------------------------------------------------------
+
+
+class ClassifierModelHandler(ClipVisionModelHandler):
+  """uint8 HWC images → (logits (C,),): the rung's backbone and head in one jitted function."""
+
+  def __init__(self, rung: rungs.Rung, model: str, batch_size: int, dtype: str = 'float32'):
+    super().__init__(model, batch_size, dtype=dtype)
+    self._rung = rung
+
+  def load_model(self) -> VisionModel:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    pre = models.load(self._model_name, self._dtype)
+    # Weights are arguments, not constants baked into the program (see jax_handler).
+    fn, params = jax.jit(self._rung.logits_fn(pre)), self._rung.params(pre)
+    return VisionModel(lambda pixels: (fn(params, pixels),), self._batch_size,
+                       pre.preprocess.output_shape)
+
+
+class ToRow(beam.DoFn):
+  """((split, id, label), PredictionResult) → ((split, shard), row)."""
+
+  def __init__(self, class_names: list[str], label_map: list[int], top_k: int,
+               num_shards: dict[str, int]):
+    self._names, self._label_map, self._top_k = class_names, label_map, top_k
+    self._num_shards = num_shards
+    self._predicted = beam.metrics.Metrics.counter('predict', 'predicted')
+
+  def process(self, element):
+    (split, ex_id, label), result = element
+    (logits,) = result.inference
+    head_label = self._label_map[label] if label is not None and label >= 0 else None
+    self._predicted.inc()
+    yield ((split, emb_lib.shard_index(ex_id, self._num_shards[split])),
+           rows_for([ex_id], logits, [head_label], self._names, self._top_k)[0])
+
+
+def _write(element, output_dir, num_shards):
+  (split, index), rows = element
+  return split, index, write_shard(output_dir, split, index, num_shards[split], rows)
+
+
+def build(p: beam.Pipeline, args: PredictConfig, source: sources_lib.Source, rung: rungs.Rung,
+          pretrained, label_map: list[int], splits: list[str], summary: dict,
+          show_progress: bool = False) -> None:
+  """Adds the predict transforms for ``splits`` to ``p``."""
+  cfg = dataclasses.replace(pretrained.preprocess, fast_decode=args.fast_decode)
+  threads = args.preprocess_threads
+  window = 2 * args.batch_size if threads != 1 else 1  # as embed: two device batches ahead
+  num_shards, prepared, dead_counts, founds, totals = {}, [], [], [], []
+  for split in splits:
+    total = source.num_examples(split)
+    totals.append(total)
+    num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
+                         if total is not None else max(1, source.num_parts(split) or 1))
+    read = reads.read_split(p, source, split, args.data_dir)
+    founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
+        lambda n, split=split: (split, int(n))))
+    ok_and_dead = read.examples | f'Preprocess[{split}]' >> beam.ParDo(
+        embed.Preprocess(cfg.to_json(), split, threads, window)).with_outputs(DEAD, main='ok')
+    prepared.append(ok_and_dead.ok)
+    dead_counts.append(
+        (read.dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
+        | f'KeyDead[{split}]' >> beam.Map(lambda row, split=split: (split, row))
+        | f'GroupDead[{split}]' >> embed._GroupWithEmpty(split)  # pylint: disable=protected-access
+        | f'WriteDead[{split}]' >> beam.Map(embed.write_dead_letters, args.output_dir))
+  handler = KeyedModelHandler(ClassifierModelHandler(rung, args.model, args.batch_size,
+                                                     args.dtype))
+  total = None if None in totals else sum(totals)
+  results = (prepared
+             | 'FlattenSplits' >> beam.Flatten()
+             | 'RunInference' >> RunInference(handler)
+             | 'Progress' >> beam.ParDo(embed.Progress(total, 'predict', show_progress))
+             | 'ToRow' >> beam.ParDo(ToRow(rung.class_names, label_map, args.top_k, num_shards))
+             | 'GroupShards' >> beam.GroupByKey()
+             | 'WriteShard' >> beam.Map(_write, args.output_dir, num_shards))
+  deads = dead_counts | 'FlattenDeadCounts' >> beam.Flatten()
+  found = founds | 'FlattenFound' >> beam.Flatten()
+  _ = (p
+       | 'Once' >> beam.Create([None])
+       | 'Finalize' >> beam.Map(finalize, args.output_dir, beam.pvalue.AsList(results),
+                                beam.pvalue.AsList(deads), beam.pvalue.AsList(found),
+                                num_shards, summary))
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+def label_map(source_names, head_names, what: str) -> list[int]:
+  """Source label index → the head's index; refuses a source whose classes the head lacks."""
+  unknown = [n for n in source_names if n not in head_names]
+  if unknown:
+    raise UserError(f'{what} has classes the head does not know ({", ".join(unknown[:3])}'
+                    f'{" …" if len(unknown) > 3 else ""}); the head was trained on '
+                    f'{len(head_names)} classes: {", ".join(head_names[:10])}'
+                    f'{" …" if len(head_names) > 10 else ""}')
+  return [head_names.index(n) for n in source_names]
+
+
+def _summary(args, rung: rungs.Rung, model: Optional[dict], source_record: dict) -> dict:
+  return {'head': {'spec': rung.spec, 'method': rung.method, 'top1': rung.entry.get('top1'),
+                   'top1_ci95': rung.entry.get('top1_ci95')},
+          'model': model, 'class_names': rung.class_names, 'top_k': args.top_k,
+          'source': source_record, 'code_version': clip_transfer.__version__}
+
+
+def claim(output_dir: str, overwrite: bool, clear: bool = True) -> None:
+  outputs.prepare_output_dir(output_dir, overwrite, 'predictions', OWNED_FILES,
+                             complete=SUMMARY_FILE, clear=clear)
+
+
+def run(argv=None, test_pipeline=None) -> dict[str, Any]:
+  """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
+  args, beam_args = parse_args(argv)
+  rung = rungs.open_rung(args.head, args.mode)  # incomplete, interrupted, diverged: refused
+  if args.embeddings:
+    return _run_embeddings(args, rung)
+  # Unlabelled inputs (a folder's <split>/<image>, a CSV row with no label) are predicted too.
+  source = sources_lib.open_source(args.dataset, args.data_dir, labels_optional=True,
+                                   **sources_lib.source_options(args))
+  splits = list(args.splits or source.splits or ['test'])
+  for split in splits:
+    source.check_split(split)
+  labels = label_map(list(source.class_names), rung.class_names, f'--dataset={args.dataset}')
+  # Claimed before the model loads: a file in the way or foreign files fail here.
+  claim(args.output_dir, args.overwrite, clear=False)
+  args.model = args.model or rung.model.get('name')
+  args.dtype = args.dtype or rung.dtype
+  pretrained = models.load(args.model, args.dtype)
+  rung.check_model(pretrained)  # a head from other weights: one line, before any inference
+  claim(args.output_dir, args.overwrite)
+  summary = _summary(args, rung, {'name': args.model, 'weights_sha256': pretrained.checksum(),
+                                  'compute_dtype': args.dtype},
+                     {'spec': args.dataset, 'name': source.name, 'splits': splits})
+  options = PipelineOptions(beam_args)
+  options.view_as(SetupOptions).save_main_session = False  # code ships as a package
+  local = test_pipeline is None and options.view_as(StandardOptions).runner is None
+  start = time.perf_counter()
+  p = test_pipeline or beam.Pipeline(
+      runner=embed._local_runner() if local else None, options=options)  # pylint: disable=protected-access
+  build(p, args, source, rung, pretrained, labels, splits, summary, show_progress=local)
+  p.run().wait_until_finish()
+  return _finish(args, start, 'FnApiRunner (local)' if local else type(p.runner).__name__)
+
+
+def _finish(args, start: float, runner: str) -> dict[str, Any]:
+  seconds = time.perf_counter() - start
+  failure = emb_lib.read_failure(args.output_dir)
+  if failure:
+    raise UserError(failure)
+  counts = read_summary(args.output_dir)['counts']
+  total = sum(c['read'] for c in counts.values())
+  info = {'wall_s': seconds, 'num_images': total, 'images_per_s': total / seconds if seconds
+          else 0.0, 'runner': runner, 'batch_size': args.batch_size}
+  with FileSystems.create(FileSystems.join(args.output_dir, RUN_FILE),
+                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    fh.write(json.dumps(info, indent=1, sort_keys=True).encode())
+  return {'output_dir': args.output_dir, 'counts': counts, 'seconds': seconds,
+          'images_per_second': info['images_per_s']}
+
+
+def _run_embeddings(args: PredictConfig, rung: rungs.Rung) -> dict[str, Any]:
+  """A probe/zero-shot head over stored embeddings: no backbone, no Beam (arrays in memory)."""
+  start = time.perf_counter()
+  metadata = emb_lib.read_metadata(args.embeddings)
+  recorded = (metadata.get('model') or {}).get('params_sha256')
+  if recorded != rung.weights_sha256:
+    raise UserError(f'{args.embeddings} was embedded with other weights ({str(recorded)[:12]}…) '
+                    f'than {rung.spec} was made with ({str(rung.weights_sha256)[:12]}…)')
+  labels = label_map(emb_lib.class_names(args.embeddings), rung.class_names,
+                     f'--embeddings={args.embeddings}')
+  splits = list(args.splits or (metadata.get('source') or {}).get('splits') or ['test'])
+  claim(args.output_dir, args.overwrite)
+  written, num_shards, counts = {}, {}, {}
+  for split in splits:
+    x, y, ids = emb_lib.read_split(args.embeddings, split, feature=rung.feature)
+    num_shards[split] = emb_lib.num_shards_for(len(ids), args.examples_per_shard)
+    rows = rows_for(ids, rung.feature_logits(x), [labels[v] for v in y], rung.class_names,
+                    args.top_k)
+    by_shard: dict[int, list] = {}
+    for r in rows:
+      by_shard.setdefault(emb_lib.shard_index(r['id'], num_shards[split]), []).append(r)
+    written[split] = {i: write_shard(args.output_dir, split, i, num_shards[split], rs)
+                      for i, rs in by_shard.items()}
+    counts[split] = {'read': len(ids), 'written': len(ids), 'dead_lettered': 0}
+  summary = _summary(args, rung, metadata.get('model'),
+                     {'embeddings': args.embeddings, 'splits': splits})
+  write_summary(args.output_dir, written, num_shards, {**summary, 'counts': counts})
+  return _finish(args, start, 'in-process (stored embeddings)')
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+  lines = [f'{split}: found {c["read"]}, predicted {c["written"]}, dead-lettered '
+           f'{c["dead_lettered"]}' for split, c in summary['counts'].items()]
+  total = sum(c['read'] for c in summary['counts'].values())
+  lines.append(f'{total} images in {summary["seconds"]:.1f} s '
+               f'({summary["images_per_second"]:.1f} images/s) → {summary["output_dir"]}')
+  return lines
+
+
+@cli_main
+def main(argv=None):
+  logging.basicConfig(level=logging.WARNING)
+  print('\n'.join(summary_lines(run(argv))))
+
+
+if __name__ == '__main__':
+  main()
