@@ -36,6 +36,7 @@ setuptools.setup(
     extras_require={
         # The PyTorch reference for parity tests and benchmarks. Exactly 2.13.0:
         # its CPU wheel is on the machine's disk; anything else pulls a CUDA build.
-        'test': ['torch==2.13.0', 'pytest==9.2.0'],
+        # statsmodels: the reference the interval and McNemar tests check stats against.
+        'test': ['torch==2.13.0', 'pytest==9.2.0', 'statsmodels==0.15.0'],
     },
 )
