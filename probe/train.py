@@ -44,9 +44,7 @@ class ProbeConfig:
   output_dir: str = flags.field(help='where metrics.json and head.npz go')
   train_split: str = flags.field('train', 'split the head is fit (and validated) on')
   eval_split: str = flags.field('test', 'split scored once, with the chosen head')
-  val_fraction: float = flags.field(validation.DEFAULT_FRACTION,
-                                    'fraction of each train class held out to choose the L2 '
-                                    '(the same examples fine-tune validates on)')
+  val_fraction: float = flags.val_fraction('the L2')
   seed: int = flags.field(0, 'validation split and few-shot draws')
   l2_grid: tuple[float, ...] = flags.field(core.DEFAULT_L2_GRID,
                                            'L2 strengths on the mean loss; sklearn gets '
@@ -75,8 +73,7 @@ class ProbeConfig:
     unknown = [b for b in self.baselines if b not in BASELINES]
     if unknown:
       raise UserError(f'unknown baseline {unknown[0]!r}; choose from {", ".join(BASELINES)}')
-    if not 0 <= self.val_fraction < 1:
-      raise UserError(f'--val_fraction must be in [0, 1), got {self.val_fraction}')
+    flags.check_shared(self)
     bad = [k for k in self.shots if k < 1]
     if bad:
       raise UserError(f'--shots must be positive integers, got {bad[0]}')
@@ -227,7 +224,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
     heads[method.name] = fitted
   for k in config.shots:
     for method in config.methods():
-      out['methods'][f'{method.name}_{k}shot'] = _few_shot(
+      out['methods'][metrics_lib.method_name(method.name, shots=k)] = _few_shot(
           method, k, x_fit, y_fit, x_val, y_val, x_eval, y_eval, class_names, config)
   jax_fit = heads['jax']
   head = LinearHead(kernel=jax_fit.kernel, bias=jax_fit.bias, mean=jax_fit.standardizer.mean,
@@ -272,7 +269,7 @@ def train_probe(config: ProbeConfig) -> dict:
       dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
                'train_split': config.train_split, 'eval_split': config.eval_split},
       model={'name': model.get('name'), 'revision': model.get('revision'),
-             'weights_sha256': model.get('params_sha256')},
+             'weights_sha256': metrics_lib.weights_checksum(model)},
       class_names=class_names, num_train=len(y_train), num_eval=len(y_eval),
       embeddings=config.embeddings, metadata=metadata,
       embedding=emb.read_run_info(config.embeddings))  # the one-off cost, for the report
