@@ -58,9 +58,7 @@ class ProbeConfig(distributed.DistributedOptions):
   output_dir: str = flags.field(help='where metrics.json and head.npz go')
   train_split: str = flags.field('train', 'split the head is fit (and validated) on')
   eval_split: str = flags.field('test', 'split scored once, with the chosen head')
-  val_fraction: float = flags.field(validation.DEFAULT_FRACTION,
-                                    'fraction of each train class held out to choose the L2 '
-                                    '(the same examples fine-tune validates on)')
+  val_fraction: float = flags.val_fraction('the L2')
   seed: int = flags.field(0, 'validation split and few-shot draws')
   method: str = flags.field(
       'linear', 'the JAX head: linear (on the pooled embedding, standardised) or '
@@ -127,8 +125,7 @@ class ProbeConfig(distributed.DistributedOptions):
     unknown = [b for b in self.baselines if b not in BASELINES]
     if unknown:
       raise UserError(f'unknown baseline {unknown[0]!r}; choose from {", ".join(BASELINES)}')
-    if not 0 <= self.val_fraction < 1:
-      raise UserError(f'--val_fraction must be in [0, 1), got {self.val_fraction}')
+    flags.check_shared(self)
     bad = [k for k in self.shots if k < 1]
     if bad:
       raise UserError(f'--shots must be positive integers, got {bad[0]}')
@@ -246,7 +243,7 @@ def _check_shots(shots: Sequence[int], y_fit: np.ndarray, class_names: Sequence[
                     'training examples outside the validation split; use at most that many')
 
 
-def _run_record(config: ProbeConfig, val: validation.Split, ids_eval, y_eval, dim: int) -> dict:
+def _run_record(config: ProbeConfig, val: validation.Holdout, ids_eval, y_eval, dim: int) -> dict:
   """metrics.json's description of the run (before its methods)."""
   anchored = config.method == 'zeroshot-anchored'
   return {'num_train': int(len(val.fit) + len(val.val)), 'num_fit': int(len(val.fit)),
@@ -318,7 +315,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
     out['methods'][method.name] = _entry(fitted, y_eval, class_names, method, head_params)
   for k in config.shots:
     for method in methods:
-      out['methods'][f'{method.name}_{k}shot'] = _few_shot(
+      out['methods'][metrics_lib.method_name(method.name, shots=k)] = _few_shot(
           method, k, x_fit, y_fit, ids_fit, x_val, y_val, x_eval, y_eval, class_names, config)
   jax_fit = fits[0]  # the JAX head (methods() puts it first) is the one saved
   head = LinearHead(kernel=jax_fit.kernel, bias=jax_fit.bias, mean=jax_fit.standardizer.mean,
@@ -356,13 +353,9 @@ def load_anchor(path: str, embeddings: str, metadata: dict,
   if not os.path.isdir(path):
     raise UserError(f'--zeroshot {path}: no such directory; pass a probe.zeroshot --output_dir')
   zs = heads_lib.load_zeroshot_head(path)
-  try:
-    with open(os.path.join(path, 'metrics.json')) as fh:
-      zm = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise UserError(f'--zeroshot: cannot read {path}/metrics.json ({type(e).__name__})') from None
-  want = (metadata.get('model') or {}).get('params_sha256')
-  got = (zm.get('model') or {}).get('weights_sha256')
+  zm = metrics_lib.read(path)
+  want = metrics_lib.weights_checksum(metadata.get('model') or {})
+  got = metrics_lib.weights_checksum(zm.get('model') or {})
   if not want or got != want:
     raise UserError(f'--zeroshot: {path} was made with other weights ({str(got)[:12]}…) than '
                     f'the ones that embedded {embeddings} ({str(want)[:12]}…)')
@@ -387,7 +380,7 @@ def _header(config: ProbeConfig, metadata: dict, class_names, num_train: int, nu
       dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
                'train_split': config.train_split, 'eval_split': config.eval_split},
       model={'name': model.get('name'), 'revision': model.get('revision'),
-             'weights_sha256': model.get('params_sha256')},
+             'weights_sha256': metrics_lib.weights_checksum(model)},
       class_names=class_names, num_train=num_train, num_eval=num_eval,
       embeddings=config.embeddings, metadata=metadata,
       embedding=emb.read_run_info(config.embeddings),  # the one-off cost, for the report

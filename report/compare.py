@@ -18,6 +18,7 @@ examples, model weights or validation split, or when a file holds NaN or inf.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -28,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from clip_transfer import outputs
+from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import stats
 from clip_transfer.errors import UserError, cli_main
 
@@ -73,38 +75,12 @@ def find_metrics(paths: list[str]) -> list[str]:
   return found
 
 
-def _non_finite(obj, where: str = '') -> Optional[str]:
-  """The key path of the first NaN or inf number in ``obj`` (json.load accepts both), or None."""
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return where or '(top level)'
-  if isinstance(obj, dict):
-    items = obj.items()
-  elif isinstance(obj, list):
-    items = enumerate(obj)
-  else:
-    return None
-  for k, v in items:
-    found = _non_finite(v, f'{where}[{k}]' if isinstance(k, int) else f'{where}.{k}'.lstrip('.'))
-    if found:
-      return found
-  return None
-
-
 def _load(path: str) -> dict:
-  try:
-    with open(path) as fh:
-      m = json.load(fh)
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f'{path}: not readable JSON ({e})') from None
-  if not isinstance(m, dict) or not isinstance(m.get('methods'), dict) or 'stage' not in m:
-    raise UserError(f'{path}: not a probe/fine-tune metrics.json (no "stage" and "methods")')
+  """metrics_lib.read's checked metrics.json, refused when empty or holding a field of the wrong type."""
+  m = metrics_lib.read(path)
   if not m['methods']:
     raise UserError(f'{path} holds no results: its run was interrupted or stopped early '
                     '(fine-tune --stop_after); finish it (fine-tune: --resume) or leave it out')
-  bad = _non_finite(m)
-  if bad:
-    raise UserError(f'{path}: {bad} is NaN or inf; the run that wrote it diverged or is broken, '
-                    'rerun it')
   problem = _wrong_type(m)
   if problem:
     raise UserError(f'{path}: {problem}; not a metrics.json this tool wrote, or damaged')
@@ -193,7 +169,7 @@ def check_comparable(runs: list[tuple[str, dict]]) -> None:
     desc = '; '.join(f'{p}: dataset {t[0]!r}, eval split {t[1]!r}, {t[2]} examples, '
                      f'{t[3]} classes' for t, p in tasks.items())
     raise UserError(f'runs are not comparable (different dataset or eval split): {desc}')
-  _refuse_if_differ(runs, 'model weights', lambda m: (m.get('model') or {}).get('weights_sha256'),
+  _refuse_if_differ(runs, 'model weights', lambda m: metrics_lib.weights_checksum(m.get('model')),
                     lambda v: f'weights sha256 {str(v)[:12]}…')
   # Zero-shot tunes nothing and records no validation split: exempt.
   _refuse_if_differ(runs, 'validation split', lambda m: m.get('validation'),
@@ -208,17 +184,17 @@ def check_comparable(runs: list[tuple[str, dict]]) -> None:
 
 def _rung(stage: str, name: str, e: dict) -> tuple:
   """Sort key along the ladder: zero-shot, probe, head-only, LP-FT, other fine-tunes, WiSE-FT."""
-  if name.endswith('+wise'):
+  method = metrics_lib.parse_method(name)
+  if method.wise:
     return (5, 0)
   if stage == 'zeroshot':
     return (0, 0)
   if stage == 'probe':
     return (1, {'jax': 0, 'zeroshot-anchored': 1, 'sklearn': 2}.get(name, 3))
   if stage == 'finetune':
-    mode, _, init = name.partition('@')
-    if mode == 'linear' or 'l2' in (e.get('selected') or {}):
+    if method.base == 'linear' or 'l2' in (e.get('selected') or {}):
       return (2, 0)
-    return (3, 0) if init == 'probe' else (4, 0)
+    return (3, 0) if method.head_init == 'probe' else (4, 0)
   return (6, 0)
 
 
@@ -230,8 +206,8 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     labels = (m.get('eval') or {}).get('labels')
     embed = m.get('embedding') if stage in ('probe', 'zeroshot') else None
     for name, e in m['methods'].items():
-      if 'shots' in e:  # few-shot entries are named '<method>_<k>shot'
-        base = name[:-len(f"_{e['shots']}shot")] if name.endswith('shot') else name
+      if 'shots' in e:  # few-shot entries: the method's name with its shots
+        base = str(dataclasses.replace(metrics_lib.parse_method(name), shots=None))
         shots.append({'method': base, 'stage': stage, 'source': path,
                       'correct': _few_shot_correct(e, labels), **e})
         continue
@@ -387,7 +363,7 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
   for _, m in runs:
     model = m.get('model') or {}
     if model.get('name'):
-      sha = model.get('weights_sha256')
+      sha = metrics_lib.weights_checksum(model)
       models[model['name']] = f'`{model["name"]}`' + (f' (weights sha256 {sha[:12]}…)' if sha
                                                           else '')
   if models:
@@ -573,25 +549,23 @@ def default_output_dir(paths: list[str]) -> str:
   return paths[0] if os.path.isdir(paths[0]) else '.'
 
 
-MARKER = '<!-- written by python -m report.compare -->'  # what makes report.md ours to replace
+REPORT_FILES = ('report.md', 'report.png')
+# How report.md said it was ours before the output marker listed it (still read, never written).
+OLD_MARKER = '<!-- written by python -m report.compare -->'
 
 
 def check_output_dir(output_dir: str) -> None:
-  """Replaces only a report this tool wrote: never a user's report.md or report.png."""
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise UserError(f'--output_dir {output_dir} is a file; pass a directory')
-  md, png = (os.path.join(output_dir, f) for f in ('report.md', 'report.png'))
-  ours = False
-  if os.path.exists(md):
+  """Claims report.md and report.png as every stage claims its files (clip_transfer.outputs).
+
+  Replaces only a report this tool wrote: never a user's report.md or report.png.
+  """
+  md = os.path.join(output_dir, 'report.md')
+  old = False
+  if os.path.isfile(md):
     with open(md, errors='replace') as fh:
-      ours = MARKER in fh.read()
-    if not ours:
-      raise UserError(f'{md} was not written by report.compare; move it or pass another '
-                      '--output_dir')
-  if os.path.exists(png) and not ours:
-    raise UserError(f'{png} was not written by report.compare; move it or pass another '
-                    '--output_dir')
-  # Created and held as every stage holds its output dir: two reports at once are refused.
+      old = OLD_MARKER in fh.read()
+  outputs.claim_files(output_dir, REPORT_FILES, kind='report.compare', adopt=old)
+  # Held as every stage holds its output dir: two reports at once are refused.
   outputs.claim_exclusive(output_dir, '--output_dir')
   if not os.access(output_dir, os.W_OK):
     raise UserError(f'--output_dir {output_dir} is not writable')
@@ -603,7 +577,7 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   runs = [(f, _load(f)) for f in files]
   check_comparable(runs)
   rows, shots = rows_from(runs)
-  md = markdown(runs, rows, shots) + MARKER + '\n'
+  md = markdown(runs, rows, shots)
   output_dir = output_dir or default_output_dir(paths)
   check_output_dir(output_dir)
   with open(os.path.join(output_dir, 'report.md'), 'w') as fh:

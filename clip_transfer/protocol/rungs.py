@@ -199,10 +199,16 @@ def _check_head(rung: Rung, head_names: list[str], columns: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None) -> str:
-  """A fine-tuned method's checkpoints, or one configuration's (``lr``) below it."""
+def config_key(lr: float, weight_decay: Optional[float] = None) -> str:
+  """A configuration's name (its folder, its key in metrics.json): 'lr=…' plus ',wd=…' when swept."""
+  return f'{lr:g}' if weight_decay is None else f'{lr:g},wd={weight_decay:g}'
+
+
+def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None,
+                   weight_decay: Optional[float] = None) -> str:
+  """A fine-tuned method's checkpoints, or one configuration's (``lr``, swept ``weight_decay``) below it."""
   path = os.path.abspath(os.path.join(workdir, 'checkpoints', method.replace(':', '_')))
-  return path if lr is None else os.path.join(path, f'lr={lr:g}')
+  return path if lr is None else os.path.join(path, f'lr={config_key(lr, weight_decay)}')
 
 
 def wise_mix(alpha, start, tuned):
@@ -238,7 +244,8 @@ def _open_finetune(path, mode, metrics, header, names, model) -> Rung:
                     '(--head=probe:DIR), the same classifier')
   entry, base_entry = methods[mode], methods[base]
   lr, step = float(base_entry['selected']['lr']), int(base_entry['selected']['step'])
-  ckpt = checkpoint_dir(path, base, lr)
+  weight_decay = base_entry['selected'].get('weight_decay')  # present when it was swept
+  ckpt = checkpoint_dir(path, base, lr, weight_decay)
   curve = _read_curve(ckpt, path, base)
   if not curve.get('done'):
     raise UserError(f'{path}: {base} lr={lr:g} was interrupted before it finished; finish it '
