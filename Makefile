@@ -32,9 +32,12 @@ demo: $(STAMP)
 	  --output_dir=$(RUN_DIR)/embeddings
 	@echo "== 2/5 zero-shot (text tower, prompt ensemble) on the cached projected features"
 	$(PY) -m probe.zeroshot --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/zeroshot
-	@echo "== 3/5 linear probe (JAX + scikit-learn baseline, true few-shot)"
+	@echo "== 3/5 linear probe (JAX + scikit-learn baseline, true few-shot), then the probe anchored"
+	@echo "       at the zero-shot head (same shots, same draws)"
 	$(PY) -m probe.train --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/probe \
-	  --shots=1,5,10 --seeds=3
+	  --shots=1,2,4,8,16 --seeds=3
+	$(PY) -m probe.train --embeddings=$(RUN_DIR)/embeddings --output_dir=$(RUN_DIR)/anchored \
+	  --method=zeroshot-anchored --zeroshot=$(RUN_DIR)/zeroshot --shots=1,2,4,8,16 --seeds=3
 	@echo "== 4/5 fine-tune: linear (frozen backbone) and full, then LP-FT (full from the probe's head);"
 	@echo "       lr and step chosen on validation; WiSE-FT mixes each with its start"
 	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \

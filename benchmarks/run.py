@@ -1,6 +1,6 @@
 """`make bench`: runs every benchmark (each in its own process) and prints one table.
 
-    python -m benchmarks.run [--quick] [--only backbone,embed,predict,probe,finetune]
+    python -m benchmarks.run [--quick] [--only backbone,embed,predict,probe,finetune,finetune_input]
 
 Each figure is a ratio measured side by side in one process run on this
 machine; the table says which machine and when. --quick shrinks every run
@@ -85,6 +85,12 @@ def _probe(r):
       rows.append((f"probe L2 sweep + selection, JAX vs scikit-learn ({s['name']})",
                    f"{s['speedup']:.1f}x", '>= 10x, top-1 within 0.5 pt',
                    f"top-1 {100 * s['top1_jax']:.2f} vs {100 * s['top1_sklearn']:.2f}"))
+  if 'memory' in r:
+    m = r['memory']
+    rows.append((f"probe peak memory per process, 2 processes vs 1 ({m['rows']} x {m['dim']}, "
+                 "above the import baseline)", f"{m['ratio_above_baseline']:.2f}x", '~0.5',
+                 f"{m['peak_mb_2']:.0f} vs {m['peak_mb_1']:.0f} MB (baseline "
+                 f"{m['baseline_mb_2']:.0f} / {m['baseline_mb_1']:.0f} MB)"))
   return rows
 
 
@@ -92,6 +98,18 @@ def _finetune(r):
   return [(f"fine-tune train step vs forward ({r['model']}, batch {r['batch_size']}, "
            f"{r['dtype']}, mode {r['mode']})", f"{r['train_over_forward']:.2f}", '>= 0.3',
            f"{r['train_images_per_s']:.1f} vs {r['forward_images_per_s']:.1f} images/s")]
+
+
+def _finetune_input(r):
+  p, s = r['prepare'], r['step']
+  host, ft = p['pairs_embed_host_finetune_images_per_s'][-1]
+  const, fed = s['pairs_constant_fed_images_per_s'][-1]
+  return [(f"fine-tune data preparation vs the embed stage's host preprocessing ({r['images']} "
+           f"JPEGs of {r['image_size']} px, {r['cores']} cores)", f"{p['ratio_median']:.2f}",
+           '>= 0.8', f"{ft:.1f} vs {host:.1f} images/s"),
+          (f"fine-tune step fed by the input pipeline vs a constant batch ({r['model']}, batch "
+           f"{r['batch_size']}, mode {s['mode']})", f"{s['ratio_median']:.2f}", '>= 0.95',
+           f"{fed:.1f} vs {const:.1f} images/s")]
 
 
 # name: (module, full-run args, quick-run args, rows from the JSON)
@@ -104,10 +122,14 @@ BENCHES = {
                '--fast_model', 'random:tiny', '--fast_repeats', '1'], _embed),
     'predict': ('benchmarks.predict', [], ['--images', '16', '--model', 'random:tiny',
                                            '--memory_images', '10'], _predict),
-    'probe': ('benchmarks.probe', [], ['--num', '3000', '--dim', '64', '--classes', '10',
-                                       '--skip_digits'], _probe),
+    'probe': ('benchmarks.probe', ['--memory_rows', '400000'],
+              ['--num', '3000', '--dim', '64', '--classes', '10', '--skip_digits',
+               '--memory_rows', '4000'], _probe),
     'finetune': ('benchmarks.finetune', ['--batch_size', '32', '--steps', '3'],
                  ['--model', 'random:tiny', '--batch_size', '8', '--steps', '2'], _finetune),
+    'finetune_input': ('benchmarks.finetune_input', [],
+                       ['--model', 'random:tiny', '--images', '32', '--image_size', '64',
+                        '--repeats', '1', '--batch_size', '8', '--steps', '2'], _finetune_input),
 }
 
 

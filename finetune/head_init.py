@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import numpy as np
@@ -12,15 +10,15 @@ from finetune.config import Config
 from clip_transfer import models
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import heads
+from clip_transfer.protocol import metrics as metrics_lib
 
 def _check_source_run(path: str, pretrained: models.Pretrained, class_names) -> None:
   """A head from another stage's run must come from the same weights and classes."""
   try:
-    with open(os.path.join(path, 'metrics.json')) as fh:
-      m = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise UserError(f'--head_init: cannot read {path}/metrics.json ({type(e).__name__})') from None
-  got = (m.get('model') or {}).get('weights_sha256')
+    m = metrics_lib.read(path)
+  except UserError as e:
+    raise UserError(f'--head_init: {e}') from None
+  got = metrics_lib.weights_checksum(m.get('model'))
   if got != pretrained.checksum():
     raise UserError(f'--head_init: {path} was made with other weights ({str(got)[:12]}…) than '
                     f'{pretrained.name} ({pretrained.checksum()[:12]}…)')
@@ -38,7 +36,8 @@ def initial_head(config: Config, pretrained: models.Pretrained,
   _check_source_run(path, pretrained, class_names)
   try:
     if kind == 'probe':  # the probe's standardisation folded into the Dense head
-      return heads.load_head(path).folded(), False
+      head = heads.load_head(path)  # the zero-shot-anchored probe's reads normalised projected
+      return head.folded(), head.feature == 'projected'
     # Zero-shot: exp(logit_scale) · cos(image, class text) = a head on normalised features.
     return heads.load_zeroshot_head(path).dense(), True
   except (OSError, ValueError, KeyError) as e:

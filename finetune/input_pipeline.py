@@ -1,10 +1,14 @@
 """Images for fine-tuning: the shared sources + host-side preprocessing, seeded batches.
 
-Each split is read once through ``clip_transfer.data.sources`` and prepared to uint8 at
-the model's resolution with ``clip_transfer.data.preprocess.prepare`` (the code the
-embed pipeline uses); normalisation happens on the device inside the jitted
-step. The batch for training step ``s`` is a pure function of (seed, s), so a
-resumed run sees exactly the batches an uninterrupted one would.
+Each split is read once through the source contract (``Source.inputs``: an example or a
+dead input, the function the embed stage's Beam reader calls too) and prepared to uint8
+at the model's resolution on every core by ``clip_transfer.data.preprocess``'s
+``ParallelPrepare`` (the embed stage's host preprocessing: one implementation). Inputs
+that cannot be read, decoded or preprocessed are dead letters, counted and kept with the
+split exactly as embed counts them; they never stop the run. Normalisation happens on
+the device inside the jitted step. The batch for training step ``s`` is a pure function
+of (seed, s), so a resumed run sees exactly the batches an uninterrupted one would;
+``Prefetch`` assembles them ahead of the step on a background thread.
 """
 
 from __future__ import annotations
@@ -12,22 +16,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import sys
-from typing import Iterator, Optional
+import threading
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import tqdm
 
 from clip_transfer.data import preprocess
+from clip_transfer.data.base import Dead, Example, Source, failure_reason
 from clip_transfer.protocol import validation
 from clip_transfer.errors import UserError
-from clip_transfer.data.sources import Source
 
 log = logging.getLogger(__name__)
 
 # Above this many bytes a split is prepared into a memory-mapped .npy file in the
 # scratch directory instead of RAM (a 224x224 ImageNet-size split does not fit in RAM).
 MEMMAP_BYTES = 2 << 30
+# Images in flight in the preparation pool: enough to keep every core busy while the
+# reader waits on a file, small enough to hold (256 x 224x224x3 uint8 ~ 38 MB).
+PREPARE_WINDOW = 256
 
 
 @dataclasses.dataclass
@@ -38,7 +47,7 @@ class Split:
   images: np.ndarray  # (N, H, W, 3) uint8
   labels: np.ndarray  # (N,) int32
   ids: list  # the source's example ids (the validation split is drawn by id)
-  skipped: int = 0  # examples that failed to decode/preprocess
+  dead: list = dataclasses.field(default_factory=list)  # Dead inputs, as embed dead-letters
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -65,18 +74,21 @@ def _hide_gpus_from_tensorflow():
 
 def load_split(source: Source, split: str, cfg: preprocess.PreprocessConfig,
                limit: Optional[int] = None, scratch_dir: Optional[str] = None,
-               memmap_bytes: int = MEMMAP_BYTES, progress: bool = True) -> Split:
-  """Reads and prepares ``split`` (at most ``limit`` examples); bad images are skipped."""
+               memmap_bytes: int = MEMMAP_BYTES, progress: bool = True,
+               threads: int = 0) -> Split:
+  """Reads and prepares the first ``limit`` inputs of ``split`` (all by default).
+
+  ``threads``: preparation threads (0: one per core; 1: inline). Dead inputs are kept
+  in ``Split.dead``, never raised.
+  """
   source.check_split(split)
-  n = source.num_examples(split)
+  n = source.num_examples(split)  # inputs, dead ones included: an upper bound on examples
   if limit is not None:
     n = limit if n is None else min(n, limit)
+  inputs = source.inputs(split, 0, limit)
   if n is None:  # a source that cannot count: read it all into RAM
-    examples = list(source.iter_examples(split))
-    n = len(examples)
-    it = iter(examples)
-  else:
-    it = source.iter_examples(split, 0, n)
+    inputs = list(inputs)
+    n = len(inputs)
   _hide_gpus_from_tensorflow()
   shape = (n, *cfg.output_shape)
   if scratch_dir and np.prod(shape) > memmap_bytes:
@@ -85,38 +97,40 @@ def load_split(source: Source, split: str, cfg: preprocess.PreprocessConfig,
   else:
     images = np.empty(shape, np.uint8)
   labels = np.empty((n,), np.int32)
-  ids = []
-  i = skipped = 0
+  ids: list[str] = []
+  dead: list[Dead] = []
   bar = tqdm.tqdm(total=n, desc=f'prepare {split}', unit='img', file=sys.stderr,
                   disable=not progress, leave=False)
-  try:
-    for ex in it:
-      if i >= n:
-        break
+
+  def take(results):
+    for (ex_id, label), result in results:
       bar.update(1)
-      try:
-        images[i] = preprocess.prepare(ex.image, cfg)
-      except Exception as e:  # ImageError, and anything else PIL raises on odd inputs
-        skipped += 1
-        log.warning('skipping %s: %s: %s', ex.id, type(e).__name__, e)
+      if isinstance(result, Exception):  # ImageError, anything else PIL raises on odd inputs
+        dead.append(Dead(ex_id, failure_reason(result)))
         continue
-      labels[i] = ex.label
-      ids.append(ex.id)
-      i += 1
-  except OSError as e:  # the source could not read a file (permissions, vanished, network)
-    raise UserError(f'split {split!r}: cannot read an input ({type(e).__name__}: '
-                    f'{str(e).splitlines()[0] if str(e) else ""}); fix or remove it') from None
+      i = len(ids)
+      images[i], labels[i] = result, label
+      ids.append(ex_id)
+
+  pool = preprocess.ParallelPrepare(cfg, threads, PREPARE_WINDOW)
+  try:
+    for item in inputs:
+      if isinstance(item, Example):
+        take(pool.put((item.id, item.label), item.image))
+      else:
+        dead.append(item)
+        bar.update(1)
+    take(pool.drain())
   finally:
     bar.close()
-  problems = source.problems(split) if limit is None else []
-  for ex_id, reason in problems[:5]:  # found but unusable: counted, never silently dropped
-    log.warning('skipping %s: %s', ex_id, reason)
-  skipped += len(problems)
-  if skipped:
-    log.warning('%s: skipped %d unusable input(s) of %d', split, skipped, i + skipped)
-  if i == 0:
+  for ex_id, reason in dead[:5]:
+    log.warning('dead letter %s: %s', ex_id, reason)
+  if dead:
+    log.warning('%s: %d unusable input(s) of %d dead-lettered', split, len(dead),
+                len(ids) + len(dead))
+  if not ids:
     raise UserError(f'split {split!r} of {source.name} has no usable images')
-  return Split(split, images[:i], labels[:i], ids, skipped)
+  return Split(split, images[:len(ids)], labels[:len(ids)], ids, dead)
 
 
 def check_labels(split: Split, num_classes: int) -> None:
@@ -169,3 +183,60 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
       labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
     mask = np.arange(batch_size) < real
     yield {'image': images, 'label': labels, 'mask': mask}
+
+
+class Prefetch:
+  """The training batches of steps ``start..end-1``, assembled ahead of the step.
+
+  A background thread builds each batch (``train_batch``: the same pure function of
+  (seed, step), so resume stays exact) and hands it to ``place`` — e.g. ``jax.device_put``
+  with the batch sharding, which copies asynchronously — keeping up to ``depth`` batches
+  ready: the step never waits on the host gathering images. Use it as a context manager
+  so the thread stops when the loop ends early.
+  """
+
+  def __init__(self, split: Split, batch_size: int, start: int, end: int, seed: int,
+               augment: bool = False, place: Callable[[dict], dict] = lambda b: b,
+               depth: int = 2):
+    self._steps = range(start, end)
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(
+        target=self._fill, args=(split, batch_size, seed, augment, place), daemon=True,
+        name='prefetch')
+    self._thread.start()
+
+  def _fill(self, split, batch_size, seed, augment, place):
+    try:
+      for step in self._steps:
+        item = (place(train_batch(split, batch_size, step, seed, augment)), None)
+        if not self._put(item):
+          return
+    except Exception as e:  # pylint: disable=broad-except  (raised in the consumer)
+      self._put((None, e))
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def __iter__(self) -> Iterator[dict]:
+    for _ in self._steps:
+      batch, error = self._queue.get()
+      if error is not None:
+        raise error
+      yield batch
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+  def __enter__(self) -> 'Prefetch':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import re
 import sys
@@ -24,8 +23,6 @@ import time
 from typing import Any, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
@@ -36,8 +33,8 @@ from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
 from clip_transfer import models
 from clip_transfer.data import embeddings as emb_lib
-from clip_transfer.data import files as file_sources
 from clip_transfer import flags
+from clip_transfer.data import base as data_base
 from clip_transfer.data import sources as sources_lib
 from clip_transfer.errors import UserError, cli_main
 
@@ -45,17 +42,14 @@ SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
 
 @dataclasses.dataclass
-class EmbedConfig(file_sources.SourceOptions):
+class EmbedConfig(sources_lib.SourceOptions):
   """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
-  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), "
-                             "'csv:PATH' (Vertex AI manifest or headed CSV/TSV), 'parquet:GLOB', "
-                             "'wds:PATTERN' (WebDataset shards) or a TFDS name")
+  dataset: str = flags.dataset()
   output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
-  data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
+  data_dir: Optional[str] = flags.data_dir()
   splits: tuple[str, ...] = flags.field(('train', 'test'), 'comma-separated splits to embed')
-  model: str = flags.field(models.DEFAULT_MODEL,
-                           'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+  model: str = flags.model()
   batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded: one '
                                 'compilation)')
   projected: Optional[bool] = flags.field(
@@ -70,8 +64,7 @@ class EmbedConfig(file_sources.SourceOptions):
   fast_decode: bool = flags.field(False, 'decode JPEGs at reduced DCT scale (still >= the resize '
                                   'target) before the exact resize: faster, not bit-identical to '
                                   'CLIPImageProcessor; recorded in metadata')
-  dtype: str = flags.field('float32', 'compute dtype of the vision tower (float32 or bfloat16; '
-                           'parameters stay float32); recorded in metadata')
+  dtype: str = flags.dtype()  # recorded in metadata
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -90,8 +83,7 @@ class EmbedConfig(file_sources.SourceOptions):
     if self.preprocess_threads < 0:
       raise UserError(f'--preprocess_threads must be >= 0 (0: one per core), got '
                       f'{self.preprocess_threads}')
-    if self.dtype not in models.DTYPES:
-      raise UserError(f'--dtype must be one of {", ".join(models.DTYPES)}, got {self.dtype!r}')
+    flags.check_shared(self)
 
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
@@ -148,7 +140,8 @@ class Preprocess(beam.DoFn):
     if isinstance(result, Exception):  # ImageError, and anything else PIL raises on odd inputs
       self._dead.inc()
       return beam.pvalue.TaggedOutput(
-          DEAD, WindowedValue((ex_id, sources_lib.failure_reason(result)), timestamp, [window]))
+          DEAD, WindowedValue(data_base.Dead(ex_id, data_base.failure_reason(result)), timestamp,
+                              [window]))
     return WindowedValue(((self._split, ex_id, label), result), timestamp, [window])
 
 
@@ -192,14 +185,9 @@ class Progress(beam.DoFn):
 
 
 def write_dead_letters(split_and_rows, output_dir: str) -> tuple[str, int]:
-  """Sorted JSON lines (id, reason) per split, through FileSystems."""
+  """Sorted JSON lines (id, reason) per split, as every stage writes them."""
   split, rows = split_and_rows
-  rows = sorted(r for r in rows if r is not None)
-  path = FileSystems.join(output_dir, f'dead_letters.{split}.jsonl')
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-    for ex_id, reason in rows:
-      fh.write((json.dumps({'id': ex_id, 'reason': reason}) + '\n').encode())
-  return split, len(rows)
+  return split, data_base.write_dead_letters(output_dir, split, rows)
 
 
 def finalize(_, output_dir, shard_results, dead_counts, found_counts, num_shards, dim,
@@ -310,7 +298,7 @@ def _preprocess_config(args, pretrained):
 def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
   return {
       'model': {'name': pretrained.name, 'revision': pretrained.revision,
-                'params_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
+                'weights_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
                 'family': pretrained.family, 'pooling': pretrained.pooling,
                 'text_tower': pretrained.has_text,
                 'embedding_dim': dim, 'projected_dim': projected_dim,
@@ -337,9 +325,13 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
   args, beam_args = parse_args(argv)
   source = sources_lib.open_source(args.dataset, args.data_dir,
-                                   **file_sources.source_options(args))
+                                   **sources_lib.source_options(args))
   for split in args.splits:
     source.check_split(split)
+  shared = source.shared_inputs(args.splits)
+  if shared:
+    logging.warning('%d image(s) are listed in more than one of the splits %s: each is '
+                    'embedded into every split that lists it', shared, ', '.join(args.splits))
   # Claims the output directory before the model loads: a file in the way, foreign
   # files or a read-only directory fail here, not after all the inference.
   emb_lib.prepare_output(args.output_dir, args.overwrite, clear=False)

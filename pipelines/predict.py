@@ -41,9 +41,9 @@ from clip_transfer import flags
 from clip_transfer import models
 from clip_transfer import outputs
 from clip_transfer.data import embeddings as emb_lib
-from clip_transfer.data import files as file_sources
 from clip_transfer.data import sources as sources_lib
 from clip_transfer.errors import UserError, cli_main
+from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import rungs
 from pipelines import embed
 from pipelines import reads
@@ -58,7 +58,7 @@ EXAMPLES_PER_SHARD = 100_000  # Parquet rows per shard (a few MB)
 
 
 @dataclasses.dataclass
-class PredictConfig(file_sources.SourceOptions):
+class PredictConfig(sources_lib.SourceOptions):
   """The predict stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
   head: str = flags.field(help='probe:DIR, zeroshot:DIR or finetune:WORKDIR')
@@ -346,7 +346,7 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
     return _run_embeddings(args, rung)
   # Unlabelled inputs (a folder's <split>/<image>, a CSV row with no label) are predicted too.
   source = sources_lib.open_source(args.dataset, args.data_dir, labels_optional=True,
-                                   **file_sources.source_options(args))
+                                   **sources_lib.source_options(args))
   splits = list(args.splits or source.splits or ['test'])
   for split in splits:
     source.check_split(split)
@@ -392,7 +392,7 @@ def _run_embeddings(args: PredictConfig, rung: rungs.Rung) -> dict[str, Any]:
   """A probe/zero-shot head over stored embeddings: no backbone, no Beam (arrays in memory)."""
   start = time.perf_counter()
   metadata = emb_lib.read_metadata(args.embeddings)
-  recorded = (metadata.get('model') or {}).get('params_sha256')
+  recorded = metrics_lib.weights_checksum(metadata.get('model') or {})
   if recorded != rung.weights_sha256:
     raise UserError(f'{args.embeddings} was embedded with other weights ({str(recorded)[:12]}…) '
                     f'than {rung.spec} was made with ({str(rung.weights_sha256)[:12]}…)')

@@ -1,9 +1,14 @@
-"""Reading a source's split inside a Beam pipeline: one reader per kind of source.
+"""Reading a source's split inside a Beam pipeline: the Beam driver of the source contract.
 
 ``read_split(p, source, split, data_dir)`` returns a ``Read``: the examples
-``(id, label, image)``, the dead letters ``(id, reason)`` found while reading,
-and ``found``, a count of the split's inputs taken apart from the path the
-examples follow (so a loss between the two shows up as a mismatch).
+``(id, label, image)``, the ``Dead`` inputs found while reading, and ``found``, a count of
+the split's inputs taken apart from the path the examples follow (so a loss between the
+two shows up as a mismatch): record counts, folder entries as listed, manifest rows as
+parsed, Parquet rows from the file footers, tar member groups from the tar headers.
+
+Every input is turned into an example or a dead input by the source's own
+``part_reader``, the function ``Source.inputs`` (fine-tune, in-process) calls too. Parts
+are reshuffled so Dataflow spreads them over workers.
 """
 
 from __future__ import annotations
@@ -11,106 +16,98 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 
-from pipelines import reads_files
-from pipelines.read_common import DEAD, CountedRead, Read
-from clip_transfer.data import sources as sources_lib
-
-READ_CHUNK = 1000  # examples per read task for TFDS sources (the unit of parallel reading)
+from pipelines.read_common import DEAD, Read, ReadParts
+from clip_transfer.data import catalog, folder, manifest, parquet, webdataset
+from clip_transfer.data.base import Source
 
 
-class ReadRange(CountedRead):
-  """(start, stop) of a split of a TFDS source → (id, label, image); corrupt records are dead."""
-
-  def __init__(self, spec: str, data_dir: Optional[str], split: str):
-    super().__init__(split)
-    self._spec, self._data_dir = spec, data_dir
-
-  def setup(self):
-    self._source = sources_lib.open_source(self._spec, self._data_dir)
-
-  def process(self, bounds):
-    for ex in self._source.iter_records(self._split, *bounds):
-      if isinstance(ex, sources_lib.DeadRecord):
-        yield self._dead_letter(ex.id, ex.reason)
-      else:
-        yield self._example(ex.id, ex.label, ex.image)
+def _read_parts(parts, source: Source, split: str):
+  return (parts
+          | f'SpreadParts[{split}]' >> beam.Reshuffle()
+          | f'Read[{split}]' >> beam.ParDo(
+              ReadParts(source.part_reader(split), split)).with_outputs(DEAD, main='ok'))
 
 
-class LoadFile(CountedRead):
-  """A listed ``FolderEntry`` → (id, label, bytes); unreadable or stray files are dead letters."""
-
-  def __init__(self, class_names: list[str], split: str):
-    super().__init__(split)
-    self._class_names = class_names
-
-  def process(self, entry: sources_lib.FolderEntry):
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-
-    if entry.problem:
-      return [self._dead_letter(entry.id, entry.problem)]
-    if entry.cls is None:  # an unlabelled image (only listed so with labels_optional)
-      label = -1
-    elif entry.cls not in self._class_names:  # a class folder that appeared after the listing
-      return [self._dead_letter(entry.id, f'class folder {entry.cls!r} is not one of the '
-                                'classes listed when the run started')]
-    else:
-      label = self._class_names.index(entry.cls)
-    try:
-      # UNCOMPRESSED: AUTO would gunzip a file that happens to end in .gz.
-      with FileSystems.open(entry.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        data = fh.read()
-    except Exception as e:  # permissions, vanished file, network
-      return [self._dead_letter(entry.id, sources_lib.failure_reason(e, 'cannot read: '))]
-    return [self._example(entry.id, label, data)]
+def read_parts(p, source: Source, split: str, count: Callable) -> Read:
+  """Parts known at launch (files, shards, record ranges), read where they land."""
+  parts = p | f'Parts[{split}]' >> beam.Create(source.parts(split))
+  read = _read_parts(parts, source, split)
+  return Read(read.ok, [read[DEAD]], parts | f'CountFound[{split}]' >> beam.Map(count))
 
 
-def read_folder(p, source: sources_lib.FolderSource, split: str, data_dir=None) -> Read:
+def read_folder(p, source: folder.FolderSource, split: str, data_dir=None) -> Read:
   """Lists the split on a worker (every file, at any depth), then reads them in parallel."""
   listed = (p
             | f'Split[{split}]' >> beam.Create([split])
             | f'List[{split}]' >> beam.FlatMap(
                 lambda s, root=source.root, opt=source.labels_optional:
-                sources_lib.list_folder_split(root, s, opt)))
-  loaded = (listed
-            # The listing comes from one element: without this the reads fuse
-            # onto one Dataflow worker.
-            | f'SpreadFiles[{split}]' >> beam.Reshuffle()
-            | f'Load[{split}]' >> beam.ParDo(
-                LoadFile(source.class_names, split)).with_outputs(DEAD, main='ok'))
+                folder.list_split(root, s, opt)))
+  # The listing comes from one element: the reshuffle keeps the reads off one worker.
+  read = _read_parts(listed, source, split)
   found = listed | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
-  return Read(loaded.ok, [loaded[DEAD]], found)
-
-
-def read_tfds(p, source: sources_lib.TfdsSource, split: str, data_dir=None) -> Read:
-  """Ranges of record indices, read where they land (random access for array_record)."""
-  total = source.num_examples(split)
-  bounds = ([(s, min(s + READ_CHUNK, total)) for s in range(0, total, READ_CHUNK)]
-            if total else [(0, None)])
-  read = (p
-          | f'Ranges[{split}]' >> beam.Create(bounds)
-          # Spreads read tasks over workers (tiny elements: cheap to shuffle).
-          | f'SpreadRanges[{split}]' >> beam.Reshuffle()
-          | f'Read[{split}]' >> beam.ParDo(
-              ReadRange(source.spec, data_dir, split)).with_outputs(DEAD, main='ok'))
-  if total is None:  # record count unknown (mock data): count what the ranges held
-    found = ((read.ok, read[DEAD]) | f'FlattenFound[{split}]' >> beam.Flatten()
-             | f'Found[{split}]' >> beam.combiners.Count.Globally())
-  else:
-    found = p | f'Found[{split}]' >> beam.Create([total])
   return Read(read.ok, [read[DEAD]], found)
+
+
+def read_tfds(p, source: catalog.TfdsSource, split: str, data_dir=None) -> Read:
+  total = source.num_examples(split)
+  if total:
+    return read_parts(p, source, split, lambda bounds: bounds[1] - bounds[0])
+  # Record count unknown (mock data): count what the range held.
+  parts = p | f'Parts[{split}]' >> beam.Create(source.parts(split))
+  read = _read_parts(parts, source, split)
+  found = ((read.ok, read[DEAD]) | f'FlattenFound[{split}]' >> beam.Flatten()
+           | f'CountFound[{split}]' >> beam.combiners.Count.Globally())
+  return Read(read.ok, [read[DEAD]], found)
+
+
+class _ParseCsvLine(beam.DoFn):
+  """A manifest line → (id, row), when it belongs to ``split`` (blank lines are not inputs)."""
+
+  def __init__(self, layout: dict, default_split: str, split: str):
+    self._layout, self._default_split, self._split = layout, default_split, split
+
+  def process(self, line: str):
+    row = manifest.parse_csv_line(line, self._layout, self._default_split)
+    if row is not None and row[0] == self._split:
+      yield row[1], row
+
+
+def read_csv(p, source: manifest.CsvSource, split: str, data_dir=None) -> Read:
+  """The manifest through ReadFromText (read by many workers); rows grouped by id = parts."""
+  rows = (p
+          | f'ReadManifest[{split}]' >> beam.io.ReadFromText(
+              source.path, skip_header_lines=source.skip_header_lines)
+          | f'ParseRows[{split}]' >> beam.ParDo(
+              _ParseCsvLine(source.layout, source.default_split, split)))
+  parts = (rows
+           # Grouping by id finds rows listed twice (a part is every row of one id).
+           | f'GroupById[{split}]' >> beam.GroupByKey()
+           | f'Rows[{split}]' >> beam.MapTuple(lambda _, group: sorted(group, key=repr)))
+  read = _read_parts(parts, source, split)
+  found = rows | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
+  return Read(read.ok, [read[DEAD]], found)
+
+
+def read_parquet(p, source: parquet.ParquetSource, split: str, data_dir=None) -> Read:
+  return read_parts(p, source, split, lambda part: parquet.num_rows(part[0]))
+
+
+def read_wds(p, source: webdataset.WdsSource, split: str, data_dir=None) -> Read:
+  return read_parts(p, source, split, lambda part: webdataset.count_groups(part[0]))
 
 
 # The reader of each kind of source (looked up along the class's MRO).
 READERS: dict[type, Callable[..., Read]] = {
-    sources_lib.FolderSource: read_folder,
-    sources_lib.TfdsSource: read_tfds,
+    folder.FolderSource: read_folder,
+    catalog.TfdsSource: read_tfds,
+    manifest.CsvSource: read_csv,
+    parquet.ParquetSource: read_parquet,
+    webdataset.WdsSource: read_wds,
 }
-READERS.update(reads_files.READERS)  # csv:, parquet:, wds:
 
 
-def read_split(p, source: sources_lib.Source, split: str, data_dir: Optional[str]) -> Read:
+def read_split(p, source: Source, split: str, data_dir: Optional[str]) -> Read:
   for cls in type(source).__mro__:
     if cls in READERS:
       return READERS[cls](p, source, split, data_dir)

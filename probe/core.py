@@ -84,14 +84,15 @@ class SklearnMethod(linear.Method):
 
 Method, JaxMethod, Fitted, select_and_fit = (linear.Method, linear.JaxMethod, linear.Fitted,
                                              linear.select_and_fit)
+AnchoredMethod = linear.AnchoredMethod
 METHODS: dict[str, Callable[..., Method]] = {'jax': JaxMethod, 'sklearn': SklearnMethod}
+# --method: the JAX head a run fits and saves (its metrics.json key in METHOD_KEYS).
+# 'linear' is the probe on pooled embeddings; 'zeroshot-anchored' is named after
+# what it is pulled towards, so the flag says which other run it needs.
+PROBE_METHODS = ('linear', 'zeroshot-anchored')
+METHOD_KEYS = {'linear': JaxMethod.name, 'zeroshot-anchored': AnchoredMethod.name}
 
 
-def few_shot_indices(y: np.ndarray, shots: int, seed: int) -> np.ndarray:
-  """`shots` examples of every class, seeded (callers check every class has that many)."""
-  rng = np.random.default_rng(seed)
-  out = [rng.choice(np.flatnonzero(y == c), size=shots, replace=False) for c in np.unique(y)]
-  return np.sort(np.concatenate(out))
 
 
 def cv_select_l2(method: Method, x_shots: np.ndarray, y_shots: np.ndarray, num_classes: int,
@@ -101,7 +102,8 @@ def cv_select_l2(method: Method, x_shots: np.ndarray, y_shots: np.ndarray, num_c
   k >= 2: k folds, fold j holding out the j-th shot of every class; the L2 with
   the best mean held-out top-1 (then log-loss) wins. k = 1 leaves nothing to
   hold out, so the rule is fixed in advance: the grid's largest L2 (the
-  strongest regularisation: the head tends to the class-mean directions).
+  strongest regularisation: the plain head tends to the class-mean directions;
+  the anchored one, whose grid ends at inf, stays at the zero-shot head).
   """
   classes = np.unique(y_shots)
   k = int(np.min([np.sum(y_shots == c) for c in classes]))
@@ -116,7 +118,7 @@ def cv_select_l2(method: Method, x_shots: np.ndarray, y_shots: np.ndarray, num_c
   loss = np.zeros(len(l2s))
   for j in range(k):
     held = position == j
-    std = linear.Standardizer.fit(x_shots[~held])
+    std = method.standardizer(x_shots[~held])
     fitted, _ = method.fit_grid(std(x_shots[~held]), y_shots[~held], num_classes, l2s)
     zh = std(x_shots[held])
     for i in range(len(l2s)):

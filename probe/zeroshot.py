@@ -181,9 +181,9 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
     raise UserError(f'{embeddings}: projected features are {x.shape[1]}-d but {model} projects '
                     f'to {module.projection_dim}')
   # The images were embedded by some weights; only the same weights' text tower matches them.
-  want = recorded.get('params_sha256')
+  want = metrics_lib.weights_checksum(recorded)
   if not want:
-    raise UserError(f'{embeddings}/metadata.json records no model.params_sha256 to check '
+    raise UserError(f'{embeddings}/metadata.json records no model.weights_sha256 to check '
                     f'{model} against')
   got = pretrained.checksum()
   if got != want:

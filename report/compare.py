@@ -4,9 +4,12 @@
 
 Each RUN_DIR is a zero-shot or probe output dir or a fine-tune workdir (anything
 holding a ``metrics.json``), or a directory whose subdirectories hold them (the
-demo's run directory). Rows run up the ladder: zero-shot, probe, head-only
-fine-tune, LP-FT, fine-tune, WiSE-FT. Each carries its 95% interval and a paired
-comparison with the best probe on the same eval examples.
+demo's run directory). Rows run up the ladder: zero-shot, probe (plain, then
+anchored at zero-shot), head-only fine-tune, LP-FT, fine-tune, WiSE-FT. Each
+carries its 95% interval and a paired comparison with the best probe on the
+same eval examples. The few-shot table and curve put every method's k-shot
+mean ± std beside zero-shot (0 shots), paired against zero-shot and against
+the plain probe on the same draws.
 
 Runs are refused (one line, exit 2) when they differ in dataset, eval split, eval
 examples or validation split, when one RUN_DIR mixes model weights, or when a
@@ -18,6 +21,7 @@ the best probe of any backbone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -28,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 from clip_transfer import outputs
+from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import stats
 from clip_transfer.errors import UserError, cli_main
 
@@ -73,38 +78,12 @@ def find_metrics(paths: list[str]) -> list[str]:
   return found
 
 
-def _non_finite(obj, where: str = '') -> Optional[str]:
-  """The key path of the first NaN or inf number in ``obj`` (json.load accepts both), or None."""
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return where or '(top level)'
-  if isinstance(obj, dict):
-    items = obj.items()
-  elif isinstance(obj, list):
-    items = enumerate(obj)
-  else:
-    return None
-  for k, v in items:
-    found = _non_finite(v, f'{where}[{k}]' if isinstance(k, int) else f'{where}.{k}'.lstrip('.'))
-    if found:
-      return found
-  return None
-
-
 def _load(path: str) -> dict:
-  try:
-    with open(path) as fh:
-      m = json.load(fh)
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f'{path}: not readable JSON ({e})') from None
-  if not isinstance(m, dict) or not isinstance(m.get('methods'), dict) or 'stage' not in m:
-    raise UserError(f'{path}: not a probe/fine-tune metrics.json (no "stage" and "methods")')
+  """metrics_lib.read's checked metrics.json, refused when empty or holding a field of the wrong type."""
+  m = metrics_lib.read(path)
   if not m['methods']:
     raise UserError(f'{path} holds no results: its run was interrupted or stopped early '
                     '(fine-tune --stop_after); finish it (fine-tune: --resume) or leave it out')
-  bad = _non_finite(m)
-  if bad:
-    raise UserError(f'{path}: {bad} is NaN or inf; the run that wrote it diverged or is broken, '
-                    'rerun it')
   problem = _wrong_type(m)
   if problem:
     raise UserError(f'{path}: {problem}; not a metrics.json this tool wrote, or damaged')
@@ -210,7 +189,7 @@ def check_comparable(runs: list[tuple[str, dict]], run_of: Optional[dict] = None
   for run in dict.fromkeys(owner.values()):
     _refuse_if_differ([(p, m) for p, m in runs if owner.get(p) == run],
                       'model weights within one run',
-                      lambda m: (m.get('model') or {}).get('weights_sha256'),
+                      lambda m: metrics_lib.weights_checksum(m.get('model')),
                       lambda v: f'weights sha256 {str(v)[:12]}…')
   # Zero-shot tunes nothing and records no validation split: exempt.
   _refuse_if_differ(runs, 'validation split', lambda m: m.get('validation'),
@@ -225,17 +204,17 @@ def check_comparable(runs: list[tuple[str, dict]], run_of: Optional[dict] = None
 
 def _rung(stage: str, name: str, e: dict) -> tuple:
   """Sort key along the ladder: zero-shot, probe, head-only, LP-FT, other fine-tunes, WiSE-FT."""
-  if name.endswith('+wise'):
+  method = metrics_lib.parse_method(name)
+  if method.wise:
     return (5, 0)
   if stage == 'zeroshot':
     return (0, 0)
   if stage == 'probe':
-    return (1, {'jax': 0, 'sklearn': 1}.get(name, 2))
+    return (1, {'jax': 0, 'zeroshot-anchored': 1, 'sklearn': 2}.get(name, 3))
   if stage == 'finetune':
-    mode, _, init = name.partition('@')
-    if mode == 'linear' or 'l2' in (e.get('selected') or {}):
+    if method.base == 'linear' or 'l2' in (e.get('selected') or {}):
       return (2, 0)
-    return (3, 0) if init == 'probe' else (4, 0)
+    return (3, 0) if method.head_init == 'probe' else (4, 0)
   return (6, 0)
 
 
@@ -258,9 +237,10 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     labels = (m.get('eval') or {}).get('labels')
     embed = m.get('embedding') if stage in ('probe', 'zeroshot') else None
     for name, e in m['methods'].items():
-      if 'shots' in e:  # few-shot entries are named '<method>_<k>shot'
-        base = name[:-len(f"_{e['shots']}shot")] if name.endswith('shot') else name
-        shots.append({'method': base, 'stage': stage, **e, 'backbone': backbone(m)})
+      if 'shots' in e:  # few-shot entries: the method's name with its shots
+        base = str(dataclasses.replace(metrics_lib.parse_method(name), shots=None))
+        shots.append({'method': base, 'stage': stage, 'source': path,
+                      'correct': _few_shot_correct(e, labels), **e, 'backbone': backbone(m)})
         continue
       correct = None
       if labels is not None and e.get('predictions') is not None:
@@ -268,8 +248,10 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
           raise UserError(f'{path}: methods.{name}.predictions has {len(e["predictions"])} '
                           f'entries but eval.labels has {len(labels)}')
         correct = np.asarray(e['predictions']) == np.asarray(labels)
+      # A refit on fit+validation is another model than the fit-only one: said in its name.
+      refit = ' [fit+validation]' if e.get('final_fit') == 'fit+validation' else ''
       rows.append({
-          'method': f'{stage}:{name}', 'stage': stage, 'name': name, 'source': path,
+          'method': f'{stage}:{name}{refit}', 'stage': stage, 'name': name, 'source': path,
           'top1': e.get('top1'), 'top1_ci95': e.get('top1_ci95'),
           'balanced_accuracy': e.get('balanced_accuracy'),
           'balanced_accuracy_ci95': e.get('balanced_accuracy_ci95'),
@@ -284,6 +266,47 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     for s in shots:
       s['method'] = f"{s['method']} on {s['backbone']}"
   return rows, shots
+
+
+def _few_shot_correct(e: dict, labels) -> Optional[np.ndarray]:
+  """Per eval example, the fraction of seeds that got it right (None: predictions not recorded)."""
+  runs = e.get('runs') or []
+  if labels is None or not runs or any(r.get('predictions') is None for r in runs):
+    return None
+  return np.mean([np.asarray(r['predictions']) == np.asarray(labels) for r in runs], axis=0)
+
+
+def _draws(s: dict) -> Optional[list]:
+  return [r.get('draw_sha256') for r in s.get('runs') or []] or None
+
+
+def few_shot_pairs(shots: list[dict], rows: list[dict]) -> list[dict]:
+  """Per few-shot entry: paired Δ against zero-shot and against the plain probe on the same draws."""
+  zs = next((r for r in rows if r['stage'] == 'zeroshot' and r['correct'] is not None), None)
+  plain = {(s['shots'], s.get('selection'), json.dumps(_draws(s))): s for s in shots
+           if s['stage'] == 'probe' and s['method'] == 'jax' and s['correct'] is not None}
+  out = []
+  for s in shots:
+    vs_zs = vs_plain = None
+    if s['correct'] is not None:
+      if zs is not None and len(zs['correct']) == len(s['correct']):
+        vs_zs = stats.paired_difference(s['correct'], zs['correct'])
+      ref = plain.get((s['shots'], s.get('selection'), json.dumps(_draws(s))))
+      if ref is s:
+        vs_plain = 'reference'
+      elif ref is not None and _draws(s) and None not in _draws(s):  # same ids drawn, seed by seed
+        vs_plain = stats.paired_difference(s['correct'], ref['correct'])
+    out.append({'vs_zeroshot': vs_zs, 'vs_plain': vs_plain})
+  return out
+
+
+def _delta(d) -> str:
+  if d is None:
+    return '—'
+  if d == 'reference':
+    return '(reference)'
+  return (f'{d["diff"]:+.4f} [{d["ci95"][0]:+.3f}, {d["ci95"][1]:+.3f}] '
+          f'{stats.verdict(d)}')
 
 
 def reference(rows: list[dict]) -> Optional[dict]:
@@ -374,7 +397,7 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
   for _, m in runs:
     model = m.get('model') or {}
     if model.get('name'):
-      sha = model.get('weights_sha256')
+      sha = metrics_lib.weights_checksum(model)
       models[model['name']] = f'`{model["name"]}`' + (f' (weights sha256 {sha[:12]}…)' if sha
                                                           else '')
   if models:
@@ -437,17 +460,38 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
                   f'{m["stage"]}:{name}+wise.', '']
   lines += ['What the times cover:', ''] + cost_lines(runs, rows)
   if shots:
+    pairs = few_shot_pairs(shots, rows)
+    # Files from before per-seed predictions were recorded pair with nothing: no Δ columns.
+    paired_any = any(d['vs_zeroshot'] or d['vs_plain'] for d in pairs)
+    extra = (' Δ top-1 vs zero-shot [95% CI], verdict | Δ top-1 vs probe:jax, same draws |'
+             if paired_any else '')
     lines += ['', '## Few-shot (mean ± std over seeds)', '',
-              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. |',
-              '|---|---:|---:|---|---:|---:|---:|']
-    for s in sorted(shots, key=lambda s: (s['stage'], s['method'], s.get('selection') or '',
-                                          s['shots'])):
+              '| method | shots | seeds | selection | top-1 | top-1 95% CI | balanced acc. |'
+              + extra, '|---|---:|---:|---|---:|---:|---:|' + ('---:|---:|' if paired_any else '')]
+    for r in rows:  # zero labels: the line every few-shot method should stay above
+      if r['stage'] == 'zeroshot':
+        ci = r['ci']['top1']
+        lines.append(f"| {r['method']} | 0 | — | no labels | {_fmt(r['top1'], '.4f')} | "
+                     f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
+                     f"{_fmt(r['balanced_accuracy'], '.4f')} |" + (' — | — |' if paired_any else ''))
+    order = sorted(range(len(shots)), key=lambda i: (
+        shots[i]['stage'], _rung(shots[i]['stage'], shots[i]['method'], {}),
+        shots[i]['method'], shots[i].get('selection') or '', shots[i]['shots']))
+    for i in order:
+      s, d = shots[i], pairs[i]
       ci = s.get('top1_ci95')
       lines.append(f"| {s['stage']}:{s['method']} | {s['shots']} | {s.get('seeds', '—')} | "
                    f"{SELECTION.get(s.get('selection'), 'not recorded')} | "
                    f"{_fmt(s.get('top1'), '.4f')} ± {_fmt(s.get('top1_std'), '.4f')} | "
                    f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
-                   f"{_fmt(s.get('balanced_accuracy'), '.4f')} |")
+                   f"{_fmt(s.get('balanced_accuracy'), '.4f')} |"
+                   + (f" {_delta(d['vs_zeroshot'])} | {_delta(d['vs_plain'])} |"
+                      if paired_any else ''))
+    if paired_any:
+      lines += ['', 'Few-shot Δ: per eval example, the fraction of seeds right, minus the other '
+                'method\'s; paired bootstrap interval and a sign test on the examples where they '
+                'differ (McNemar\'s with one seed). Against the plain probe only when both drew '
+                'the same examples seed by seed (draws are by example id).']
   return '\n'.join(lines) + '\n'
 
 
@@ -494,6 +538,11 @@ def plot(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict], path
   ax.grid(True, alpha=0.3)
   if shots:
     ax = next(panels)
+    for r in rows:  # zero-shot: no labels, a level line with its interval
+      if r['stage'] == 'zeroshot' and r['top1'] is not None:
+        line = ax.axhline(r['top1'], linestyle='--', color='gray', label=f'{r["method"]} (0 shots)')
+        if r['ci']['top1']:
+          ax.axhspan(*r['ci']['top1'], color=line.get_color(), alpha=0.15)
     by_method: dict[str, list] = {}
     for s in shots:
       sel = {'within-shots': 'true few-shot', 'validation': 'L2 on validation'}.get(
@@ -540,25 +589,23 @@ def default_output_dir(paths: list[str]) -> str:
   return paths[0] if os.path.isdir(paths[0]) else '.'
 
 
-MARKER = '<!-- written by python -m report.compare -->'  # what makes report.md ours to replace
+REPORT_FILES = ('report.md', 'report.png')
+# How report.md said it was ours before the output marker listed it (still read, never written).
+OLD_MARKER = '<!-- written by python -m report.compare -->'
 
 
 def check_output_dir(output_dir: str) -> None:
-  """Replaces only a report this tool wrote: never a user's report.md or report.png."""
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise UserError(f'--output_dir {output_dir} is a file; pass a directory')
-  md, png = (os.path.join(output_dir, f) for f in ('report.md', 'report.png'))
-  ours = False
-  if os.path.exists(md):
+  """Claims report.md and report.png as every stage claims its files (clip_transfer.outputs).
+
+  Replaces only a report this tool wrote: never a user's report.md or report.png.
+  """
+  md = os.path.join(output_dir, 'report.md')
+  old = False
+  if os.path.isfile(md):
     with open(md, errors='replace') as fh:
-      ours = MARKER in fh.read()
-    if not ours:
-      raise UserError(f'{md} was not written by report.compare; move it or pass another '
-                      '--output_dir')
-  if os.path.exists(png) and not ours:
-    raise UserError(f'{png} was not written by report.compare; move it or pass another '
-                    '--output_dir')
-  # Created and held as every stage holds its output dir: two reports at once are refused.
+      old = OLD_MARKER in fh.read()
+  outputs.claim_files(output_dir, REPORT_FILES, kind='report.compare', adopt=old)
+  # Held as every stage holds its output dir: two reports at once are refused.
   outputs.claim_exclusive(output_dir, '--output_dir')
   if not os.access(output_dir, os.W_OK):
     raise UserError(f'--output_dir {output_dir} is not writable')
@@ -570,7 +617,7 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   runs = [(f, _load(f)) for f in files]
   check_comparable(runs, run_of(files, paths))
   rows, shots = rows_from(runs)
-  md = markdown(runs, rows, shots) + MARKER + '\n'
+  md = markdown(runs, rows, shots)
   output_dir = output_dir or default_output_dir(paths)
   check_output_dir(output_dir)
   with open(os.path.join(output_dir, 'report.md'), 'w') as fh:

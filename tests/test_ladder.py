@@ -68,6 +68,21 @@ def test_lpft_starts_from_the_probe(ladder, digits_data_dir):
   assert logits.argmax(-1).tolist() == m['methods']['jax']['predictions']
 
 
+def test_lpft_starts_from_the_zeroshot_anchored_probe(ladder, digits_data_dir, tmp_path):
+  """The anchored probe's head reads normalised projected features; fine-tune starts from it there."""
+  emb, _, zs_dir = ladder
+  out = str(tmp_path / 'anchored')
+  probe_cli.main([f'--embeddings={emb}', f'--output_dir={out}', '--method=zeroshot-anchored',
+                  f'--zeroshot={zs_dir}', '--l2_grid=1e-3,inf', '--no_progress'])
+  logits, ids = _step0_logits(digits_data_dir, f'probe:{out}')
+  x, _, emb_ids = embeddings.read_split(emb, 'test', feature='projected')
+  by_id = dict(zip(emb_ids, x))
+  from probe import load_head  # pylint: disable=g-import-not-at-top
+  want = load_head(out).logits(np.stack([by_id[i] for i in ids]))
+  np.testing.assert_allclose(logits, want, atol=1e-3, rtol=1e-4)
+  assert logits.argmax(-1).tolist() == _metrics(out)['methods']['zeroshot-anchored']['predictions']
+
+
 def test_zeroshot_head_starts_at_the_zeroshot_classifier(ladder, digits_data_dir):
   _, _, zs_dir = ladder
   logits, _ = _step0_logits(digits_data_dir, f'zeroshot:{zs_dir}')

@@ -17,7 +17,7 @@ from PIL import Image
 from pipelines import embed, reads
 from test_embed import FakeFileSystem
 from clip_transfer.data import embeddings
-from clip_transfer.data import files as file_sources
+from clip_transfer.data import labels, manifest, paths, webdataset
 from clip_transfer.data import preprocess
 from clip_transfer.errors import UserError
 from clip_transfer.data.sources import open_source
@@ -150,8 +150,8 @@ def test_headed_tsv_with_class_names_file(tmp_path):
 
 
 def test_csv_parsing_rules():
-  vertex = file_sources.sniff_csv('training,gs://b/x.jpg,cat', 'm.csv', 'image', 'label')
-  parse = lambda line: file_sources.parse_csv_line(line, vertex, 'train')
+  vertex = manifest.sniff_csv('training,gs://b/x.jpg,cat', 'm.csv', 'image', 'label')
+  parse = lambda line: manifest.parse_csv_line(line, vertex, 'train')
   assert parse('training,gs://b/x.jpg,cat') == ('train', 'gs://b/x.jpg', 'gs://b/x.jpg', 'cat')
   assert parse('VALIDATION,x.jpg,cat')[0] == 'validation'
   assert parse('\ufefftest,x.jpg,cat\r\n')[0] == 'test'  # BOM and CRLF (Excel exports)
@@ -160,8 +160,8 @@ def test_csv_parsing_rules():
   assert parse('test,x.jpg') == ('test', 'x.jpg', 'x.jpg', '')  # unlabelled: dead later
   assert parse('"a,b.jpg",cat')[2] == 'a,b.jpg'  # CSV quoting
   assert parse('   ') is None
-  assert file_sources.label_index('', NAMES) == 'empty label'
-  assert file_sources.label_index(' dog ', NAMES) == 1
+  assert labels.label_index('', NAMES) == 'empty label'
+  assert labels.label_index(' dog ', NAMES) == 1
 
 
 # --------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_parquet_hf_classlabel_split_dirs_and_columns(tmp_path):
 
 
 def test_split_from_file_names():
-  s = file_sources.split_of_path
+  s = paths.split_of_path
   assert s('train-00000-of-00004.parquet', 'x') == 'train'
   assert s('data/validation-00000-of-00001.parquet', 'x') == 'validation'
   assert s('cifar10/split=test/part-0.parquet', 'x') == 'test'
@@ -345,9 +345,9 @@ def test_wds_label_field_split_by_name_and_bad_shard(shards, tmp_path):
 
 
 def test_brace_expansion_and_keys():
-  assert file_sources.brace_expand('s/{000..002}.tar') == ['s/000.tar', 's/001.tar', 's/002.tar']
-  assert file_sources.brace_expand('{a,b}-{1..2}') == ['a-1', 'a-2', 'b-1', 'b-2']
-  assert file_sources.member_key('dir/0001.seg.png') == ('dir/0001', 'seg.png')
+  assert paths.brace_expand('s/{000..002}.tar') == ['s/000.tar', 's/001.tar', 's/002.tar']
+  assert paths.brace_expand('{a,b}-{1..2}') == ['a-1', 'a-2', 'b-1', 'b-2']
+  assert webdataset.member_key('dir/0001.seg.png') == ('dir/0001', 'seg.png')
 
 
 # --------------------------------------------------------------------------

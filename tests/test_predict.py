@@ -113,6 +113,20 @@ def test_stored_embeddings_need_no_backbone(runs, tmp_path):
     assert got == _metrics(run)['methods'][method]['predictions']
 
 
+def test_zeroshot_anchored_probe_head_reproduces_its_predictions(runs, tmp_path):
+  """Its head reads L2-normalised projected features: from the images and from stored ones."""
+  data, out = runs
+  anchored = str(tmp_path / 'anchored')
+  probe_cli.main([f'--embeddings={out["emb"]}', f'--output_dir={anchored}',
+                  '--method=zeroshot-anchored', f'--zeroshot={out["zs"]}', '--l2_grid=1e-3,inf',
+                  '--val_fraction=0.25', '--no_progress'])
+  want = _metrics(anchored)['methods']['zeroshot-anchored']['predictions']
+  for i, source in enumerate((f'--dataset=folder:{data}', f'--embeddings={out["emb"]}')):
+    pred = str(tmp_path / f'pred{i}')
+    _predict(source, '--splits=test', f'--head=probe:{anchored}', f'--output_dir={pred}')
+    assert [r['prediction'] for r in predict.read_predictions(pred, 'test')] == want, source
+
+
 def test_unlabelled_folder_and_csv_with_a_corrupt_image(runs, tmp_path):
   _, out = runs
   new = tmp_path / 'new'

@@ -12,7 +12,7 @@ import pytest
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
-from pipelines import embed, reads
+from pipelines import embed, read_common
 from clip_transfer import models
 from clip_transfer.data import embeddings
 from clip_transfer import outputs
@@ -230,11 +230,11 @@ def test_every_file_of_a_folder_is_accounted_for(odd_folder, tmp_path):
 
 def test_a_lost_input_fails_the_run_and_leaves_it_unreadable(small_folder, tmp_path, capsys,
                                                             monkeypatch):
-  process = reads.LoadFile.process
+  process = read_common.ReadParts.process
 
-  def lose_one(self, entry):
-    return [] if entry.id == 'test/dog/b.png' else process(self, entry)
-  monkeypatch.setattr(reads.LoadFile, 'process', lose_one)
+  def lose_one(self, part):  # a folder's parts are its listed entries
+    return [] if part.id == 'test/dog/b.png' else process(self, part)
+  monkeypatch.setattr(read_common.ReadParts, 'process', lose_one)
   out = tmp_path / 'out'
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={out}',
                    '--splits=test')

@@ -279,3 +279,29 @@ def test_backbones_side_by_side_with_paired_verdicts(tmp_path):
   assert len(ours) == 1 and '| worse |' in ours[0]  # 140 vs 180 of 200 correct
   assert any('(reference)' in r and 'random:dinov2-tiny' in r for r in rows)
   assert '| probe:jax on random:dinov2-tiny (00000000) | 1 |' in md  # few-shot rows apart
+
+
+def test_the_report_claims_its_files_with_the_output_marker(tmp_path):
+  """One marker for every stage (clip_transfer.outputs): it lists report.md and report.png."""
+  from clip_transfer import outputs  # pylint: disable=g-import-not-at-top
+
+  run = tmp_path / 'run'
+  _write(run / 'probe', _probe())
+  compare.compare([str(run)])
+  marker = json.loads((run / outputs.MARKER).read_text())
+  assert marker['files'] == ['report.md', 'report.png']
+  assert compare.OLD_MARKER not in (run / 'report.md').read_text()
+  # A user's picture where the report goes is refused (and kept), even with no report.md.
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'report.png').write_bytes(b'mine')
+  with pytest.raises(UserError, match='report.png was not written by report.compare'):
+    compare.compare([str(run)], str(other))
+  assert (other / 'report.png').read_bytes() == b'mine'
+  # A report an older version wrote (the comment, no marker) is still ours to replace.
+  old = tmp_path / 'old'
+  old.mkdir()
+  (old / 'report.md').write_text('old table\n' + compare.OLD_MARKER + '\n')
+  (old / 'report.png').write_bytes(b'old plot')
+  compare.compare([str(run)], str(old))
+  assert (old / 'report.md').read_text().startswith('# Transfer ladder')

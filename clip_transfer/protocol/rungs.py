@@ -29,6 +29,7 @@ from clip_transfer.protocol import heads
 
 KINDS = ('probe', 'zeroshot', 'finetune')
 PROBE_METHOD, ZEROSHOT_METHOD, WISE = 'jax', 'zeroshot', '+wise'
+ANCHORED_PROBE_METHOD = 'zeroshot-anchored'  # linear.AnchoredMethod.name (linear imports JAX; this must not)
 
 
 @dataclasses.dataclass
@@ -78,6 +79,8 @@ class Rung:
     """Logits of a probe/zero-shot head on stored features (numpy, or jnp inside jit)."""
     h = self.head
     if self.kind == 'probe':  # exactly as the probe scored its eval split
+      if self.feature == 'projected':  # the zero-shot-anchored probe's head: normalised first
+        x = x / xp.linalg.norm(x, axis=-1, keepdims=True)
       return ((x - h['mean']) / h['std']) @ h['kernel'] + h['bias']
     if self.kind == 'zeroshot':
       x = x / xp.linalg.norm(x, axis=-1, keepdims=True)
@@ -144,10 +147,12 @@ def open_rung(spec: str, mode: Optional[str] = None, flag: str = '--head') -> Ru
     raise UserError(f'{path}/metrics.json records no model.weights_sha256 to check the weights '
                     'against')
   if kind == 'probe':
-    entry = _entry(methods, PROBE_METHOD, path)
     head = heads.load_head(path)
+    # A head on projected features is the zero-shot-anchored probe's (probe.train --method).
+    method = PROBE_METHOD if head.feature == 'embedding' else ANCHORED_PROBE_METHOD
+    entry = _entry(methods, method, path)
     h = {'kernel': head.kernel, 'bias': head.bias, 'mean': head.mean, 'std': head.std}
-    rung = Rung(kind, path, PROBE_METHOD, names, model, entry, header, 'embedding', h)
+    rung = Rung(kind, path, method, names, model, entry, header, head.feature, h)
     _check_head(rung, head.class_names, head.kernel.shape[1])
     return rung
   if kind == 'zeroshot':
@@ -197,10 +202,16 @@ def _check_head(rung: Rung, head_names: list[str], columns: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None) -> str:
-  """A fine-tuned method's checkpoints, or one configuration's (``lr``) below it."""
+def config_key(lr: float, weight_decay: Optional[float] = None) -> str:
+  """A configuration's name (its folder, its key in metrics.json): 'lr=…' plus ',wd=…' when swept."""
+  return f'{lr:g}' if weight_decay is None else f'{lr:g},wd={weight_decay:g}'
+
+
+def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None,
+                   weight_decay: Optional[float] = None) -> str:
+  """A fine-tuned method's checkpoints, or one configuration's (``lr``, swept ``weight_decay``) below it."""
   path = os.path.abspath(os.path.join(workdir, 'checkpoints', method.replace(':', '_')))
-  return path if lr is None else os.path.join(path, f'lr={lr:g}')
+  return path if lr is None else os.path.join(path, f'lr={config_key(lr, weight_decay)}')
 
 
 def wise_mix(alpha, start, tuned):
@@ -236,7 +247,8 @@ def _open_finetune(path, mode, metrics, header, names, model) -> Rung:
                     '(--head=probe:DIR), the same classifier')
   entry, base_entry = methods[mode], methods[base]
   lr, step = float(base_entry['selected']['lr']), int(base_entry['selected']['step'])
-  ckpt = checkpoint_dir(path, base, lr)
+  weight_decay = base_entry['selected'].get('weight_decay')  # present when it was swept
+  ckpt = checkpoint_dir(path, base, lr, weight_decay)
   curve = _read_curve(ckpt, path, base)
   if not curve.get('done'):
     raise UserError(f'{path}: {base} lr={lr:g} was interrupted before it finished; finish it '

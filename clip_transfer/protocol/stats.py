@@ -59,11 +59,24 @@ def balanced_ci(correct: np.ndarray, labels: np.ndarray, *, resamples: int = RES
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, *,
                       resamples: int = RESAMPLES, seed: int = SEED,
                       level: float = LEVEL) -> dict:
-  """top-1(a) − top-1(b) on the same examples: the difference, its paired-bootstrap interval, McNemar's p."""
-  a = np.asarray(correct_a).astype(bool)
-  b = np.asarray(correct_b).astype(bool)
-  if a.shape != b.shape:
-    raise ValueError(f'paired comparison needs the same examples: {a.shape} vs {b.shape}')
+  """top-1(a) − top-1(b) on the same examples: the difference, its paired-bootstrap interval, McNemar's p.
+
+  Correctness may be fractional (few-shot: a mean over seeds); then the
+  per-example differences are resampled and the test is the sign test on
+  the examples where a and b differ — McNemar's when both are 0/1.
+  """
+  fa, fb = np.asarray(correct_a, np.float64), np.asarray(correct_b, np.float64)
+  if fa.shape != fb.shape:
+    raise ValueError(f'paired comparison needs the same examples: {fa.shape} vs {fb.shape}')
+  if not np.all(np.isin(fa, (0, 1)) & np.isin(fb, (0, 1))):
+    d = fa - fb
+    values, counts = np.unique(d, return_counts=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(d), counts / len(d), resamples) @ values / len(d)
+    ahead, behind = int(np.sum(d > 0)), int(np.sum(d < 0))
+    return {'diff': float(d.mean()), 'ci95': _interval(draws, level),
+            'mcnemar_p': mcnemar_exact(ahead, behind), 'only_a': ahead, 'only_b': behind}
+  a, b = fa.astype(bool), fb.astype(bool)
   n = len(a)
   only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
   cells = np.array([only_a, only_b, n - only_a - only_b]) / n

@@ -7,7 +7,7 @@ and the first ``round(fraction × n)`` go to validation (at least one when
 ``fraction > 0``, never the class's last one). Every hyperparameter — the
 probe's L2, fine-tune's learning rate and step, WiSE-FT's α — is chosen on it;
 ``record`` goes into metrics.json so ``report.compare`` can check both stages
-used the same one.
+used the same one. Few-shot draws (``few_shot``) are by id the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from clip_transfer.errors import UserError
 DEFAULT_FRACTION = 0.1
 
 
-def _key(seed: int, ex_id: str) -> bytes:
+def _key(seed, ex_id: str) -> bytes:
   return hashlib.sha256(f'{seed}/{ex_id}'.encode()).digest()
 
 
@@ -43,17 +43,24 @@ def eval_record(ids: Sequence[str], labels: np.ndarray) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
+class Holdout:
+  """The validation split carved from train: fit and validation indices, and its record."""
+
   fit: np.ndarray  # indices into the train split, sorted
   val: np.ndarray
   record: dict  # {fraction, seed, num_examples, ids_sha256}
 
 
-def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRACTION,
-          seed: int = 0) -> Split:
-  """Stratified by label, seeded, a pure function of (ids, labels, fraction, seed)."""
-  if not 0 <= fraction < 1:
+def check_fraction(fraction: float) -> None:
+  """The range of ``--val_fraction`` (0: no validation split; 1 would leave nothing to fit)."""
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
     raise UserError(f'--val_fraction must be in [0, 1), got {fraction}')
+
+
+def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRACTION,
+          seed: int = 0) -> Holdout:
+  """Stratified by label, seeded, a pure function of (ids, labels, fraction, seed)."""
+  check_fraction(fraction)
   ids = [str(i) for i in ids]
   labels = np.asarray(labels)
   if len(ids) != len(labels):
@@ -73,4 +80,26 @@ def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRAC
   val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, int)
   record = {'fraction': float(fraction), 'seed': int(seed), 'num_examples': int(len(val_idx)),
             'ids_sha256': ids_sha256([ids[i] for i in val_idx])}
-  return Split(fit_idx, val_idx, record)
+  return Holdout(fit_idx, val_idx, record)
+
+
+def few_shot(ids: Sequence[str], labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+  """Sorted indices of ``shots`` examples per class: a pure function of (ids, labels, shots, seed).
+
+  Within each class, the examples with the smallest ``sha256('shots<seed>/id')``
+  (a key apart from the validation split's), so a seed's k×C examples are the
+  same in every stage and every rerun, whatever order they were read in, and
+  the k-shot draw holds the (k-1)-shot one (curves over k differ by the added
+  shots, not by a fresh draw). Callers check every class has ``shots``.
+  """
+  ids = [str(i) for i in ids]
+  labels = np.asarray(labels)
+  if len(ids) != len(labels):
+    raise ValueError(f'{len(ids)} ids for {len(labels)} labels')
+  out = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    idx = idx[np.argsort([_key(f'shots{seed}', ids[i]) for i in idx], kind='stable')]
+    out.append(idx[:shots])
+  return np.sort(np.concatenate(out)) if out else np.zeros(0, int)
+
