@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'transformers==5.24.0',
     'huggingface-hub==2.4.0',
     'safetensors==0.8.0',
+    'sentencepiece==0.2.3',  # SigLIP's tokenizer (SiglipTokenizer reads spiece.model)
     'pillow==12.3.0',  # apache-beam needs pillow<13
     'numpy==2.4.6',
     'tqdm==4.70.1',

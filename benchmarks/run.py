@@ -18,9 +18,12 @@ import tempfile
 
 
 def _backbone(r):
-  return [('Flax backbone vs PyTorch CLIPVisionModel forward (ViT-B/32, batch '
-           f"{r['batch_size']}, {r['dtype']})", f"{r['ratio']:.2f}x", '>= 1.0',
-           f"{r['jax_images_per_s']:.1f} vs {r['torch_images_per_s']:.1f} images/s")]
+  # One row per family (benchmarks.backbone runs them side by side in one process).
+  return [(f"Flax backbone vs PyTorch {f['model']} forward (batch {f['batch_size']}, "
+           f"{f['dtype']})", f"{f['ratio']:.2f}x", '>= 1.0',
+           f"{f['jax_images_per_s']:.1f} vs {f['torch_images_per_s']:.1f} images/s; "
+           f"max |diff| {f['max_abs_diff']:.1e}")
+          for f in r.get('families', {'clip': r}).values()]
 
 
 def _embed(r):

@@ -227,8 +227,8 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
           show_progress: bool = False) -> None:
   """Adds the embed transforms for every split of ``args.splits`` to ``p``."""
   cfg = _preprocess_config(args, pretrained)
-  dim = pretrained.module.vision_config.hidden_size
-  projected_dim = pretrained.module.projection_dim if args.projected else None
+  dim = pretrained.embedding_dim
+  projected_dim = pretrained.projection_dim if args.projected else None
   num_shards, prepared, dead_counts, totals, founds = {}, [], [], [], []
   threads = args.preprocess_threads  # 0 is resolved on the worker: its cores, not the launcher's
   # Two device batches ahead: batch k+1 is ready when batch k's results return.
@@ -299,6 +299,8 @@ def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
   return {
       'model': {'name': pretrained.name, 'revision': pretrained.revision,
                 'weights_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
+                'family': pretrained.family, 'pooling': pretrained.pooling,
+                'text_tower': pretrained.has_text,
                 'embedding_dim': dim, 'projected_dim': projected_dim,
                 'compute_dtype': args.dtype},
       'preprocessing': _preprocess_config(args, pretrained).to_json(),
@@ -336,8 +338,8 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
   pretrained = models.load(args.model)
   if args.projected is None:  # by default, whenever the model has a projection
-    args.projected = pretrained.module.projection_dim is not None
-  if args.projected and pretrained.module.projection_dim is None:
+    args.projected = pretrained.projection_dim is not None
+  if args.projected and pretrained.projection_dim is None:
     raise UserError(f'--projected: {args.model} has no visual projection (a vision-only '
                     'checkpoint); drop --projected')
   emb_lib.prepare_output(args.output_dir, args.overwrite)

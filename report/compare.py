@@ -12,7 +12,10 @@ mean ± std beside zero-shot (0 shots), paired against zero-shot and against
 the plain probe on the same draws.
 
 Runs are refused (one line, exit 2) when they differ in dataset, eval split, eval
-examples, model weights or validation split, or when a file holds NaN or inf.
+examples or validation split, when one RUN_DIR mixes model weights, or when a
+file holds NaN or inf. RUN_DIRs on different backbones (same task, same eval and
+validation ids) share one table with a backbone column, every row paired with
+the best probe of any backbone.
 """
 
 from __future__ import annotations
@@ -162,15 +165,32 @@ def _refuse_if_differ(runs: list[tuple[str, dict]], what: str, key, show) -> Non
     raise UserError(f'runs are not comparable (different {what}): {desc}')
 
 
-def check_comparable(runs: list[tuple[str, dict]]) -> None:
-  """Refuses runs that do not measure the same task, model, validation split and eval examples."""
+def run_of(files: list[str], paths: list[str]) -> dict[str, str]:
+  """Each metrics file → the RUN_DIR argument it belongs to: the most specific one holding it
+  (``report.compare runs/demo runs/demo/backbone2`` is two runs, the second inside the first)."""
+  roots = [os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p)) for p in paths]
+  out = {}
+  for f in files:
+    real = os.path.realpath(f)
+    out[f] = max((r for r in roots if real.startswith(r + os.sep)), key=len, default=real)
+  return out
+
+
+def check_comparable(runs: list[tuple[str, dict]], run_of: Optional[dict] = None) -> None:
+  """Refuses runs that do not measure the same task, validation split and eval examples, and
+  mixed weights within one run (``run_of``: metrics file → the RUN_DIR it came from; backbones
+  may differ between RUN_DIRs)."""
   tasks = {_task(m): path for path, m in runs}
   if len(tasks) > 1:
     desc = '; '.join(f'{p}: dataset {t[0]!r}, eval split {t[1]!r}, {t[2]} examples, '
                      f'{t[3]} classes' for t, p in tasks.items())
     raise UserError(f'runs are not comparable (different dataset or eval split): {desc}')
-  _refuse_if_differ(runs, 'model weights', lambda m: metrics_lib.weights_checksum(m.get('model')),
-                    lambda v: f'weights sha256 {str(v)[:12]}…')
+  owner = run_of or {path: None for path, _ in runs}
+  for run in dict.fromkeys(owner.values()):
+    _refuse_if_differ([(p, m) for p, m in runs if owner.get(p) == run],
+                      'model weights within one run',
+                      lambda m: metrics_lib.weights_checksum(m.get('model')),
+                      lambda v: f'weights sha256 {str(v)[:12]}…')
   # Zero-shot tunes nothing and records no validation split: exempt.
   _refuse_if_differ(runs, 'validation split', lambda m: m.get('validation'),
                     lambda v: json.dumps(v, sort_keys=True))
@@ -198,6 +218,17 @@ def _rung(stage: str, name: str, e: dict) -> tuple:
   return (6, 0)
 
 
+def backbone(m: dict) -> str:
+  """The model a metrics file was measured on: its name and weights."""
+  model = m.get('model') or {}
+  sha = model.get('weights_sha256')
+  return f'{model.get("name") or "?"}' + (f' ({sha[:8]})' if sha else '')
+
+
+def _key(r: dict) -> tuple:
+  return (r['backbone'], r['method'])
+
+
 def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
   """(table rows in ladder order, few-shot points) from loaded metrics files."""
   rows, shots = [], []
@@ -209,7 +240,7 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
       if 'shots' in e:  # few-shot entries: the method's name with its shots
         base = str(dataclasses.replace(metrics_lib.parse_method(name), shots=None))
         shots.append({'method': base, 'stage': stage, 'source': path,
-                      'correct': _few_shot_correct(e, labels), **e})
+                      'correct': _few_shot_correct(e, labels), **e, 'backbone': backbone(m)})
         continue
       correct = None
       if labels is not None and e.get('predictions') is not None:
@@ -226,11 +257,14 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
           'balanced_accuracy_ci95': e.get('balanced_accuracy_ci95'),
           'trainable_params': e.get('trainable_params'), 'wall_s': e.get('wall_s'),
           'images_per_s': e.get('images_per_s'), 'cost': e.get('cost'),
-          'embed_s': (embed or {}).get('wall_s'), 'correct': correct,
+          'embed_s': (embed or {}).get('wall_s'), 'correct': correct, 'backbone': backbone(m),
           'labels': None if labels is None else np.asarray(labels),
           'rung': _rung(stage, name, e)})
       rows[-1]['ci'] = _intervals(rows[-1])
   rows.sort(key=lambda r: r['rung'])  # stable: file order within a rung
+  if len({s['backbone'] for s in shots}) > 1:  # backbones side by side: name each curve's
+    for s in shots:
+      s['method'] = f"{s['method']} on {s['backbone']}"
   return rows, shots
 
 
@@ -291,7 +325,7 @@ def paired(rows: list[dict], ref: Optional[dict]) -> tuple[dict, Optional[str]]:
   out = {}
   for r in rows:
     if r is not ref and r['correct'] is not None:
-      out[r['method']] = stats.paired_difference(r['correct'], ref['correct'])
+      out[_key(r)] = stats.paired_difference(r['correct'], ref['correct'])
   missing = [r['method'] for r in rows if r is not ref and r['correct'] is None]
   note = (f'No paired comparison for {", ".join(missing)}: no per-example predictions in '
           'its metrics.json (written before they were recorded).') if missing else None
@@ -379,18 +413,22 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
   ref = reference(rows)
   pairs, note = paired(rows, ref)
   show_pairs = ref is not None and ref['correct'] is not None
-  head = ['method', 'top-1 [95% CI]', 'balanced acc. [95% CI]']
+  several = len({r['backbone'] for r in rows}) > 1  # backbones side by side
+  ref_name = f'{ref["method"]} on {ref["backbone"]}' if ref is not None and several else (
+      ref and ref['method'])
+  head = ['method'] + (['backbone'] if several else []) + ['top-1 [95% CI]',
+                                                          'balanced acc. [95% CI]']
   if show_pairs:
-    head += [f'Δ top-1 vs {ref["method"]} [95% CI]', 'McNemar p', 'verdict']
+    head += [f'Δ top-1 vs {ref_name} [95% CI]', 'McNemar p', 'verdict']
   head += ['trainable params', 'wall s', 'wall s incl. embedding', 'images/s']
-  align = ['---' if h in ('method', 'verdict') else '---:' for h in head]
+  align = ['---' if h in ('method', 'backbone', 'verdict') else '---:' for h in head]
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(align) + '|']
   for r in rows:
     ci = r['ci']
-    cells = [r['method'], _with_ci(r['top1'], ci['top1']),
-             _with_ci(r['balanced_accuracy'], ci['balanced_accuracy'])]
+    cells = [r['method']] + ([f'`{r["backbone"]}`'] if several else []) + [
+        _with_ci(r['top1'], ci['top1']), _with_ci(r['balanced_accuracy'], ci['balanced_accuracy'])]
     if show_pairs:
-      d = pairs.get(r['method'])
+      d = pairs.get(_key(r))
       if r is ref:
         cells += ['(reference)', '—', '—']
       elif d is None:
@@ -406,7 +444,7 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('')
   if show_pairs:
-    lines += [f'Δ: top-1 of the row minus {ref["method"]} on the same eval examples, with its '
+    lines += [f'Δ: top-1 of the row minus {ref_name} on the same eval examples, with its '
               'paired-bootstrap 95% interval; McNemar: exact test on the examples where the two '
               'disagree. Verdict "better"/"worse" when p < 0.05 and the interval excludes 0.', '']
   if note:
@@ -486,7 +524,9 @@ def plot(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict], path
       continue
     ax.errorbar([total], [r['top1']], yerr=_yerr([(r['top1'], r['ci']['top1'])]), capsize=3,
                 marker=markers.get(r['stage'], 'D'), linestyle='none')
-    ax.annotate(r['method'], (total, r['top1']), textcoords='offset points', xytext=(5, 5),
+    several = len({q['backbone'] for q in rows}) > 1
+    label = f"{r['method']} ({r['backbone'].split(' ')[0]})" if several else r['method']
+    ax.annotate(label, (total, r['top1']), textcoords='offset points', xytext=(5, 5),
                 fontsize=8)
   ax.set_xscale('log')
   ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))  # '20', not '2×10¹'
@@ -575,7 +615,7 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   """Writes report.md and report.png; returns the Markdown."""
   files = find_metrics(paths)
   runs = [(f, _load(f)) for f in files]
-  check_comparable(runs)
+  check_comparable(runs, run_of(files, paths))
   rows, shots = rows_from(runs)
   md = markdown(runs, rows, shots)
   output_dir = output_dir or default_output_dir(paths)

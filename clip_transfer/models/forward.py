@@ -24,11 +24,12 @@ def vision_features(pretrained, projected: bool = False) -> tuple[Callable, Any]
   where the batches go (replicated over a mesh) before calling ``fn``.
   """
   vision, vision_vars = pretrained.vision_tower()
-  proj_kernel = None
+  project, proj_params = None, None
   if projected:
-    if pretrained.module.projection_dim is None:
+    if pretrained.projection_dim is None:
       raise UserError(f'{pretrained.name} has no visual_projection; drop --projected')
-    proj_kernel = pretrained.variables['params']['visual_projection']['kernel']
+    # CLIP: visual_projection; SigLIP: the pooled feature itself (Pretrained.image_projection).
+    project, proj_params = pretrained.image_projection()
   cfg = pretrained.preprocess
 
   # Weights are arguments, not closed-over constants: closed-over arrays would
@@ -36,12 +37,10 @@ def vision_features(pretrained, projected: bool = False) -> tuple[Callable, Any]
   # executable, no reuse from a compilation cache).
   @jax.jit
   def clip_vision_forward(weights, pixels):
-    variables, kernel = weights
+    variables, proj = weights
     pooled = vision.apply(variables, normalize(pixels, cfg)).pooler_output
-    if kernel is None:
+    if project is None:
       return pooled.astype(jnp.float32), None
-    # The projection in the tower's compute dtype, as nn.Dense(dtype=…) would do it.
-    projected = pooled @ kernel.astype(pooled.dtype)
-    return pooled.astype(jnp.float32), projected.astype(jnp.float32)
+    return pooled.astype(jnp.float32), project(proj, pooled).astype(jnp.float32)
 
-  return clip_vision_forward, (vision_vars, proj_kernel)
+  return clip_vision_forward, (vision_vars, proj_params)

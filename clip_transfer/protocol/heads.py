@@ -126,22 +126,23 @@ ZEROSHOT_HEAD_FILE = 'zeroshot_head.npz'
 
 @dataclasses.dataclass
 class ZeroshotHead:
-  """logits = exp(logit_scale) · normalize(projected) @ head.T: the class text embeddings."""
+  """logits = exp(logit_scale) · normalize(projected) @ head.T + logit_bias: the class text embeddings."""
 
   head: np.ndarray  # (C, P) float32, L2-normalised class text embeddings
   logit_scale: float  # log-space temperature, as CLIP stores it
   class_names: list[str]
   templates: list[str]
+  logit_bias: float = 0.0  # SigLIP's learned bias (its scores are sigmoid(logits)); CLIP has none
 
   def dense(self) -> tuple[np.ndarray, np.ndarray]:
     """(kernel, bias) of a Dense head on L2-normalised projected features."""
     kernel = np.exp(np.float32(self.logit_scale)) * np.asarray(self.head, np.float32).T
-    return kernel, np.zeros(kernel.shape[1], np.float32)
+    return kernel, np.full(kernel.shape[1], self.logit_bias, np.float32)
 
   def save(self, output_dir: str) -> str:
     path = os.path.join(output_dir, ZEROSHOT_HEAD_FILE)
     np.savez(path, head=np.asarray(self.head, np.float32),
-             logit_scale=np.float32(self.logit_scale),
+             logit_scale=np.float32(self.logit_scale), logit_bias=np.float32(self.logit_bias),
              class_names=np.asarray(list(self.class_names)),
              templates=np.asarray(list(self.templates)))
     return path
@@ -152,9 +153,10 @@ def load_zeroshot_head(output_dir: str) -> ZeroshotHead:
   path = os.path.join(output_dir, ZEROSHOT_HEAD_FILE)
   if not os.path.exists(path):
     raise UserError(f'no zero-shot head at {path}; pass the --output_dir of a probe.zeroshot run')
-  z = _read(path, ('head', 'logit_scale', 'class_names', 'templates'), 'zero-shot head')
+  z = _read(path, ('head', 'logit_scale', 'class_names', 'templates'), 'zero-shot head',
+            optional=('logit_bias',))
   head = ZeroshotHead(z['head'], float(z['logit_scale']), [str(c) for c in z['class_names']],
-                      [str(t) for t in z['templates']])
+                      [str(t) for t in z['templates']], float(z.get('logit_bias', 0.0)))
   if head.head.ndim != 2 or head.head.shape[0] != len(head.class_names):
     raise UserError(f'{path}: not a zero-shot head ({head.head.shape} class embeddings for '
                     f'{len(head.class_names)} class names)')

@@ -96,8 +96,9 @@ class Rung:
     _, vision_vars = pretrained.vision_tower()
     out = {'backbone': vision_vars['params'],
            'head': {k: np.asarray(v, np.float32) for k, v in self.head.items()}}
-    if self.feature == 'projected':
-      out['projection'] = pretrained.variables['params']['visual_projection']
+    kernel = pretrained.image_projection()[1] if self.feature == 'projected' else None
+    if kernel is not None:  # SigLIP's projected feature is its pooled one: nothing to apply
+      out['projection'] = {'kernel': kernel}
     return out
 
   def logits_fn(self, pretrained) -> Callable:
@@ -109,8 +110,10 @@ class Rung:
     cfg = pretrained.preprocess
     if self.kind == 'finetune':
       from clip_transfer.models.clip import Classifier  # pylint: disable=g-import-not-at-top
+      projected = self.feature == 'projected'
+      project = projected and pretrained.image_projection()[1] is not None
       model = Classifier(len(self.class_names), backbone,
-                         pretrained.module.projection_dim if self.feature == 'projected' else None)
+                         pretrained.projection_dim if project else None, normalize=projected)
 
       def finetuned(params, pixels):
         return model.apply({'params': params}, normalize(pixels, cfg)).astype(jnp.float32)
@@ -119,7 +122,7 @@ class Rung:
     def with_head(params, pixels):
       x = backbone.apply({'params': params['backbone']}, normalize(pixels, cfg)).pooler_output
       x = x.astype(jnp.float32)  # the head as the probe applied it: float32 features
-      if self.feature == 'projected':
+      if 'projection' in params:
         x = x @ params['projection']['kernel'].astype(jnp.float32)
       head = dataclasses.replace(self, head=params['head'])
       return head.feature_logits(x, jnp)
