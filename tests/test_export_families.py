@@ -107,3 +107,36 @@ def test_export_names_invert_the_readers(module, kind):
   assert sorted(back) == sorted(f'vision_model/{k}' for k in params)
   for k, v in params.items():
     np.testing.assert_array_equal(np.asarray(back[f'vision_model/{k}']), v)
+
+
+@pytest.mark.parametrize('arch', ['SiglipVisionModel', 'Dinov2WithRegistersModel'])
+def test_reference_checkpoint_survives_read_and_export(tmp_path, arch):
+  """A transformers save_pretrained tower, read by clip_transfer and exported again, is the
+  same tensors (registers and SwiGLU included): nothing renamed, transposed or dropped."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  common = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                patch_size=8)
+  if arch == 'SiglipVisionModel':
+    config = transformers.SiglipVisionConfig(intermediate_size=48, **common)
+  else:
+    config = transformers.Dinov2WithRegistersConfig(num_register_tokens=2, use_swiglu_ffn=True,
+                                                    **common)
+  ref = getattr(transformers, arch)(config).eval()
+  src, dst = str(tmp_path / 'src'), str(tmp_path / 'dst')
+  ref.save_pretrained(src)
+  pre = models.load(src)
+  _, variables = pre.vision_tower()
+  assert hf_export.save_vision(pre, variables['params'], dst) == arch
+  back = getattr(transformers, arch).from_pretrained(dst).eval()
+  theirs, ours = ref.state_dict(), back.state_dict()
+  assert sorted(theirs) == sorted(ours)
+  for k, v in theirs.items():
+    if k != 'embeddings.mask_token':  # unused for features; exported as zeros
+      np.testing.assert_array_equal(ours[k].numpy(), v.numpy(), err_msg=k)
+  pixels = torch.randn(2, 3, 16, 16)
+  with torch.no_grad():
+    np.testing.assert_array_equal(back(pixel_values=pixels).last_hidden_state.numpy(),
+                                  ref(pixel_values=pixels).last_hidden_state.numpy())

@@ -137,8 +137,10 @@ def _save_dinov2_vision(pretrained, vision_params, out_dir: str,
 
   _no_projection('DINOv2', projection)
   v = pretrained.module.vision_config
+  # Dinov2WithRegistersConfig validates mlp_ratio as an int (our reader gives 4.0).
+  ratio = int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else float(v.mlp_ratio)
   common = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
-                num_attention_heads=v.num_attention_heads, mlp_ratio=v.mlp_ratio,
+                num_attention_heads=v.num_attention_heads, mlp_ratio=ratio,
                 num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
                 hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, qkv_bias=v.qkv_bias,
                 use_swiglu_ffn=v.use_swiglu_ffn)
@@ -174,7 +176,8 @@ USAGE = {
                      'x = x / x.norm(dim=-1, keepdim=True)'}),
     'DINOv2': ('BitImageProcessor', {
         'embedding': '# last_hidden_state is already after the final LayerNorm; the feature is\n'
-                     '# the class token ‖ the mean of the patch tokens (registers excluded).\n'
+                     '# the class token ‖ the mean of the patch tokens (registers excluded),\n'
+                     '# not out.pooler_output (the class token alone).\n'
                      'h = out.last_hidden_state\n'
                      'x = torch.cat([h[:, 0], h[:, {first_patch}:].mean(dim=1)], dim=-1)'}),
 }
