@@ -6,8 +6,9 @@ r"""python -m finetune.export: the chosen model where other ecosystems load it.
 Writes into OUTPUT_DIR:
 * a Hugging Face ``save_pretrained`` directory of the (fine-tuned) vision tower
   (``config.json``, ``model.safetensors``, ``preprocessor_config.json``: load it
-  with ``CLIPVisionModel`` or, for a head on projected features,
-  ``CLIPVisionModelWithProjection``);
+  with ``CLIPVisionModel`` (``CLIPVisionModelWithProjection`` for a head on projected
+  features), ``SiglipVisionModel`` or ``Dinov2Model`` / ``Dinov2WithRegistersModel``;
+  the model card says how to compute the feature the head reads);
 * ``head.safetensors`` (``weight`` (C, F), ``bias`` (C,): a ``torch.nn.Linear``) and
   ``head.json`` (class names, which feature the head reads, the run it came from);
 * ``logits.jax_export``: a serialised ``jax.export`` function (StableHLO) from
@@ -40,9 +41,6 @@ HEAD_WEIGHTS, HEAD_JSON, JAX_FILE, CARD = ('head.safetensors', 'head.json', 'log
                                             'README.md')
 OWNED_FILES = ('config.json', 'model.safetensors', 'preprocessor_config.json', HEAD_WEIGHTS,
                HEAD_JSON, JAX_FILE, CARD)
-# What each head reads, in transformers' terms.
-FEATURES = {'embedding': 'pooler_output',
-            'projected': 'image_embeds / ||image_embeds|| (L2-normalised projected features)'}
 
 
 @dataclasses.dataclass
@@ -104,12 +102,14 @@ def jax_function(rung: rungs.Rung, pretrained, params: dict) -> bytes:
 
 
 def model_card(rung: rungs.Rung, arch: str, pretrained) -> str:
+  from clip_transfer.models import hf_export  # pylint: disable=g-import-not-at-top
   m, hd = rung.entry, rung.header
   ds, val = hd.get('dataset') or {}, hd.get('validation') or {}
   lo, hi = (m.get('top1_ci95') or [float('nan')] * 2)[:2]
   chosen = ', '.join(f'{k} {v:g}' for k, v in (m.get('selected') or {}).items()
                      if isinstance(v, (int, float)))
-  projected = rung.feature == 'projected'
+  processor, feature = hf_export.usage(pretrained, rung.feature)
+  feature = feature.replace('\n', '\n  ')
   return f"""# {ds.get('name')} classifier ({rung.kind}: {rung.method})
 
 A {len(rung.class_names)}-class image classifier: `{pretrained.name}`'s vision tower
@@ -131,13 +131,12 @@ import json, torch, transformers
 from safetensors.torch import load_file
 d = 'THIS_DIRECTORY'
 tower = transformers.{arch}.from_pretrained(d).eval()
-processor = transformers.CLIPImageProcessor.from_pretrained(d)
+processor = transformers.{processor}.from_pretrained(d)
 head = load_file(f'{{d}}/{HEAD_WEIGHTS}')
 names = json.load(open(f'{{d}}/{HEAD_JSON}'))['class_names']
 with torch.no_grad():
   out = tower(**processor(images=[pil_image], return_tensors='pt'))
-  x = {'out.image_embeds' if projected else 'out.pooler_output'}
-  {'x = x / x.norm(dim=-1, keepdim=True)' if projected else ''}
+  {feature}
   logits = x @ head['weight'].T + head['bias']
 print(names[int(logits.argmax(-1))])
 ```
@@ -183,7 +182,8 @@ def export(config: ExportConfig) -> dict:
       fh.write(jax_function(rung, pretrained, params))
   with open(os.path.join(out, CARD), 'w') as fh:
     fh.write(model_card(rung, arch, pretrained))
-  info = {'class_names': rung.class_names, 'feature': FEATURES[rung.feature],
+  info = {'class_names': rung.class_names,
+          'feature': hf_export.usage(pretrained, rung.feature)[1],  # Python, from out = tower(…)
           'transformers_class': arch, 'run': rung.spec, 'method': rung.method,
           'top1': rung.entry.get('top1'), 'top1_ci95': rung.entry.get('top1_ci95'),
           'model': rung.model.get('name'), 'weights_sha256': rung.weights_sha256,

@@ -395,6 +395,16 @@ def torch_names(state: dict, kind: str) -> dict:  # pylint: disable=unused-argum
   return out
 
 
+def to_torch_names(tensors: dict, vision: VisionConfig) -> dict:
+  """``torch_names`` inverted, for a Dinov2Model / Dinov2WithRegistersModel directory: our
+  (PyTorch-layout) ``vision_model.*`` names → the released checkpoints' names (which
+  transformers reads in every version), plus the unused ``mask_token`` (zeros) the classes
+  declare. ``torch_names(to_torch_names(x, v), kind) == x`` (tested)."""
+  out = {key.removeprefix('vision_model.'): value for key, value in tensors.items()}
+  out['embeddings.mask_token'] = np.zeros((1, vision.hidden_size), np.float32)
+  return out
+
+
 def read_dir(path: str, cfg: dict, kind: str):
   from clip_transfer.models import checkpoints, families  # pylint: disable=g-import-not-at-top
 

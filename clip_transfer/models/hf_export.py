@@ -80,8 +80,115 @@ def _save_clip_vision(pretrained, vision_params, out_dir: str,
   return arch
 
 
+def _vision_tensors(vision_params) -> dict[str, np.ndarray]:
+  """The tower's params under the ``vision_model.*`` PyTorch names ``checkpoints`` reads."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(vision_params), sep='/')
+  return {f'vision_model.{k}': a for k, a in
+          linen_to_pytorch({k: np.asarray(a) for k, a in flat.items()}).items()}
+
+
+def _write(out_dir: str, config, tensors: dict, preprocessor: dict) -> None:
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  config.save_pretrained(out_dir)
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+            os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(out_dir, 'preprocessor_config.json'), 'w') as fh:
+    json.dump(preprocessor, fh, indent=1)
+
+
+def _no_projection(family: str, projection) -> None:
+  if projection is not None:  # these families' projected feature is the pooled one itself
+    raise UserError(f'no Hugging Face export for a projection on {family} models')
+
+
+def _save_siglip_vision(pretrained, vision_params, out_dir: str,
+                        projection: Optional[np.ndarray]) -> str:
+  import transformers  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import siglip  # pylint: disable=g-import-not-at-top
+
+  _no_projection('SigLIP', projection)
+  v = pretrained.module.vision_config
+  config = transformers.SiglipVisionConfig(
+      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+      num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+      num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+      hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+  config.architectures = ['SiglipVisionModel']
+  cfg = pretrained.preprocess
+  if cfg.resize_mode != 'squash' or cfg.do_center_crop:
+    raise UserError('no Hugging Face export for a SigLIP model with a resize-and-crop '
+                    'preprocessing (SiglipImageProcessor resizes to the square)')
+  # SiglipImageProcessor (``siglip.preprocess_from_dir`` inverted): resize to the square, no crop.
+  h, w = (int(s) for s in cfg.crop_size)
+  preprocessor = {'image_processor_type': 'SiglipImageProcessor', 'do_convert_rgb': True,
+                  'do_resize': True, 'size': {'height': h, 'width': w},
+                  'resample': int(cfg.resample), 'do_rescale': True,
+                  'rescale_factor': float(cfg.rescale_factor), 'do_normalize': True,
+                  'image_mean': [float(m) for m in cfg.mean],
+                  'image_std': [float(s) for s in cfg.std]}
+  _write(out_dir, config, siglip.to_torch_names(_vision_tensors(vision_params)), preprocessor)
+  return 'SiglipVisionModel'
+
+
+def _save_dinov2_vision(pretrained, vision_params, out_dir: str,
+                        projection: Optional[np.ndarray]) -> str:
+  import transformers  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import dinov2  # pylint: disable=g-import-not-at-top
+
+  _no_projection('DINOv2', projection)
+  v = pretrained.module.vision_config
+  # Dinov2WithRegistersConfig validates mlp_ratio as an int (our reader gives 4.0).
+  ratio = int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else float(v.mlp_ratio)
+  common = dict(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
+                num_attention_heads=v.num_attention_heads, mlp_ratio=ratio,
+                num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+                hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, qkv_bias=v.qkv_bias,
+                use_swiglu_ffn=v.use_swiglu_ffn)
+  if v.num_register_tokens:  # registers come with the anti-aliased position resize (read_dir)
+    arch = 'Dinov2WithRegistersModel'
+    config = transformers.Dinov2WithRegistersConfig(
+        **common, num_register_tokens=v.num_register_tokens)
+  else:
+    arch = 'Dinov2Model'
+    config = transformers.Dinov2Config(**common)
+  config.architectures = [arch]
+  # BitImageProcessor: CLIPImageProcessor's fields (shortest side, centre crop).
+  preprocessor = {**_preprocessor_json(pretrained.preprocess),
+                  'image_processor_type': 'BitImageProcessor'}
+  _write(out_dir, config, dinov2.to_torch_names(_vision_tensors(vision_params), v), preprocessor)
+  return arch
+
+
 # Linen module class name → its exporter(pretrained, vision params, out_dir, projection) → class.
-EXPORTERS: dict[str, Callable[..., str]] = {'CLIP': _save_clip_vision}
+EXPORTERS: dict[str, Callable[..., str]] = {'CLIP': _save_clip_vision,
+                                            'SigLIP': _save_siglip_vision,
+                                            'DINOv2': _save_dinov2_vision}
+# Linen module class name → (the transformers image processor class, the Python lines that
+# make the feature ``x`` our head reads from the tower's output ``out``; ``{registers}`` is
+# the first patch token's index: 1 + the register count).
+USAGE = {
+    'CLIP': ('CLIPImageProcessor', {'embedding': 'x = out.pooler_output',
+                                    'projected': 'x = out.image_embeds\n'
+                                                 'x = x / x.norm(dim=-1, keepdim=True)'}),
+    'SigLIP': ('SiglipImageProcessor', {
+        'embedding': 'x = out.pooler_output  # the attention-pool (MAP) head\'s output',
+        'projected': 'x = out.pooler_output  # SigLIP\'s image embedding is the pooled feature\n'
+                     'x = x / x.norm(dim=-1, keepdim=True)'}),
+    'DINOv2': ('BitImageProcessor', {
+        'embedding': '# last_hidden_state is already after the final LayerNorm; the feature is\n'
+                     '# the class token ‖ the mean of the patch tokens (registers excluded),\n'
+                     '# not out.pooler_output (the class token alone).\n'
+                     'h = out.last_hidden_state\n'
+                     'x = torch.cat([h[:, 0], h[:, {first_patch}:].mean(dim=1)], dim=-1)'}),
+}
+
+
+def usage(pretrained, feature: str) -> tuple[str, str]:
+  """(processor class, the lines computing the head's input ``x`` from ``out = tower(...)``)."""
+  family = type(pretrained.module).__name__
+  processor, lines = USAGE[family]
+  first = 1 + getattr(pretrained.module.vision_config, 'num_register_tokens', 0)
+  return processor, lines[feature].replace('{first_patch}', str(first))
 
 
 def save_vision(pretrained, vision_params, out_dir: str,

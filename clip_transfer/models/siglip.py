@@ -23,6 +23,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clip_transfer.models import clip
 
@@ -299,11 +300,32 @@ def torch_names(state: dict, kind: str) -> dict:
       key = 'vision_model.' + key  # SiglipVisionModel saves without the prefix
     if key.endswith('head.attention.in_proj_weight') or key.endswith('head.attention.in_proj_bias'):
       base, leaf = key.rsplit('.in_proj_', 1)
-      for name, part in zip(('q_proj', 'k_proj', 'v_proj'), _split3(value)):
+      for name, part in zip(_IN_PROJ, _split3(value)):
         out[f'{base}.{name}.{leaf}'] = part
       continue
     out[key] = value
   return out
+
+
+def to_torch_names(tensors: dict) -> dict:
+  """``torch_names`` inverted, for a SiglipVisionModel directory: our (PyTorch-layout)
+  ``vision_model.*`` names → the class's own (no prefix), the MAP head's q/k/v packed back
+  into ``in_proj``. ``torch_names(to_torch_names(x), 'siglip_vision_model') == x`` (tested)."""
+  out, packed = {}, {}
+  for key, value in tensors.items():
+    key = key.removeprefix('vision_model.')
+    base, _, rest = key.rpartition('.attention.')
+    if base.endswith('head') and rest.split('.')[0] in _IN_PROJ:
+      name, leaf = rest.split('.')
+      packed.setdefault(f'{base}.attention.in_proj_{leaf}', {})[name] = value
+      continue
+    out[key] = value
+  for key, parts in packed.items():
+    out[key] = np.concatenate([parts[n] for n in _IN_PROJ])
+  return out
+
+
+_IN_PROJ = ('q_proj', 'k_proj', 'v_proj')  # in_proj's thirds, in order (both directions)
 
 
 def _split3(a):
