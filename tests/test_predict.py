@@ -246,3 +246,10 @@ def test_export_refuses_interrupted_and_diverged_runs(runs, tmp_path, capsys):
   os.remove(os.path.join(probe, 'metrics.json'))  # written last: a probe that never finished
   assert 'interrupted' in _error(capsys, export_cli.main,
                                  [f'--head=probe:{probe}', f'--output_dir={tmp_path / "c"}'])
+
+
+def test_export_missing_workdir_names_the_flag_typed(tmp_path, capsys):
+  err = _error(capsys, export_cli.main, [f'--workdir={tmp_path / "missing"}',
+                                         f'--output_dir={tmp_path / "out"}'])
+  assert err.startswith(f'error: --workdir={tmp_path / "missing"}: no such directory'), err
+  assert not (tmp_path / 'out').exists()  # refused before the output dir is claimed
