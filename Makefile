@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN_DIR ?= runs/demo-$(DEMO_STAMP)
 DEMO_MODEL ?= random:tiny
+# A second family, embedded and probed too, so the report compares backbones.
+DEMO_MODEL2 ?= random:siglip-tiny
 
 .PHONY: test demo bench venv clean
 
@@ -43,8 +45,14 @@ demo: $(STAMP)
 	$(PY) -m finetune.train --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL) \
 	  --workdir=$(RUN_DIR)/finetune --mode=full --epochs=10 --head_init=probe:$(RUN_DIR)/probe \
 	  --wise=0,0.25,0.5,0.75,1
-	@echo "== 5/5 comparison"
-	$(PY) -m report.compare $(RUN_DIR)
+	@echo "== 5/5 a second backbone ($(DEMO_MODEL2)): embed, zero-shot, probe; then the comparison"
+	$(PY) -m pipelines.embed --dataset=digits --data_dir=$(RUN_DIR)/tfds --model=$(DEMO_MODEL2) \
+	  --output_dir=$(RUN_DIR)/backbone2/embeddings
+	$(PY) -m probe.zeroshot --embeddings=$(RUN_DIR)/backbone2/embeddings \
+	  --output_dir=$(RUN_DIR)/backbone2/zeroshot
+	$(PY) -m probe.train --embeddings=$(RUN_DIR)/backbone2/embeddings \
+	  --output_dir=$(RUN_DIR)/backbone2/probe
+	$(PY) -m report.compare $(RUN_DIR) $(RUN_DIR)/backbone2
 	@echo "== done: outputs in $(RUN_DIR) (report.md, report.png)"
 
 bench: $(STAMP)

@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     'transformers==5.24.0',
     'huggingface-hub==2.4.0',
     'safetensors==0.8.0',
+    'sentencepiece==0.2.3',  # SigLIP's tokenizer (SiglipTokenizer reads spiece.model)
     'pillow==12.3.0',  # apache-beam needs pillow<13
     'numpy==2.4.6',
     'tqdm==4.70.1',
@@ -36,7 +37,8 @@ setuptools.setup(
     extras_require={
         # The PyTorch reference for parity tests and benchmarks. Exactly 2.13.0:
         # its CPU wheel is on the machine's disk; anything else pulls a CUDA build.
-        'test': ['torch==2.13.0', 'pytest==9.2.0'],
+        # statsmodels: the reference the interval and McNemar tests check stats against.
+        'test': ['torch==2.13.0', 'pytest==9.2.0', 'statsmodels==0.15.0'],
         # open_clip's own model, the OpenCLIP parity reference. Install it with --no-deps
         # (the Makefile does): its requirements pull torchvision, which the tests never
         # import (tests/test_open_clip.py imports open_clip.model alone).

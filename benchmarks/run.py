@@ -18,9 +18,12 @@ import tempfile
 
 
 def _backbone(r):
-  return [('Flax backbone vs PyTorch CLIPVisionModel forward (ViT-B/32, batch '
-           f"{r['batch_size']}, {r['dtype']})", f"{r['ratio']:.2f}x", '>= 1.0',
-           f"{r['jax_images_per_s']:.1f} vs {r['torch_images_per_s']:.1f} images/s")]
+  # One row per family (benchmarks.backbone runs them side by side in one process).
+  return [(f"Flax backbone vs PyTorch {f['model']} forward (batch {f['batch_size']}, "
+           f"{f['dtype']})", f"{f['ratio']:.2f}x", '>= 1.0',
+           f"{f['jax_images_per_s']:.1f} vs {f['torch_images_per_s']:.1f} images/s; "
+           f"max |diff| {f['max_abs_diff']:.1e}")
+          for f in r.get('families', {'clip': r}).values()]
 
 
 def _embed(r):
@@ -82,6 +85,12 @@ def _probe(r):
       rows.append((f"probe L2 sweep + selection, JAX vs scikit-learn ({s['name']})",
                    f"{s['speedup']:.1f}x", '>= 10x, top-1 within 0.5 pt',
                    f"top-1 {100 * s['top1_jax']:.2f} vs {100 * s['top1_sklearn']:.2f}"))
+  if 'memory' in r:
+    m = r['memory']
+    rows.append((f"probe peak memory per process, 2 processes vs 1 ({m['rows']} x {m['dim']}, "
+                 "above the import baseline)", f"{m['ratio_above_baseline']:.2f}x", '~0.5',
+                 f"{m['peak_mb_2']:.0f} vs {m['peak_mb_1']:.0f} MB (baseline "
+                 f"{m['baseline_mb_2']:.0f} / {m['baseline_mb_1']:.0f} MB)"))
   return rows
 
 
@@ -113,8 +122,9 @@ BENCHES = {
                '--fast_model', 'random:tiny', '--fast_repeats', '1'], _embed),
     'predict': ('benchmarks.predict', [], ['--images', '16', '--model', 'random:tiny',
                                            '--memory_images', '10'], _predict),
-    'probe': ('benchmarks.probe', [], ['--num', '3000', '--dim', '64', '--classes', '10',
-                                       '--skip_digits'], _probe),
+    'probe': ('benchmarks.probe', ['--memory_rows', '400000'],
+              ['--num', '3000', '--dim', '64', '--classes', '10', '--skip_digits',
+               '--memory_rows', '4000'], _probe),
     'finetune': ('benchmarks.finetune', ['--batch_size', '32', '--steps', '3'],
                  ['--model', 'random:tiny', '--batch_size', '8', '--steps', '2'], _finetune),
     'finetune_input': ('benchmarks.finetune_input', [],

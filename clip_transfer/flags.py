@@ -11,7 +11,10 @@
 
 Types come from the annotations: ``bool`` becomes ``--x`` / ``--no_x``, a tuple or
 list a comma-separated value, ``Optional[T]`` a T that may be left out.
-Every stage's CLI uses this, so a flag and its config field cannot drift.
+Every stage's CLI uses this, so a flag and its config field cannot drift. The
+flags several stages share (``--dataset``, ``--data_dir``, ``--model``,
+``--dtype``, ``--val_fraction``) are declared here once, with one check each
+(``check_shared``), so their help and their messages are the same everywhere.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import types
 import typing
 from typing import Any, Callable, Optional
 
+from clip_transfer import models
 from clip_transfer.errors import UserError
+from clip_transfer.protocol import validation
 
 REQUIRED = dataclasses.MISSING
 
@@ -130,3 +135,46 @@ def refuse_near_misses(parser: argparse.ArgumentParser, rest: list[str],
     close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
     if close:
       raise UserError(f'unknown flag --{name}; did you mean --{close[0]}?')
+
+
+# --------------------------------------------------------------------------
+# The flags several stages share: one declaration, one help, one check each
+# --------------------------------------------------------------------------
+
+
+def dataset(default: Any = REQUIRED):
+  """``--dataset``: the source spec embed and fine-tune (and predict) read."""
+  return field(default, "'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), 'csv:PATH' "
+               "(Vertex AI manifest or headed CSV/TSV), 'parquet:GLOB', 'wds:PATTERN' "
+               '(WebDataset shards) or a TFDS name')
+
+
+def data_dir():
+  """``--data_dir``: where TFDS datasets (and the built-in digits) are prepared."""
+  return field(None, 'TFDS data_dir for catalog datasets / digits')
+
+
+def model():
+  """``--model``: the backbone, as clip_transfer.models.load takes it."""
+  return field(models.DEFAULT_MODEL,
+               'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+
+
+def dtype():
+  """``--dtype``: the backbone's compute dtype."""
+  return field('float32', f'compute dtype ({" or ".join(models.DTYPES)}; parameters stay '
+               'float32)')
+
+
+def val_fraction(chooses: str):
+  """``--val_fraction``: the validation split carved from train; ``chooses`` says what it picks."""
+  return field(validation.DEFAULT_FRACTION, f'fraction of each train class held out to choose '
+               f'{chooses} (the same examples in every stage)')
+
+
+def check_shared(config) -> None:
+  """The one check of each shared flag ``config`` carries (call it from ``__post_init__``)."""
+  if hasattr(config, 'dtype') and config.dtype not in models.DTYPES:
+    raise UserError(f'--dtype must be one of {", ".join(models.DTYPES)}, got {config.dtype!r}')
+  if hasattr(config, 'val_fraction'):
+    validation.check_fraction(config.val_fraction)

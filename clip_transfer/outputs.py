@@ -197,6 +197,43 @@ def prepare_output_dir(path: str, overwrite: bool, kind: str, owned: Sequence[st
           os.rmdir(dirpath)
 
 
+def claim_files(path: str, names: Sequence[str], kind: str, flag: str = '--output_dir',
+                adopt: bool = False) -> None:
+  """Claims the files ``names`` in a local directory other outputs may share (a run directory).
+
+  The directory's marker lists the files this tool wrote there; one of
+  ``names`` that exists but is not listed is the user's, and is refused in one
+  line (never replaced). ``adopt``: the existing ones are ours after all (a
+  file an older version wrote before the marker listed it).
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'{flag}={path} is a file, not a directory; choose another {flag}')
+  marker = os.path.join(path, MARKER)
+  try:
+    with open(marker) as fh:
+      record = json.load(fh)
+    if not isinstance(record, dict):
+      raise ValueError('not an object')
+  except FileNotFoundError:
+    record = {'written_by': 'clip-transfer', 'kind': kind}
+  except (OSError, ValueError) as e:
+    raise UserError(f'cannot read {marker}: {_one_line(e)}') from None
+  listed = set(record.get('files') or ())
+  if not adopt:
+    for name in names:
+      if os.path.lexists(os.path.join(path, name)) and name not in listed:
+        raise UserError(f'{os.path.join(path, name)} was not written by {kind}; move it or pass '
+                        f'another {flag}')
+  record['files'] = sorted(listed | set(names))
+  try:
+    os.makedirs(path, exist_ok=True)
+    with open(marker + '.tmp', 'w') as fh:  # then renamed: the marker is never half written
+      fh.write(json.dumps(record) + '\n')
+    os.replace(marker + '.tmp', marker)
+  except OSError as e:  # read-only, no permission
+    raise UserError(f'cannot write to {flag}={path}: {_one_line(e)}') from None
+
+
 def _claim(path: str, kind: str) -> None:
   """Writes the marker (proves the directory is ours and writable)."""
   from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top

@@ -18,7 +18,8 @@ from clip_transfer.errors import cli_main
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='random:tiny',
-                      help='hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+                      help='hub id, save_pretrained directory (CLIP, SigLIP, DINOv2), or a preset: '
+                      'random:tiny, random:vit-b32, random:siglip-tiny, random:dinov2-tiny …')
   parser.add_argument('--batch_size', type=int, default=4)
   args = parser.parse_args(argv)
 

@@ -16,10 +16,20 @@ from finetune.steps import TrainState
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import rungs
 
-def checkpoint_dir(workdir: str, mode: str, lr: Optional[float] = None) -> str:
-  """A mode's checkpoints, or one configuration's (``lr``) below it."""
+# What a configuration's directory holds: Orbax's folders and the curve (fnmatch patterns
+# relative to the workdir; '*' crosses '/'). Only these are ever removed.
+SAVED = ('latest', 'best', 'final', 'curve.json', 'curve.json.tmp')
+OWNED_FILES = ('checkpoints/*/lr=*/curve.json', 'checkpoints/*/lr=*/curve.json.tmp',
+               'checkpoints/*/lr=*/latest/*', 'checkpoints/*/lr=*/best/*',
+               'checkpoints/*/lr=*/final/*',
+               'checkpoints/*/lr=*/')  # the empty folder of a configuration killed before it saved
+
+
+def checkpoint_dir(workdir: str, mode: str, lr: Optional[float] = None,
+                   weight_decay: Optional[float] = None) -> str:
+  """A mode's checkpoints, or one configuration's (``lr``, swept ``weight_decay``) below it."""
   # The layout's one home is the library: pipelines.predict and finetune.export read it too.
-  return rungs.checkpoint_dir(workdir, mode, lr)
+  return rungs.checkpoint_dir(workdir, mode, lr, weight_decay)
 
 
 def _manager(path: str):
@@ -29,8 +39,10 @@ def _manager(path: str):
                                                                           create=True))
 
 
-def _resume_config(config: Config) -> dict:
-  return json.loads(json.dumps({k: getattr(config, k) for k in RESUME_KEYS}))
+def _resume_config(config: Config, weight_decay: float) -> dict:
+  # The configuration's own weight decay, as one number (as files from before the grid say it).
+  return json.loads(json.dumps({**{k: getattr(config, k) for k in RESUME_KEYS},
+                                'weight_decay': weight_decay}))
 
 
 def _restore(path: str, state: TrainState, mesh: Mesh) -> TrainState:
@@ -60,22 +72,27 @@ class Checkpoints:
   def __post_init__(self):
     self.curve_file = os.path.join(self.path, 'curve.json')
 
-  def start(self, config: Config) -> dict:
+  def start(self, config: Config, weight_decay: float) -> dict:
     """The saved curve when resuming (after checking the config), else a fresh directory."""
     if config.resume and os.path.exists(self.curve_file):
       with open(self.curve_file) as fh:
         saved = json.load(fh)
-      now = _resume_config(config)
+      now = _resume_config(config, weight_decay)
       diff = [k for k in RESUME_KEYS if saved['config'].get(k) != now.get(k)]
       if diff:
         k = diff[0]
         raise UserError(f'cannot --resume: {k} was {saved["config"].get(k)!r} in the '
                         f'checkpointed run, now {now.get(k)!r} (delete {self.path} to start over)')
       return saved
-    if os.path.isdir(self.path):
-      shutil.rmtree(self.path)  # a fresh run: never mix its checkpoints with an older run's
-    os.makedirs(self.path)
-    return {'config': _resume_config(config), 'curve': [], 'done': False, 'wall_s': 0.0}
+    for name in SAVED:  # a fresh run: never mix its checkpoints with an older run's
+      path = os.path.join(self.path, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+    os.makedirs(self.path, exist_ok=True)
+    return {'config': _resume_config(config, weight_decay), 'curve': [], 'done': False,
+            'wall_s': 0.0}
 
   def save(self, record: dict, state: TrainState, best: bool) -> None:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -84,11 +101,24 @@ class Checkpoints:
     for name in ('latest',) + (('best',) if best else ()):
       mgr = _manager(os.path.join(self.path, name))
       try:
+        if mgr.latest_step() == step:
+          continue  # saved before a crash cut the curve's write (this very state): keep it
         mgr.save(step, args=ocp.args.StandardSave(state), force=True)
         mgr.wait_until_finished()
       finally:
         mgr.close()
     self.save_record(record)  # after the states: the curve never names a missing step
+
+  def save_final(self, state: TrainState) -> None:
+    """The model --final_fit=fit+validation trained again (what its eval score is of)."""
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    mgr = _manager(os.path.join(self.path, 'final'))
+    try:
+      mgr.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+      mgr.wait_until_finished()
+    finally:
+      mgr.close()
 
   def save_record(self, record: dict) -> None:
     tmp = self.curve_file + '.tmp'
@@ -103,11 +133,12 @@ class Checkpoints:
     return _restore(os.path.join(self.path, which), state, mesh)
 
 
-def load_checkpoint(workdir: str, mode: str, lr: float, which: str = 'latest') -> dict:
+def load_checkpoint(workdir: str, mode: str, lr: float, which: str = 'latest',
+                    weight_decay: Optional[float] = None) -> dict:
   """A configuration's saved state as a plain tree (for inspection and tests)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  mgr = _manager(os.path.join(checkpoint_dir(workdir, mode, lr), which))
+  mgr = _manager(os.path.join(checkpoint_dir(workdir, mode, lr, weight_decay), which))
   try:
     step = mgr.latest_step()
     if step is None:

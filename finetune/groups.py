@@ -23,6 +23,7 @@ import optax
 from flax import traverse_util
 
 from clip_transfer.errors import UserError
+from clip_transfer.models import families
 
 Rule = tuple[str, Optional[float]]  # (regex over '/'-joined paths, lr multiplier or None=frozen)
 FROZEN = 'frozen'
@@ -40,9 +41,10 @@ def paths(params) -> list[str]:
   return list(flat)
 
 
-def num_layers(params, prefix: str = 'backbone/encoder/layers/') -> int:
-  """How many encoder layers the params hold (from the tree, not a config)."""
-  idx = {int(p[len(prefix):].split('/')[0]) for p in paths(params) if p.startswith(prefix)}
+def num_layers(params) -> int:
+  """How many encoder layers the params hold (from the tree, not a config; any family)."""
+  layer = re.compile(f'backbone/{families.TOWER_LAYERS}/([0-9]+)/')
+  idx = {int(m.group(1)) for m in map(layer.match, paths(params)) if m}
   return max(idx) + 1 if idx else 0
 
 
@@ -85,13 +87,16 @@ def mode_rules(mode: str, params, backbone_lr_factor: float = 0.1,
                     f'N must be between 0 and {total}')
   if n == 0:  # exactly linear: post_layernorm trains only along with a trained layer
     return mode_rules('linear', params)
+  # The same meaning on every family's names (clip_transfer.models.families).
   frozen = '|'.join(str(i) for i in range(total - n))
   trained = '|'.join(str(i) for i in range(total - n, total))
-  rules: list[Rule] = [('backbone/(embeddings|pre_layrnorm)/.*', None)]
+  layers = f'backbone/{families.TOWER_LAYERS}'
+  rules: list[Rule] = [(f'backbone/{families.TOWER_BEFORE}/.*', None)]
   if frozen:
-    rules.append((f'backbone/encoder/layers/({frozen})/.*', None))
-  return rules + [(f'backbone/encoder/layers/({trained})/.*', 1.0),
-                  ('backbone/post_layernorm/.*', 1.0), ('projection/.*', 1.0), ('head/.*', 1.0)]
+    rules.append((f'{layers}/({frozen})/.*', None))
+  return rules + [(f'{layers}/({trained})/.*', 1.0),
+                  (f'backbone/{families.TOWER_AFTER}/.*', 1.0), ('projection/.*', 1.0),
+                  ('head/.*', 1.0)]
 
 
 def check_mode(mode: str, custom_rules: Optional[str] = None) -> None:

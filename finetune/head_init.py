@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import numpy as np
@@ -12,15 +10,15 @@ from finetune.config import Config
 from clip_transfer import models
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import heads
+from clip_transfer.protocol import metrics as metrics_lib
 
 def _check_source_run(path: str, pretrained: models.Pretrained, class_names) -> None:
   """A head from another stage's run must come from the same weights and classes."""
   try:
-    with open(os.path.join(path, 'metrics.json')) as fh:
-      m = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise UserError(f'--head_init: cannot read {path}/metrics.json ({type(e).__name__})') from None
-  got = (m.get('model') or {}).get('weights_sha256')
+    m = metrics_lib.read(path)
+  except UserError as e:
+    raise UserError(f'--head_init: {e}') from None
+  got = metrics_lib.weights_checksum(m.get('model'))
   if got != pretrained.checksum():
     raise UserError(f'--head_init: {path} was made with other weights ({str(got)[:12]}…) than '
                     f'{pretrained.name} ({pretrained.checksum()[:12]}…)')

@@ -6,7 +6,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -16,7 +15,7 @@ from finetune.config import Config
 from finetune.splits import Data
 from finetune.steps import apply_to_split
 from clip_transfer import models
-from clip_transfer.data import preprocess
+from clip_transfer.models import forward
 from clip_transfer.protocol import heads
 from clip_transfer.protocol import linear
 from clip_transfer.protocol import metrics as metrics_lib
@@ -24,13 +23,11 @@ from clip_transfer.protocol import metrics as metrics_lib
 def frozen_features(pretrained: models.Pretrained, splits: Sequence[input_pipeline.Split],
              batch_size: int, mesh: Mesh) -> list[np.ndarray]:
   """The frozen backbone's pooled features of every example (what the probe embeds), per split."""
-  backbone, variables = pretrained.vision_tower()
-  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  pre = pretrained.preprocess
-  # One jitted function for every split: one compilation for the fixed batch shape.
-  fn = jax.jit(lambda v, b: backbone.apply(v, preprocess.normalize(b['image'], pre)).pooler_output
-               .astype(jnp.float32), in_shardings=(repl, data), out_shardings=data)
-  return [apply_to_split(fn, variables, split, batch_size, mesh) for split in splits]
+  # The embed stage's function: one compilation for the fixed batch shape, every split.
+  fn, weights = forward.vision_features(pretrained)
+  weights = jax.device_put(weights, NamedSharding(mesh, P()))  # replicated; batches sharded
+  pooled = lambda w, batch: fn(w, batch['image'])[0]
+  return [apply_to_split(pooled, weights, split, batch_size, mesh) for split in splits]
 
 
 def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data, config: Config,
@@ -47,6 +44,12 @@ def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data
   fitted = linear.select_and_fit(linear.JaxMethod(), x['fit'], data.fit.labels, x['val'],
                                  data.val.labels, x['eval'], len(data.class_names),
                                  config.l2_grid, progress=config.progress)
+  sweep = fitted.sweep  # the selection's record, whatever is fit last
+  if config.final_fit == 'fit+validation':  # the chosen L2, fit again on fit ∪ validation
+    fitted = linear.select_and_fit(linear.JaxMethod(), np.concatenate([x['fit'], x['val']]),
+                                   np.concatenate([data.fit.labels, data.val.labels]),
+                                   x['val'][:0], data.val.labels[:0], x['eval'],
+                                   len(data.class_names), [fitted.l2])
   kernel, bias = heads.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
                              fitted.standardizer.std)
   logits = x['eval'] @ kernel + bias  # = the Classifier with this head on the eval images
@@ -56,8 +59,9 @@ def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data
       'cost': 'its own data preparation, one frozen-backbone pass over fit/validation/eval and '
               'the exact solve of the L2 grid',
       'trainable_params': int(kernel.size + bias.size),
-      'grid': list(config.l2_grid), 'selected': {'l2': fitted.l2}, 'sweep': fitted.sweep,
+      'grid': list(config.l2_grid), 'selected': {'l2': fitted.l2}, 'sweep': sweep,
       'solver': 'lbfgs (exact, as the probe)', 'rules': [[r, s] for r, s in plan.rules],
+      'final_fit': config.final_fit,
   })
   return entry
 

@@ -28,15 +28,18 @@ def create(pretrained: Pretrained, num_classes: int, seed: int = 0, *,
   features, the pretrained ``visual_projection`` transferred in as ``projection``.
   """
   backbone, backbone_vars = pretrained.vision_tower()
-  if projected and pretrained.module.projection_dim is None:
+  if projected and pretrained.projection_dim is None:
     raise TransferError(f'{pretrained.name} has no visual_projection to put a head on')
+  # SigLIP's image-text space is the pooled feature: normalised, nothing to project.
+  project = projected and pretrained.image_projection()[1] is not None
   model = Classifier(num_classes=num_classes, backbone=backbone,
-                     projection_dim=pretrained.module.projection_dim if projected else None)
+                     projection_dim=pretrained.projection_dim if project else None,
+                     normalize=projected)
   h, w, c = pretrained.preprocess.output_shape
   # jit: initialising op by op is slow for a ViT-B; the head is zeros anyway.
   variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, c), jnp.float32))
   variables = transfer(variables, backbone_vars)
-  if projected:
+  if project:
     variables = transfer(variables, {'params': pretrained.variables['params']['visual_projection']},
                          name='projection')
   if head is not None:

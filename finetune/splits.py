@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
+
+import numpy as np
 
 from finetune import input_pipeline
 from finetune.config import Config
@@ -21,6 +24,7 @@ class Data:
   validation: dict  # the record metrics.json carries
   wall_s: float  # reading + decoding + resizing, counted into every row's cost
   dead: dict  # {source split: its Dead inputs}, counted and written as embed does
+  fit_and_val: Optional[input_pipeline.Split] = None  # the whole train split (--final_fit)
 
 
 def prepare_data(source, pretrained: models.Pretrained, config: Config, scratch: str) -> Data:
@@ -34,7 +38,10 @@ def prepare_data(source, pretrained: models.Pretrained, config: Config, scratch:
   for split in (train, evaluation):
     input_pipeline.check_labels(split, len(class_names))
   val = validation.split(train.ids, train.labels, config.val_fraction, config.seed)
+  both = None
+  if config.final_fit == 'fit+validation':
+    both = train.subset(np.sort(np.concatenate([val.fit, val.val])), 'fit+validation')
   return Data(train.subset(val.fit, 'fit'), train.subset(val.val, 'validation'),
               evaluation.sorted_by_id(), class_names, val.record, time.perf_counter() - t0,
-              {train.name: train.dead, evaluation.name: evaluation.dead})
+              {train.name: train.dead, evaluation.name: evaluation.dead}, both)
 

@@ -96,7 +96,7 @@ def schedule_for(config: Config, lr: float, total_steps: int):
 
 def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, config: Config,
                  total_steps: int, initialised=None, mesh: Optional[Mesh] = None,
-                 lr: Optional[float] = None):
+                 lr: Optional[float] = None, weight_decay: Optional[float] = None):
   """(TrainState with pretrained weights, trainable mask, groups.Plan) for one mode and lr.
 
   ``initialised``: a ``(model, variables)`` from ``model.create`` to reuse
@@ -113,7 +113,8 @@ def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, con
   plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
                      custom_rules=config.rules)
   lr = config.lrs[0] if lr is None else lr
-  tx = plan.optimizer(schedule_for(config, lr, total_steps), weight_decay=config.weight_decay,
+  weight_decay = config.weight_decay[0] if weight_decay is None else weight_decay
+  tx = plan.optimizer(schedule_for(config, lr, total_steps), weight_decay=weight_decay,
                       clip_norm=config.clip_norm)
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rest=variables)
   state = state.replace(step=jnp.zeros((), jnp.int32))  # not a weak-typed Python int

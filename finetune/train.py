@@ -15,11 +15,13 @@ the modules beside it so tests and notebooks can call
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from clip_transfer import flags
 from clip_transfer.errors import cli_main
+from clip_transfer.protocol import metrics as metrics_lib
 
 
 def parse_args(argv=None):
@@ -48,7 +50,7 @@ def main(argv=None):
   out = trainer.train_and_evaluate(config, workdir)
   names = {config.method_name(mode) for mode in config.modes}
   for mode, m in out['methods'].items():
-    if mode.split('+')[0] not in names:
+    if str(dataclasses.replace(metrics_lib.parse_method(mode), wise=False)) not in names:
       continue  # from an earlier run into the same workdir
     lo, hi = m['top1_ci95']
     chosen = ', '.join(f'{k} {v:g}' for k, v in m['selected'].items())

@@ -7,6 +7,7 @@ them; ``finetune.train`` is only flags and one call to ``train_and_evaluate``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,10 +16,10 @@ import tempfile
 import flax
 import jax
 
+from finetune import checkpoints
 from finetune import groups
 from finetune import head_init
 from finetune import head_only
-from finetune import input_pipeline
 from finetune import model as model_lib
 from finetune import splits
 from finetune import sweep
@@ -34,29 +35,54 @@ from clip_transfer.protocol import validation
 
 log = logging.getLogger(__name__)
 
-# What a fine-tune run writes in its workdir (the rest is the user's, and never touched).
-OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'checkpoints/*', '.scratch-*',
-               'dead_letters.*.jsonl')
+# What a fine-tune run writes in its workdir (the rest is the user's, and never touched):
+# fnmatch patterns, so a user's file anywhere under checkpoints/ is foreign (the run is refused).
+OWNED_FILES = ('metrics.json', 'metrics.json.tmp', '.scratch-*',
+                 'dead_letters.*.jsonl') + checkpoints.OWNED_FILES
 
 
 def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
   """Merges into an existing metrics.json of the same run (other modes kept)."""
-  path = os.path.join(workdir, 'metrics.json')
   header = json.loads(json.dumps(header))  # tuples → lists, as read back from the file
   out = {**header, 'methods': {}}
-  if os.path.exists(path):
+  if os.path.exists(os.path.join(workdir, 'metrics.json')):
     try:
-      with open(path) as fh:
-        old = json.load(fh)
+      old = metrics_lib.read(workdir)
       same = all(old.get(k) == header[k] for k in ('dataset', 'model', 'num_train', 'num_eval',
-                                                     'validation', 'eval'))
+                                                     'validation', 'eval', 'final_fit'))
       if same:
-        out['methods'] = dict(old.get('methods', {}))
-    except (OSError, ValueError):
-      pass  # unreadable: replace it
+        out['methods'] = dict(old['methods'])
+    except UserError:
+      pass  # unreadable or not a metrics.json: replace it
   out['methods'].update(methods)
   metrics_lib.write(workdir, out)
   return out
+
+
+def _check_wise(config: Config, solved: list[str]) -> None:
+  """--wise mixes fine-tuned weights with the start: refused where no mode has any."""
+  if not config.wise or not solved:
+    return
+  why = (f'--mode {", ".join(solved)} trains only the head from zeros, solved exactly (no '
+         'fine-tuned weights to mix with the start)')
+  if len(solved) == len(config.modes):
+    raise UserError(f'--wise does not apply: {why}; drop --wise, or start the head from '
+                    '--head_init=probe:DIR or zeroshot:DIR to fine-tune it')
+  log.info('--wise applies to %s only: %s', ', '.join(m for m in config.modes if m not in solved),
+           why)
+
+
+def fit_batch_size(config: Config, num_fit: int, num_devices: int) -> Config:
+  """The config with --batch_size at most the fit examples (a multiple of the devices), noted."""
+  if config.batch_size <= num_fit:
+    return config
+  batch = num_fit - num_fit % num_devices
+  if batch < 1:
+    raise UserError(f'{num_fit} fit examples cannot fill one batch over the {num_devices} '
+                    'local devices; use more data or fewer devices')
+  log.info('--batch_size %d is larger than the %d fit examples: using %d', config.batch_size,
+           num_fit, batch)
+  return dataclasses.replace(config, batch_size=batch)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
@@ -80,31 +106,33 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
                 'them', shared, config.train_split, config.eval_split, config.eval_split)
   pretrained = models.load(config.model, config.dtype)
   head, projected = head_init.initial_head(config, pretrained, class_names)  # checked before the data
+  initialised = model_lib.create(pretrained, len(class_names), config.seed, head=head,
+                                 projected=projected)  # once for all modes
+  params = flax.core.unfreeze(initialised[1])['params']
+  plans = {mode: groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
+                             custom_rules=config.rules) for mode in config.modes}
+  solved = [m for m, plan in plans.items() if head is None and plan.head_only(params)]
+  _check_wise(config, solved)
   with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
     data = splits.prepare_data(source, pretrained, config, scratch)
-    input_pipeline.steps_per_epoch(len(data.fit), config.batch_size)  # batch fits the data
+    config = fit_batch_size(config, len(data.fit), mesh.size)
     header = metrics_lib.header(
         'finetune',
         dataset={'spec': config.dataset, 'name': source.name, 'version': source.version,
                  'train_split': config.train_split, 'eval_split': config.eval_split},
         model={'name': pretrained.name, 'revision': pretrained.revision,
-               'weights_sha256': pretrained.checksum(),
+               metrics_lib.WEIGHTS_CHECKSUM: pretrained.checksum(),
                'preprocess': pretrained.preprocess.to_json(), 'dtype': config.dtype},
         class_names=class_names, num_train=len(data.fit) + len(data.val),
         num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
-        final_fit='fit', eval=validation.eval_record(data.eval.ids, data.eval.labels),
+        final_fit=config.final_fit, eval=validation.eval_record(data.eval.ids, data.eval.labels),
         dead_lettered={k: len(v) for k, v in data.dead.items()}, data_wall_s=data.wall_s,
         devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
     for split, dead in data.dead.items():  # beside metrics.json, as embed writes them
       data_base.write_dead_letters(workdir, split, dead)
     out = _write_metrics(workdir, header, {})
-    initialised = model_lib.create(pretrained, len(class_names), config.seed, head=head,
-                                   projected=projected)  # once for all modes
-    params = flax.core.unfreeze(initialised[1])['params']
-    for mode in config.modes:
-      plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
-                         custom_rules=config.rules)
-      if head is None and plan.head_only(params):
+    for mode, plan in plans.items():
+      if mode in solved:
         entries = {mode: head_only.solve_head_only(plan, pretrained, data, config, mesh)}
       else:
         entries = sweep.finetune_mode(mode, pretrained, data, config, workdir, mesh, initialised)

@@ -45,14 +45,11 @@ SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 class EmbedConfig(sources_lib.SourceOptions):
   """The embed stage's own flags (every other flag goes to Beam's PipelineOptions)."""
 
-  dataset: str = flags.field(help="'digits', 'folder:PATH' (PATH/<split>/<class>/<image>), "
-                             "'csv:PATH' (Vertex AI manifest or headed CSV/TSV), 'parquet:GLOB', "
-                             "'wds:PATTERN' (WebDataset shards) or a TFDS name")
+  dataset: str = flags.dataset()
   output_dir: str = flags.field(help='local path or any Beam filesystem (gs://…)')
-  data_dir: Optional[str] = flags.field(None, 'TFDS data_dir for catalog datasets / digits')
+  data_dir: Optional[str] = flags.data_dir()
   splits: tuple[str, ...] = flags.field(('train', 'test'), 'comma-separated splits to embed')
-  model: str = flags.field(models.DEFAULT_MODEL,
-                           'hub id, save_pretrained directory, or random:tiny / random:vit-b32')
+  model: str = flags.model()
   batch_size: int = flags.field(32, 'fixed device batch (the last batch is padded: one '
                                 'compilation)')
   projected: Optional[bool] = flags.field(
@@ -67,8 +64,7 @@ class EmbedConfig(sources_lib.SourceOptions):
   fast_decode: bool = flags.field(False, 'decode JPEGs at reduced DCT scale (still >= the resize '
                                   'target) before the exact resize: faster, not bit-identical to '
                                   'CLIPImageProcessor; recorded in metadata')
-  dtype: str = flags.field('float32', 'compute dtype of the vision tower (float32 or bfloat16; '
-                           'parameters stay float32); recorded in metadata')
+  dtype: str = flags.dtype()  # recorded in metadata
 
   def __post_init__(self):
     if self.batch_size < 1:
@@ -87,8 +83,7 @@ class EmbedConfig(sources_lib.SourceOptions):
     if self.preprocess_threads < 0:
       raise UserError(f'--preprocess_threads must be >= 0 (0: one per core), got '
                       f'{self.preprocess_threads}')
-    if self.dtype not in models.DTYPES:
-      raise UserError(f'--dtype must be one of {", ".join(models.DTYPES)}, got {self.dtype!r}')
+    flags.check_shared(self)
 
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
@@ -232,8 +227,8 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
           show_progress: bool = False) -> None:
   """Adds the embed transforms for every split of ``args.splits`` to ``p``."""
   cfg = _preprocess_config(args, pretrained)
-  dim = pretrained.module.vision_config.hidden_size
-  projected_dim = pretrained.module.projection_dim if args.projected else None
+  dim = pretrained.embedding_dim
+  projected_dim = pretrained.projection_dim if args.projected else None
   num_shards, prepared, dead_counts, totals, founds = {}, [], [], [], []
   threads = args.preprocess_threads  # 0 is resolved on the worker: its cores, not the launcher's
   # Two device batches ahead: batch k+1 is ready when batch k's results return.
@@ -303,7 +298,9 @@ def _preprocess_config(args, pretrained):
 def _metadata(args, source, pretrained, dim, projected_dim) -> dict[str, Any]:
   return {
       'model': {'name': pretrained.name, 'revision': pretrained.revision,
-                'params_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
+                'weights_sha256': pretrained.checksum(), 'feature': 'vision pooler_output',
+                'family': pretrained.family, 'pooling': pretrained.pooling,
+                'text_tower': pretrained.has_text,
                 'embedding_dim': dim, 'projected_dim': projected_dim,
                 'compute_dtype': args.dtype},
       'preprocessing': _preprocess_config(args, pretrained).to_json(),
@@ -341,8 +338,8 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   # For the metadata (checksum, dims); in-process runners reuse it, workers load their own.
   pretrained = models.load(args.model)
   if args.projected is None:  # by default, whenever the model has a projection
-    args.projected = pretrained.module.projection_dim is not None
-  if args.projected and pretrained.module.projection_dim is None:
+    args.projected = pretrained.projection_dim is not None
+  if args.projected and pretrained.projection_dim is None:
     raise UserError(f'--projected: {args.model} has no visual projection (a vision-only '
                     'checkpoint); drop --projected')
   emb_lib.prepare_output(args.output_dir, args.overwrite)

@@ -32,33 +32,11 @@ class VisionModel:
 
 
 def build_forward(pretrained, projected: bool = False) -> Callable:
-  """The jitted vision tower of a ``clip_transfer.models.Pretrained`` (uint8 in, normalised inside)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from clip_transfer.data.preprocess import normalize  # pylint: disable=g-import-not-at-top
+  """``clip_transfer.models.forward.vision_features`` bound to its weights: uint8 batch → features."""
+  from clip_transfer.models import forward  # pylint: disable=g-import-not-at-top
 
-  vision, vision_vars = pretrained.vision_tower()
-  proj_kernel = None
-  if projected:
-    if pretrained.module.projection_dim is None:
-      from clip_transfer.errors import UserError  # pylint: disable=g-import-not-at-top
-      raise UserError(f'{pretrained.name} has no visual_projection; drop --projected')
-    proj_kernel = pretrained.variables['params']['visual_projection']['kernel']
-  cfg = pretrained.preprocess
-
-  # Weights are arguments, not closed-over constants: closed-over arrays would
-  # be baked into the compiled program (slow compiles, a weights-sized
-  # executable, no reuse from a compilation cache).
-  @jax.jit
-  def clip_vision_forward(variables, kernel, pixels):
-    pooled = vision.apply(variables, normalize(pixels, cfg)).pooler_output
-    if kernel is None:
-      return pooled.astype(jnp.float32), None
-    # The projection in the tower's compute dtype, as nn.Dense(dtype=…) would do it.
-    projected = pooled @ kernel.astype(pooled.dtype)
-    return pooled.astype(jnp.float32), projected.astype(jnp.float32)
-
-  return functools.partial(clip_vision_forward, vision_vars, proj_kernel)
+  fn, weights = forward.vision_features(pretrained, projected)
+  return functools.partial(fn, weights)
 
 
 class ClipVisionModelHandler(ModelHandler[np.ndarray, tuple, VisionModel]):

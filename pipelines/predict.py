@@ -43,6 +43,7 @@ from clip_transfer import outputs
 from clip_transfer.data import embeddings as emb_lib
 from clip_transfer.data import sources as sources_lib
 from clip_transfer.errors import UserError, cli_main
+from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import rungs
 from pipelines import embed
 from pipelines import reads
@@ -391,7 +392,7 @@ def _run_embeddings(args: PredictConfig, rung: rungs.Rung) -> dict[str, Any]:
   """A probe/zero-shot head over stored embeddings: no backbone, no Beam (arrays in memory)."""
   start = time.perf_counter()
   metadata = emb_lib.read_metadata(args.embeddings)
-  recorded = (metadata.get('model') or {}).get('params_sha256')
+  recorded = metrics_lib.weights_checksum(metadata.get('model') or {})
   if recorded != rung.weights_sha256:
     raise UserError(f'{args.embeddings} was embedded with other weights ({str(recorded)[:12]}…) '
                     f'than {rung.spec} was made with ({str(rung.weights_sha256)[:12]}…)')

@@ -35,6 +35,7 @@ import numpy as np
 
 from probe import core
 from probe.head import LinearHead
+from clip_transfer import distributed
 from clip_transfer import flags
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer import outputs
@@ -50,16 +51,14 @@ OWNED_FILES = ('metrics.json', 'metrics.json.tmp', 'head.npz')  # what a probe r
 
 
 @dataclasses.dataclass
-class ProbeConfig:
+class ProbeConfig(distributed.DistributedOptions):
   """Every probe flag, declared once (``python -m probe.train --help`` lists them)."""
 
   embeddings: str = flags.field(help='embedding dataset directory (pipelines.embed)')
   output_dir: str = flags.field(help='where metrics.json and head.npz go')
   train_split: str = flags.field('train', 'split the head is fit (and validated) on')
   eval_split: str = flags.field('test', 'split scored once, with the chosen head')
-  val_fraction: float = flags.field(validation.DEFAULT_FRACTION,
-                                    'fraction of each train class held out to choose the L2 '
-                                    '(the same examples fine-tune validates on)')
+  val_fraction: float = flags.val_fraction('the L2')
   seed: int = flags.field(0, 'validation split and few-shot draws')
   method: str = flags.field(
       'linear', 'the JAX head: linear (on the pooled embedding, standardised) or '
@@ -126,8 +125,7 @@ class ProbeConfig:
     unknown = [b for b in self.baselines if b not in BASELINES]
     if unknown:
       raise UserError(f'unknown baseline {unknown[0]!r}; choose from {", ".join(BASELINES)}')
-    if not 0 <= self.val_fraction < 1:
-      raise UserError(f'--val_fraction must be in [0, 1), got {self.val_fraction}')
+    flags.check_shared(self)
     bad = [k for k in self.shots if k < 1]
     if bad:
       raise UserError(f'--shots must be positive integers, got {bad[0]}')
@@ -245,6 +243,18 @@ def _check_shots(shots: Sequence[int], y_fit: np.ndarray, class_names: Sequence[
                     'training examples outside the validation split; use at most that many')
 
 
+def _run_record(config: ProbeConfig, val: validation.Holdout, ids_eval, y_eval, dim: int) -> dict:
+  """metrics.json's description of the run (before its methods)."""
+  anchored = config.method == 'zeroshot-anchored'
+  return {'num_train': int(len(val.fit) + len(val.val)), 'num_fit': int(len(val.fit)),
+          'num_eval': int(len(y_eval)), 'dim': int(dim), 'validation': val.record,
+          'final_fit': config.final_fit, 'eval': validation.eval_record(ids_eval, y_eval),
+          'method': config.method,
+          'feature': 'projected (L2-normalised)' if anchored else 'embedding (standardised)',
+          'l2_grid': [json_l2(v) for v in config.l2_grid], 'solver': config.solver,
+          'max_iter': config.max_iter, 'tol': config.tol, 'methods': {}}
+
+
 def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray,
                        y_eval: np.ndarray, class_names: Sequence[str],
                        output_dir: Optional[str] = None, *,
@@ -295,14 +305,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
   head_params = int(x_eval.shape[1] * num_classes + num_classes)  # the Dense head, both methods
   out = dict(header or {}) or {'stage': 'probe', 'class_names': class_names,
                                'num_classes': num_classes}
-  out.update({'num_train': int(len(y_fit) + len(y_val)), 'num_fit': int(len(y_fit)),
-              'num_eval': int(len(y_eval)), 'dim': int(x_eval.shape[1]),
-              'validation': val.record, 'final_fit': config.final_fit,
-              'eval': validation.eval_record(ids_eval, y_eval), 'method': config.method,
-              'feature': ('projected (L2-normalised)' if anchored
-                          else 'embedding (standardised)'),
-              'l2_grid': [json_l2(v) for v in config.l2_grid], 'solver': config.solver,
-              'max_iter': config.max_iter, 'tol': config.tol, 'methods': {}})
+  out.update(_run_record(config, val, ids_eval, y_eval, x_eval.shape[1]))
   methods = config.methods(zeroshot_head)
   fits = [core.select_and_fit(method, x_fit, y_fit, x_val, y_val, x_eval, num_classes,
                               config.l2_grid, progress=config.progress,
@@ -312,7 +315,7 @@ def train_probe_arrays(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndar
     out['methods'][method.name] = _entry(fitted, y_eval, class_names, method, head_params)
   for k in config.shots:
     for method in methods:
-      out['methods'][f'{method.name}_{k}shot'] = _few_shot(
+      out['methods'][metrics_lib.method_name(method.name, shots=k)] = _few_shot(
           method, k, x_fit, y_fit, ids_fit, x_val, y_val, x_eval, y_eval, class_names, config)
   jax_fit = fits[0]  # the JAX head (methods() puts it first) is the one saved
   head = LinearHead(kernel=jax_fit.kernel, bias=jax_fit.bias, mean=jax_fit.standardizer.mean,
@@ -350,13 +353,9 @@ def load_anchor(path: str, embeddings: str, metadata: dict,
   if not os.path.isdir(path):
     raise UserError(f'--zeroshot {path}: no such directory; pass a probe.zeroshot --output_dir')
   zs = heads_lib.load_zeroshot_head(path)
-  try:
-    with open(os.path.join(path, 'metrics.json')) as fh:
-      zm = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise UserError(f'--zeroshot: cannot read {path}/metrics.json ({type(e).__name__})') from None
-  want = (metadata.get('model') or {}).get('params_sha256')
-  got = (zm.get('model') or {}).get('weights_sha256')
+  zm = metrics_lib.read(path)
+  want = metrics_lib.weights_checksum(metadata.get('model') or {})
+  got = metrics_lib.weights_checksum(zm.get('model') or {})
   if not want or got != want:
     raise UserError(f'--zeroshot: {path} was made with other weights ({str(got)[:12]}…) than '
                     f'the ones that embedded {embeddings} ({str(want)[:12]}…)')
@@ -372,6 +371,22 @@ def load_anchor(path: str, embeddings: str, metadata: dict,
   return zs, record
 
 
+def _header(config: ProbeConfig, metadata: dict, class_names, num_train: int, num_eval: int,
+            zeroshot_record: Optional[dict] = None) -> dict:
+  from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
+  src, model = metadata.get('source', {}), metadata.get('model', {})
+  return metrics_lib.header(
+      'probe',
+      dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
+               'train_split': config.train_split, 'eval_split': config.eval_split},
+      model={'name': model.get('name'), 'revision': model.get('revision'),
+             'weights_sha256': metrics_lib.weights_checksum(model)},
+      class_names=class_names, num_train=num_train, num_eval=num_eval,
+      embeddings=config.embeddings, metadata=metadata,
+      embedding=emb.read_run_info(config.embeddings),  # the one-off cost, for the report
+      **({'zeroshot': zeroshot_record} if zeroshot_record else {}))
+
+
 def train_probe(config: ProbeConfig) -> dict:
   """Reads two splits of an embedding dataset and runs the probe protocol on them."""
   from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
@@ -379,12 +394,21 @@ def train_probe(config: ProbeConfig) -> dict:
   if anchored and not config.zeroshot:
     raise UserError('--method=zeroshot-anchored needs --zeroshot=DIR (a probe.zeroshot run on '
                     'the same embeddings)')
-  # Refuses a file, a read-only directory, one holding files this tool did not write,
-  # or a previous run without --overwrite (the rule of every stage); held exclusively.
-  outputs.prepare_output_dir(config.output_dir, overwrite=config.overwrite, kind='probe run',
-                             owned=OWNED_FILES, complete='metrics.json', clear=False)
+  claim = dict(overwrite=config.overwrite, kind='probe run', owned=OWNED_FILES,
+               complete='metrics.json')
+  if distributed.is_writer():  # process 0 alone writes (clip_transfer.distributed)
+    # Refuses a file, a read-only directory, one holding files this tool did not write,
+    # or a previous run without --overwrite (the rule of every stage); held exclusively.
+    outputs.prepare_output_dir(config.output_dir, clear=False, **claim)
   metadata = emb.read_metadata(config.embeddings)
   class_names = emb.class_names(config.embeddings)
+  if distributed.process_count() > 1:
+    if anchored or config.final_fit != 'fit':
+      raise UserError('--method=zeroshot-anchored and --final_fit=fit+validation are not '
+                      'sharded over processes; run them as one process')
+    if distributed.is_writer():
+      outputs.prepare_output_dir(config.output_dir, **claim)
+    return _train_probe_processes(config, metadata, class_names)
   feature, zs, zs_record = 'embedding', None, None
   if anchored:
     if 'projected' not in emb.feature_names(config.embeddings):
@@ -400,19 +424,8 @@ def train_probe(config: ProbeConfig) -> dict:
   check_split(config.train_split, x_train, y_train, len(class_names), ids_train)
   check_split(config.eval_split, x_eval, y_eval, len(class_names), ids_eval)
   # The inputs hold up: only now remove the previous run's files (--overwrite).
-  outputs.prepare_output_dir(config.output_dir, overwrite=config.overwrite, kind='probe run',
-                             owned=OWNED_FILES, complete='metrics.json')
-  src, model = metadata.get('source', {}), metadata.get('model', {})
-  header = metrics_lib.header(
-      'probe',
-      dataset={'spec': src.get('spec'), 'name': src.get('name'), 'version': src.get('version'),
-               'train_split': config.train_split, 'eval_split': config.eval_split},
-      model={'name': model.get('name'), 'revision': model.get('revision'),
-             'weights_sha256': model.get('params_sha256')},
-      class_names=class_names, num_train=len(y_train), num_eval=len(y_eval),
-      embeddings=config.embeddings, metadata=metadata,
-      embedding=emb.read_run_info(config.embeddings),  # the one-off cost, for the report
-      **({'zeroshot': zs_record} if zs_record else {}))
+  outputs.prepare_output_dir(config.output_dir, **claim)
+  header = _header(config, metadata, class_names, len(y_train), len(y_eval), zs_record)
   options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
              if f.name not in ('embeddings', 'output_dir', 'overwrite')}
   return train_probe_arrays(x_train, y_train, x_eval, y_eval, class_names, config.output_dir,
@@ -420,12 +433,75 @@ def train_probe(config: ProbeConfig) -> dict:
                             zeroshot_head=zs, **options)
 
 
+def _train_probe_processes(config: ProbeConfig, metadata: dict, class_names) -> dict:
+  """The probe over several processes: each reads, standardises and solves on its rows only.
+
+  Labels and ids (small) are gathered to every process, so the validation
+  split is the one a single process draws; the feature rows never leave
+  their process. Same chosen L2, head and predictions as one process.
+  """
+  from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
+  if config.baselines:
+    raise UserError('the scikit-learn baseline needs every embedding in one process; pass '
+                    '--baselines= on a multi-host run')
+  if config.shots:
+    raise UserError('few-shot fits (--shots) are not sharded over processes; run them '
+                    'as one process')
+  part = (distributed.process_index(), distributed.process_count())
+  num_classes = len(class_names)
+  x_train, y_local, ids_local = emb.read_split(config.embeddings, config.train_split, part=part)
+  x_eval, ye_local, ide_local = emb.read_split(config.embeddings, config.eval_split, part=part)
+  for name, x, y, ids in ((config.train_split, x_train, y_local, ids_local),
+                          (config.eval_split, x_eval, ye_local, ide_local)):
+    if len(x):  # a process may hold no rows of a tiny split; emptiness is checked globally
+      check_split(name, x, y, num_classes, ids)
+  y_train, ids_train = distributed.gather_rows(y_local), distributed.gather_strings(ids_local)
+  y_eval, ids_eval = distributed.gather_rows(ye_local), distributed.gather_strings(ide_local)
+  check_splits((np.zeros((len(y_train), x_train.shape[1])), y_train),
+               (np.zeros((len(y_eval), x_eval.shape[1])), y_eval), num_classes,
+               (config.train_split, config.eval_split))
+  val = validation.split(ids_train, y_train, config.val_fraction, config.seed)
+  if len(val.val) == 0 and len(config.l2_grid) > 1:
+    raise UserError(f'no validation examples (--val_fraction={config.val_fraction} of '
+                    f'{len(y_train)}) to choose the L2 on; raise --val_fraction or pass a single '
+                    '--l2_grid value')
+  # This process's rows of the fit and validation parts, in the global order.
+  mine = distributed.local_range(len(y_train))
+  local_fit = val.fit[(val.fit >= mine.start) & (val.fit < mine.stop)]
+  local_val = val.val[(val.val >= mine.start) & (val.val < mine.stop)]
+  method = core.JaxMethod(solver=config.solver, max_iter=config.max_iter, tol=config.tol)
+  fitted = core.select_and_fit(method, x_train[local_fit - mine.start], y_train[local_fit],
+                               x_train[local_val - mine.start], y_train[val.val], x_eval,
+                               num_classes, config.l2_grid,
+                               progress=config.progress and distributed.is_writer())
+  del x_train
+  # Eval examples in id order, as one process scores them (validation.eval_order).
+  order = validation.eval_order(ids_eval)
+  fitted.eval_logits = fitted.eval_logits[order]
+  y_eval, ids_eval = y_eval[order], [ids_eval[i] for i in order]
+  out = _header(config, metadata, class_names, len(y_train), len(y_eval))
+  out.update(_run_record(config, val, ids_eval, y_eval, x_eval.shape[1]))
+  out['processes'] = distributed.process_count()
+  head_params = int(x_eval.shape[1] * num_classes + num_classes)
+  out['methods'][method.name] = _entry(fitted, y_eval, class_names, method, head_params)
+  if distributed.is_writer():
+    LinearHead(kernel=fitted.kernel, bias=fitted.bias, mean=fitted.standardizer.mean,
+               std=fitted.standardizer.std, class_names=list(class_names),
+               l2=fitted.l2).save(config.output_dir)
+    metrics_lib.write(config.output_dir, out)
+  return out
+
+
 @cli_main
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   flags.add_flags(p, ProbeConfig)
   config = flags.from_args(ProbeConfig, p.parse_args(argv))
-  metrics = train_probe(config)
+  distributed.initialize(config)
+  with distributed.peer_failures():
+    metrics = train_probe(config)
+  if not distributed.is_writer():
+    return
   print(summary_table(metrics))
   print(f'metrics: {os.path.join(config.output_dir, "metrics.json")}')
 

@@ -1,10 +1,11 @@
-"""Zero-shot classification with CLIP's text tower: the first rung of the ladder.
+"""Zero-shot classification with an image-text model's text tower: the first rung of the ladder.
 
     python -m probe.zeroshot --embeddings=DIR --output_dir=OUT [--templates=openai_imagenet]
 
 Each class is the mean of its L2-normalised prompt embeddings ("a photo of a
 {}." …), renormalised (the CLIP paper's prompt ensembling); an image scores
-``exp(logit_scale) * cos(image, class)``. The images come from the embedding
+``exp(logit_scale) * cos(image, class)`` (+ ``logit_bias`` for SigLIP, whose
+probabilities are the sigmoid of that; its argmax is unchanged). The images come from the embedding
 dataset's ``projected`` feature, so no image is read again. Writes
 OUT/metrics.json and OUT/zeroshot_head.npz (class embeddings, logit scale,
 class names, templates), which a fine-tune can start its head from.
@@ -47,7 +48,11 @@ def encode_texts(module, variables, tokenizer, texts: Sequence[str],
 
   ids, mask = tokenizer(texts)
   eos = module.text_config.eos_token_id
-  if eos != 2:  # legacy configs (eos_token_id == 2) pool at the highest id instead
+  if tokenizer.pools_at == 'last':
+    # SigLIP pools at the last position of max-length padded text, trained without a
+    # mask: its reference (SiglipModel.get_text_features(input_ids)) passes none.
+    mask = np.ones_like(ids)
+  elif eos != 2:  # legacy configs (eos_token_id == 2) pool at the highest id instead
     missing = ~(ids == eos).any(axis=1)
     if missing.any():
       raise UserError(f'prompt {texts[int(np.argmax(missing))]!r} has no EOS token '
@@ -82,14 +87,21 @@ def zeroshot_head(module, variables, tokenizer, class_names: Sequence[str],
 
 def logit_scale(module, variables) -> float:
   """The model's learned temperature, log-space (CLIP multiplies cosines by its exp)."""
-  return float(module.apply(variables, method=lambda m: m.logit_scale))
+  return float(module.apply(variables, method=lambda m: m.logit_params()[0]))
 
 
-def zeroshot_logits(projected_image_features, head, logit_scale) -> np.ndarray:  # pylint: disable=redefined-outer-name
-  """``exp(logit_scale) * normalize(img) @ head.T``: float32 (N, C), as CLIPModel.logits_per_image."""
+def logit_bias(module, variables) -> float:
+  """SigLIP's learned logit bias; 0 for CLIP, which has none."""
+  bias = module.apply(variables, method=lambda m: m.logit_params()[1])
+  return 0.0 if bias is None else float(bias)
+
+
+def zeroshot_logits(projected_image_features, head, logit_scale, logit_bias=0.0) -> np.ndarray:  # pylint: disable=redefined-outer-name
+  """``exp(logit_scale) * normalize(img) @ head.T + logit_bias``: float32 (N, C), as
+  CLIPModel / SiglipModel ``logits_per_image``."""
   img = _normalize(np.asarray(projected_image_features, np.float32))
-  return (np.exp(np.float32(logit_scale)) * img @ np.asarray(head, np.float32).T).astype(
-      np.float32)
+  logits = np.exp(np.float32(logit_scale)) * img @ np.asarray(head, np.float32).T
+  return (logits + np.float32(logit_bias)).astype(np.float32)
 
 
 def read_projected(embeddings: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -144,6 +156,11 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
   names = emb.class_names(embeddings)
   if class_names_file:
     names = read_class_names(class_names_file, len(names))
+  recorded = metadata.get('model') or {}
+  if recorded.get('text_tower') is False and not model:
+    raise UserError(f'{embeddings} was embedded by {recorded.get("name")} '
+                    f'({recorded.get("family")}), a vision-only model with no text tower; '
+                    'zero-shot needs an image-text model (CLIP, SigLIP, OpenCLIP): use the probe')
   x, y, ids = read_projected(embeddings, eval_split)  # refuses a dataset without `projected`
   order = validation.eval_order(ids)
   x, y, ids = x[order], y[order], [ids[i] for i in order]
@@ -157,15 +174,16 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
     raise UserError(f'{embeddings}/metadata.json names no model; pass --model')
   pretrained = models.load(model)
   module, variables = pretrained.module, pretrained.variables
-  if module.text_config is None or module.projection_dim is None:
-    raise UserError(f'{model} has no text tower and projections; zero-shot needs a full CLIP')
+  if not pretrained.has_text:
+    raise UserError(f'{model} ({pretrained.family}) is a vision-only model with no text tower; '
+                    'zero-shot needs an image-text model (CLIP, SigLIP, OpenCLIP): use the probe')
   if x.shape[1] != module.projection_dim:
     raise UserError(f'{embeddings}: projected features are {x.shape[1]}-d but {model} projects '
                     f'to {module.projection_dim}')
   # The images were embedded by some weights; only the same weights' text tower matches them.
-  want = recorded.get('params_sha256')
+  want = metrics_lib.weights_checksum(recorded)
   if not want:
-    raise UserError(f'{embeddings}/metadata.json records no model.params_sha256 to check '
+    raise UserError(f'{embeddings}/metadata.json records no model.weights_sha256 to check '
                     f'{model} against')
   got = pretrained.checksum()
   if got != want:
@@ -178,8 +196,8 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
 
   t0 = time.perf_counter()
   head = zeroshot_head(module, variables, tok, names, prompts, batch_size)
-  scale = logit_scale(module, variables)
-  logits = zeroshot_logits(x, head, scale)
+  scale, bias = logit_scale(module, variables), logit_bias(module, variables)
+  logits = zeroshot_logits(x, head, scale, bias)
   wall_s = time.perf_counter() - t0
   del variables  # the text tower's work is done
 
@@ -196,10 +214,10 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
       class_names=names, num_train=0, num_eval=len(y),
       eval=validation.eval_record(ids, y),
       embeddings=embeddings, metadata=metadata, embedding=emb.read_run_info(embeddings),
-      logit_scale=scale, batch_size=batch_size)
+      logit_scale=scale, logit_bias=bias, batch_size=batch_size)
   out = metrics_json(entry, header)
   if output_dir:
-    heads.ZeroshotHead(head, scale, list(names), list(prompts)).save(output_dir)
+    heads.ZeroshotHead(head, scale, list(names), list(prompts), bias).save(output_dir)
     metrics_lib.write(output_dir, out)
   return out
 

@@ -12,12 +12,16 @@ mean ± std beside zero-shot (0 shots), paired against zero-shot and against
 the plain probe on the same draws.
 
 Runs are refused (one line, exit 2) when they differ in dataset, eval split, eval
-examples, model weights or validation split, or when a file holds NaN or inf.
+examples or validation split, when one RUN_DIR mixes model weights, or when a
+file holds NaN or inf. RUN_DIRs on different backbones (same task, same eval and
+validation ids) share one table with a backbone column, every row paired with
+the best probe of any backbone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -28,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 from clip_transfer import outputs
+from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import stats
 from clip_transfer.errors import UserError, cli_main
 
@@ -73,38 +78,12 @@ def find_metrics(paths: list[str]) -> list[str]:
   return found
 
 
-def _non_finite(obj, where: str = '') -> Optional[str]:
-  """The key path of the first NaN or inf number in ``obj`` (json.load accepts both), or None."""
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return where or '(top level)'
-  if isinstance(obj, dict):
-    items = obj.items()
-  elif isinstance(obj, list):
-    items = enumerate(obj)
-  else:
-    return None
-  for k, v in items:
-    found = _non_finite(v, f'{where}[{k}]' if isinstance(k, int) else f'{where}.{k}'.lstrip('.'))
-    if found:
-      return found
-  return None
-
-
 def _load(path: str) -> dict:
-  try:
-    with open(path) as fh:
-      m = json.load(fh)
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f'{path}: not readable JSON ({e})') from None
-  if not isinstance(m, dict) or not isinstance(m.get('methods'), dict) or 'stage' not in m:
-    raise UserError(f'{path}: not a probe/fine-tune metrics.json (no "stage" and "methods")')
+  """metrics_lib.read's checked metrics.json, refused when empty or holding a field of the wrong type."""
+  m = metrics_lib.read(path)
   if not m['methods']:
     raise UserError(f'{path} holds no results: its run was interrupted or stopped early '
                     '(fine-tune --stop_after); finish it (fine-tune: --resume) or leave it out')
-  bad = _non_finite(m)
-  if bad:
-    raise UserError(f'{path}: {bad} is NaN or inf; the run that wrote it diverged or is broken, '
-                    'rerun it')
   problem = _wrong_type(m)
   if problem:
     raise UserError(f'{path}: {problem}; not a metrics.json this tool wrote, or damaged')
@@ -186,15 +165,32 @@ def _refuse_if_differ(runs: list[tuple[str, dict]], what: str, key, show) -> Non
     raise UserError(f'runs are not comparable (different {what}): {desc}')
 
 
-def check_comparable(runs: list[tuple[str, dict]]) -> None:
-  """Refuses runs that do not measure the same task, model, validation split and eval examples."""
+def run_of(files: list[str], paths: list[str]) -> dict[str, str]:
+  """Each metrics file → the RUN_DIR argument it belongs to: the most specific one holding it
+  (``report.compare runs/demo runs/demo/backbone2`` is two runs, the second inside the first)."""
+  roots = [os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p)) for p in paths]
+  out = {}
+  for f in files:
+    real = os.path.realpath(f)
+    out[f] = max((r for r in roots if real.startswith(r + os.sep)), key=len, default=real)
+  return out
+
+
+def check_comparable(runs: list[tuple[str, dict]], run_of: Optional[dict] = None) -> None:
+  """Refuses runs that do not measure the same task, validation split and eval examples, and
+  mixed weights within one run (``run_of``: metrics file → the RUN_DIR it came from; backbones
+  may differ between RUN_DIRs)."""
   tasks = {_task(m): path for path, m in runs}
   if len(tasks) > 1:
     desc = '; '.join(f'{p}: dataset {t[0]!r}, eval split {t[1]!r}, {t[2]} examples, '
                      f'{t[3]} classes' for t, p in tasks.items())
     raise UserError(f'runs are not comparable (different dataset or eval split): {desc}')
-  _refuse_if_differ(runs, 'model weights', lambda m: (m.get('model') or {}).get('weights_sha256'),
-                    lambda v: f'weights sha256 {str(v)[:12]}…')
+  owner = run_of or {path: None for path, _ in runs}
+  for run in dict.fromkeys(owner.values()):
+    _refuse_if_differ([(p, m) for p, m in runs if owner.get(p) == run],
+                      'model weights within one run',
+                      lambda m: metrics_lib.weights_checksum(m.get('model')),
+                      lambda v: f'weights sha256 {str(v)[:12]}…')
   # Zero-shot tunes nothing and records no validation split: exempt.
   _refuse_if_differ(runs, 'validation split', lambda m: m.get('validation'),
                     lambda v: json.dumps(v, sort_keys=True))
@@ -208,18 +204,29 @@ def check_comparable(runs: list[tuple[str, dict]]) -> None:
 
 def _rung(stage: str, name: str, e: dict) -> tuple:
   """Sort key along the ladder: zero-shot, probe, head-only, LP-FT, other fine-tunes, WiSE-FT."""
-  if name.endswith('+wise'):
+  method = metrics_lib.parse_method(name)
+  if method.wise:
     return (5, 0)
   if stage == 'zeroshot':
     return (0, 0)
   if stage == 'probe':
     return (1, {'jax': 0, 'zeroshot-anchored': 1, 'sklearn': 2}.get(name, 3))
   if stage == 'finetune':
-    mode, _, init = name.partition('@')
-    if mode == 'linear' or 'l2' in (e.get('selected') or {}):
+    if method.base == 'linear' or 'l2' in (e.get('selected') or {}):
       return (2, 0)
-    return (3, 0) if init == 'probe' else (4, 0)
+    return (3, 0) if method.head_init == 'probe' else (4, 0)
   return (6, 0)
+
+
+def backbone(m: dict) -> str:
+  """The model a metrics file was measured on: its name and weights."""
+  model = m.get('model') or {}
+  sha = model.get('weights_sha256')
+  return f'{model.get("name") or "?"}' + (f' ({sha[:8]})' if sha else '')
+
+
+def _key(r: dict) -> tuple:
+  return (r['backbone'], r['method'])
 
 
 def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
@@ -230,10 +237,10 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     labels = (m.get('eval') or {}).get('labels')
     embed = m.get('embedding') if stage in ('probe', 'zeroshot') else None
     for name, e in m['methods'].items():
-      if 'shots' in e:  # few-shot entries are named '<method>_<k>shot'
-        base = name[:-len(f"_{e['shots']}shot")] if name.endswith('shot') else name
+      if 'shots' in e:  # few-shot entries: the method's name with its shots
+        base = str(dataclasses.replace(metrics_lib.parse_method(name), shots=None))
         shots.append({'method': base, 'stage': stage, 'source': path,
-                      'correct': _few_shot_correct(e, labels), **e})
+                      'correct': _few_shot_correct(e, labels), **e, 'backbone': backbone(m)})
         continue
       correct = None
       if labels is not None and e.get('predictions') is not None:
@@ -250,11 +257,14 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
           'balanced_accuracy_ci95': e.get('balanced_accuracy_ci95'),
           'trainable_params': e.get('trainable_params'), 'wall_s': e.get('wall_s'),
           'images_per_s': e.get('images_per_s'), 'cost': e.get('cost'),
-          'embed_s': (embed or {}).get('wall_s'), 'correct': correct,
+          'embed_s': (embed or {}).get('wall_s'), 'correct': correct, 'backbone': backbone(m),
           'labels': None if labels is None else np.asarray(labels),
           'rung': _rung(stage, name, e)})
       rows[-1]['ci'] = _intervals(rows[-1])
   rows.sort(key=lambda r: r['rung'])  # stable: file order within a rung
+  if len({s['backbone'] for s in shots}) > 1:  # backbones side by side: name each curve's
+    for s in shots:
+      s['method'] = f"{s['method']} on {s['backbone']}"
   return rows, shots
 
 
@@ -315,7 +325,7 @@ def paired(rows: list[dict], ref: Optional[dict]) -> tuple[dict, Optional[str]]:
   out = {}
   for r in rows:
     if r is not ref and r['correct'] is not None:
-      out[r['method']] = stats.paired_difference(r['correct'], ref['correct'])
+      out[_key(r)] = stats.paired_difference(r['correct'], ref['correct'])
   missing = [r['method'] for r in rows if r is not ref and r['correct'] is None]
   note = (f'No paired comparison for {", ".join(missing)}: no per-example predictions in '
           'its metrics.json (written before they were recorded).') if missing else None
@@ -387,7 +397,7 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
   for _, m in runs:
     model = m.get('model') or {}
     if model.get('name'):
-      sha = model.get('weights_sha256')
+      sha = metrics_lib.weights_checksum(model)
       models[model['name']] = f'`{model["name"]}`' + (f' (weights sha256 {sha[:12]}…)' if sha
                                                           else '')
   if models:
@@ -403,18 +413,22 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
   ref = reference(rows)
   pairs, note = paired(rows, ref)
   show_pairs = ref is not None and ref['correct'] is not None
-  head = ['method', 'top-1 [95% CI]', 'balanced acc. [95% CI]']
+  several = len({r['backbone'] for r in rows}) > 1  # backbones side by side
+  ref_name = f'{ref["method"]} on {ref["backbone"]}' if ref is not None and several else (
+      ref and ref['method'])
+  head = ['method'] + (['backbone'] if several else []) + ['top-1 [95% CI]',
+                                                          'balanced acc. [95% CI]']
   if show_pairs:
-    head += [f'Δ top-1 vs {ref["method"]} [95% CI]', 'McNemar p', 'verdict']
+    head += [f'Δ top-1 vs {ref_name} [95% CI]', 'McNemar p', 'verdict']
   head += ['trainable params', 'wall s', 'wall s incl. embedding', 'images/s']
-  align = ['---' if h in ('method', 'verdict') else '---:' for h in head]
+  align = ['---' if h in ('method', 'backbone', 'verdict') else '---:' for h in head]
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '|'.join(align) + '|']
   for r in rows:
     ci = r['ci']
-    cells = [r['method'], _with_ci(r['top1'], ci['top1']),
-             _with_ci(r['balanced_accuracy'], ci['balanced_accuracy'])]
+    cells = [r['method']] + ([f'`{r["backbone"]}`'] if several else []) + [
+        _with_ci(r['top1'], ci['top1']), _with_ci(r['balanced_accuracy'], ci['balanced_accuracy'])]
     if show_pairs:
-      d = pairs.get(r['method'])
+      d = pairs.get(_key(r))
       if r is ref:
         cells += ['(reference)', '—', '—']
       elif d is None:
@@ -430,7 +444,7 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('')
   if show_pairs:
-    lines += [f'Δ: top-1 of the row minus {ref["method"]} on the same eval examples, with its '
+    lines += [f'Δ: top-1 of the row minus {ref_name} on the same eval examples, with its '
               'paired-bootstrap 95% interval; McNemar: exact test on the examples where the two '
               'disagree. Verdict "better"/"worse" when p < 0.05 and the interval excludes 0.', '']
   if note:
@@ -510,7 +524,9 @@ def plot(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict], path
       continue
     ax.errorbar([total], [r['top1']], yerr=_yerr([(r['top1'], r['ci']['top1'])]), capsize=3,
                 marker=markers.get(r['stage'], 'D'), linestyle='none')
-    ax.annotate(r['method'], (total, r['top1']), textcoords='offset points', xytext=(5, 5),
+    several = len({q['backbone'] for q in rows}) > 1
+    label = f"{r['method']} ({r['backbone'].split(' ')[0]})" if several else r['method']
+    ax.annotate(label, (total, r['top1']), textcoords='offset points', xytext=(5, 5),
                 fontsize=8)
   ax.set_xscale('log')
   ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))  # '20', not '2×10¹'
@@ -573,25 +589,23 @@ def default_output_dir(paths: list[str]) -> str:
   return paths[0] if os.path.isdir(paths[0]) else '.'
 
 
-MARKER = '<!-- written by python -m report.compare -->'  # what makes report.md ours to replace
+REPORT_FILES = ('report.md', 'report.png')
+# How report.md said it was ours before the output marker listed it (still read, never written).
+OLD_MARKER = '<!-- written by python -m report.compare -->'
 
 
 def check_output_dir(output_dir: str) -> None:
-  """Replaces only a report this tool wrote: never a user's report.md or report.png."""
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise UserError(f'--output_dir {output_dir} is a file; pass a directory')
-  md, png = (os.path.join(output_dir, f) for f in ('report.md', 'report.png'))
-  ours = False
-  if os.path.exists(md):
+  """Claims report.md and report.png as every stage claims its files (clip_transfer.outputs).
+
+  Replaces only a report this tool wrote: never a user's report.md or report.png.
+  """
+  md = os.path.join(output_dir, 'report.md')
+  old = False
+  if os.path.isfile(md):
     with open(md, errors='replace') as fh:
-      ours = MARKER in fh.read()
-    if not ours:
-      raise UserError(f'{md} was not written by report.compare; move it or pass another '
-                      '--output_dir')
-  if os.path.exists(png) and not ours:
-    raise UserError(f'{png} was not written by report.compare; move it or pass another '
-                    '--output_dir')
-  # Created and held as every stage holds its output dir: two reports at once are refused.
+      old = OLD_MARKER in fh.read()
+  outputs.claim_files(output_dir, REPORT_FILES, kind='report.compare', adopt=old)
+  # Held as every stage holds its output dir: two reports at once are refused.
   outputs.claim_exclusive(output_dir, '--output_dir')
   if not os.access(output_dir, os.W_OK):
     raise UserError(f'--output_dir {output_dir} is not writable')
@@ -601,9 +615,9 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
   """Writes report.md and report.png; returns the Markdown."""
   files = find_metrics(paths)
   runs = [(f, _load(f)) for f in files]
-  check_comparable(runs)
+  check_comparable(runs, run_of(files, paths))
   rows, shots = rows_from(runs)
-  md = markdown(runs, rows, shots) + MARKER + '\n'
+  md = markdown(runs, rows, shots)
   output_dir = output_dir or default_output_dir(paths)
   check_output_dir(output_dir)
   with open(os.path.join(output_dir, 'report.md'), 'w') as fh:

@@ -54,7 +54,7 @@ def test_missing_path():
 
 def test_not_a_clip_config(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
-  with pytest.raises(ModelLoadError, match="model_type 'bert' is not a CLIP model"):
+  with pytest.raises(ModelLoadError, match="model_type 'bert' is not a model clip_transfer can load"):
     checkpoints.read(str(tmp_path))
 
 

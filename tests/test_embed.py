@@ -66,7 +66,7 @@ def test_digits_end_to_end(digits_run):
   assert x.shape == (1437, 64) and len(set(ids)) == 1437 and np.isfinite(x).all()
   assert np.bincount(y, minlength=10).min() > 100
   meta = embeddings.read_metadata(out)
-  assert meta['model']['name'] == MODEL and len(meta['model']['params_sha256']) == 64
+  assert meta['model']['name'] == MODEL and len(meta['model']['weights_sha256']) == 64
   assert meta['source']['name'] == 'digits' and meta['preprocessing']['size'] == 32
   assert meta['code_version'] == '0.1.0'
   assert open(os.path.join(out, 'dead_letters.test.jsonl')).read() == ''

@@ -102,8 +102,8 @@ def test_fast_decode_and_bfloat16_are_recorded_and_close(jpeg_folder, tmp_path):
   assert embeddings.read_metadata(fast)['preprocessing']['fast_decode'] is True
   assert embeddings.read_metadata(bf16)['model']['compute_dtype'] == 'bfloat16'
   # Same weights either way: the checksum is of the float32 params.
-  assert (embeddings.read_metadata(bf16)['model']['params_sha256']
-          == embeddings.read_metadata(exact)['model']['params_sha256'])
+  assert (embeddings.read_metadata(bf16)['model']['weights_sha256']
+          == embeddings.read_metadata(exact)['model']['weights_sha256'])
   x, _, ids = embeddings.read_split(exact, 'train')
   for other in (fast, bf16):
     y, _, other_ids = embeddings.read_split(other, 'train')

@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -157,7 +159,9 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
     (['--mode=custom'], 'mode custom needs --rules'),
     (['--num_classes=7'], '--num_classes 7 but digits has 10 classes'),
     (['--mode=custom', '--rules=[["backbone/.*", null]]'], 'match no rule: head/bias'),
-    (['--batch_size=5000'], 'batch size 5000 is larger than the 1295 training examples'),
+    (['--mode=linear', '--wise=0.5'], '--wise does not apply: --mode linear trains only the head'),
+    (['--final_fit=all'], '--final_fit must be one of fit, fit+validation'),
+    (['--final_fit=fit+validation', '--mode=full', '--wise=0.5'], 'use one or the other'),
     (['--lr=nan'], '--lr values must be finite and > 0'),
     (['--lr=0'], '--lr values must be finite and > 0'),
     (['--mode=custom', '--rules=[["backbone/.*", 0], ["head/.*", 1]]'], 'multiplier > 0'),
@@ -184,3 +188,133 @@ def test_a_diverging_lr_is_dropped_and_all_diverging_stops_in_one_line(tmp_path,
   assert _cli(*common, f'--workdir={tmp_path / "all"}', '--lr=1e30') == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.startswith('error: ') and 'every learning rate diverged' in err
+
+
+def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(tmp_path, data_dir):
+  """Killed after step 6's state was saved but before its validation point was (issue 22 #9)."""
+  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+  assert _cli(*_resume_args(straight, data_dir)) == 0
+  # The real CLI in a subprocess whose curve write at step 6 is replaced by SIGKILL.
+  script = (
+      'import os, signal, sys\n'
+      'from finetune import checkpoints, train\n'
+      'save_record = checkpoints.Checkpoints.save_record\n'
+      'def killing(self, record):\n'
+      '  if record["curve"] and record["curve"][-1]["step"] == 6:\n'
+      '    os.kill(os.getpid(), signal.SIGKILL)\n'
+      '  save_record(self, record)\n'
+      'checkpoints.Checkpoints.save_record = killing\n'
+      'sys.exit(train.main(sys.argv[1:]))\n')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get('PYTHONPATH')]))}
+  p = subprocess.run([sys.executable, '-c', script, *_resume_args(killed, data_dir)], env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == -9, p.stderr[-2000:]
+  curve_file = os.path.join(checkpoints.checkpoint_dir(killed, 'full', 3e-3), 'curve.json')
+  assert [q['step'] for q in json.load(open(curve_file))['curve']] == [2, 4]  # 6 was lost
+  assert checkpoints.load_checkpoint(killed, 'full', 3e-3)['step'] == 6
+  assert _cli(*_resume_args(killed, data_dir), '--resume') == 0
+  a, b = (json.load(open(os.path.join(w, 'metrics.json')))['methods']['full']
+          for w in (straight, killed))
+  assert a['curves'] == b['curves'] and [q['step'] for q in b['curves']['0.003']] == [2, 4, 6, 8]
+  assert a['selected'] == b['selected']
+  assert (a['top1'], a['predictions']) == (b['top1'], b['predictions'])
+  best_a = checkpoints.load_checkpoint(straight, 'full', 3e-3, 'best')
+  best_b = checkpoints.load_checkpoint(killed, 'full', 3e-3, 'best')
+  assert best_a['step'] == best_b['step'] == a['selected']['step']
+
+
+def test_files_the_tool_did_not_write_under_checkpoints_are_refused_and_kept(tmp_path, data_dir,
+                                                                            capsys):
+  """Issue 22 #10: a user's file below checkpoints/ is never removed; the run is refused."""
+  work = tmp_path / 'w'
+  args = ['--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny', f'--workdir={work}',
+          '--mode=full', '--steps=2', '--batch_size=16', '--limit_train=64', '--limit_eval=16',
+          '--lr=1e-3', '--no_progress']
+  assert _cli(*args) == 0
+  notes = work / 'checkpoints' / 'full' / 'lr=0.001' / 'my_notes.txt'
+  notes.write_text('mine')
+  capsys.readouterr()
+  assert _cli(*args) == 2
+  err = capsys.readouterr().err.strip()
+  assert '\n' not in err and 'holds files this tool did not write' in err
+  assert 'checkpoints/full/lr=0.001/my_notes.txt' in err
+  assert notes.read_text() == 'mine'
+  notes.unlink()
+  assert _cli(*args) == 0  # only its own files: replaced without a word
+
+
+def test_default_batch_size_fits_small_data_with_a_note(tmp_path, data_dir, caplog):
+  """Issue 22: the default --batch_size=64 neither refuses linear nor 40 training examples."""
+  work = str(tmp_path / 'w')
+  with caplog.at_level(logging.INFO, logger='finetune.trainer'):
+    assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
+                f'--workdir={work}', '--mode=linear,full', '--steps=2', '--lr=1e-3',
+                '--limit_train=40', '--limit_eval=16', '--no_progress') == 0
+  fit = json.load(open(os.path.join(work, 'metrics.json')))
+  assert fit['num_fit'] < 40 and set(fit['methods']) == {'linear', 'full'}
+  assert fit['methods']['full']['batch_size'] == fit['num_fit']
+  assert f'--batch_size 64 is larger than the {fit["num_fit"]} fit examples' in caplog.text
+
+
+def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog):
+  work = str(tmp_path / 'w')
+  with caplog.at_level(logging.INFO, logger='finetune.trainer'):
+    assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
+                f'--workdir={work}', '--mode=linear,full', '--steps=2', '--lr=1e-3',
+                '--batch_size=16', '--limit_train=64', '--limit_eval=16', '--wise=0,1',
+                '--no_progress') == 0
+  assert '--wise applies to full only: --mode linear trains only the head' in caplog.text
+  methods = json.load(open(os.path.join(work, 'metrics.json')))['methods']
+  assert set(methods) == {'linear', 'full', 'full+wise'}
+
+
+def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, data_dir):
+  """Issue 21: --weight_decay takes a list, crossed with --lr; the choice is recorded."""
+  work = str(tmp_path / 'w')
+  assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
+              f'--workdir={work}', '--mode=full', '--steps=4', '--eval_every=2',
+              '--lr=1e-3,3e-3', '--weight_decay=0,0.5', '--batch_size=16', '--limit_train=64',
+              '--limit_eval=16', '--no_progress') == 0
+  full = json.load(open(os.path.join(work, 'metrics.json')))['methods']['full']
+  keys = {'0.001,wd=0', '0.003,wd=0', '0.001,wd=0.5', '0.003,wd=0.5'}
+  assert set(full['curves']) == keys and full['weight_decay_grid'] == [0.0, 0.5]
+  best = max((p['val_top1'], -p['val_loss'], -float(k.split(',')[0]),
+              -float(k.split('=')[1]), p['step'])
+             for k, curve in full['curves'].items() for p in curve)
+  assert full['selected'] == {'lr': -best[2], 'weight_decay': -best[3], 'step': best[4]}
+  assert full['weight_decay'] == full['selected']['weight_decay']
+  for k in keys:
+    lr, wd = float(k.split(',')[0]), float(k.split('=')[1])
+    assert checkpoints.load_checkpoint(work, 'full', lr, 'latest', weight_decay=wd)['step'] == 4
+  # Kernels decay only where asked: the two decays of one lr end at different weights.
+  a = checkpoints.load_checkpoint(work, 'full', 1e-3, weight_decay=0.0)['params']
+  b = checkpoints.load_checkpoint(work, 'full', 1e-3, weight_decay=0.5)['params']
+  assert not np.allclose(a['head']['kernel'], b['head']['kernel'])
+
+
+def test_final_fit_on_fit_and_validation_is_labelled_and_refits(tmp_path, data_dir):
+  """Issue 21: the chosen configuration trained again on fit ∪ validation, and said so."""
+  work = str(tmp_path / 'w')
+  common = ['--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
+            '--mode=linear,full', '--steps=4', '--eval_every=2', '--lr=1e-3', '--batch_size=16',
+            '--limit_train=96', '--limit_eval=32', '--no_progress']
+  assert _cli(*common, f'--workdir={work}', '--final_fit=fit+validation') == 0
+  m = json.load(open(os.path.join(work, 'metrics.json')))
+  assert m['final_fit'] == 'fit+validation'
+  assert {e['final_fit'] for e in m['methods'].values()} == {'fit+validation'}
+  full = m['methods']['full']
+  final = checkpoints.load_checkpoint(work, 'full', 1e-3, 'final')
+  best = checkpoints.load_checkpoint(work, 'full', 1e-3, 'best')
+  assert final['step'] == best['step'] == full['selected']['step']
+  assert not np.allclose(final['params']['head']['kernel'], best['params']['head']['kernel'])
+  # The selection is the default run's; only what is scored was trained on more examples.
+  plain = str(tmp_path / 'plain')
+  assert _cli(*common, f'--workdir={plain}') == 0
+  p = json.load(open(os.path.join(plain, 'metrics.json')))
+  assert p['final_fit'] == 'fit'
+  for name in ('linear', 'full'):
+    assert p['methods'][name]['selected'] == m['methods'][name]['selected']
+  assert (p['methods']['linear']['predictions'] != m['methods']['linear']['predictions']
+          or p['methods']['linear']['top1'] != m['methods']['linear']['top1']
+          or p['methods']['full']['predictions'] != full['predictions'])

@@ -208,7 +208,6 @@ def _with(m, path, value):
 @pytest.mark.parametrize('path, value, match', [
     (('dataset', 'name'), 'cifar10', 'different dataset or eval split'),
     (('dataset', 'eval_split'), 'validation', 'different dataset or eval split'),
-    (('model', 'weights_sha256'), '0' * 64, 'different model weights'),
     (('validation', 'seed'), 1, 'different validation split'),
     (('validation', 'ids_sha256'), 'b' * 64, 'different validation split'),
     (('eval', 'ids_sha256'), 'd' * 64, 'different eval examples'),
@@ -256,3 +255,53 @@ def test_a_report_the_tool_did_not_write_is_never_replaced(tmp_path):
     p = subprocess.run([sys.executable, '-m', 'report.compare', str(run)], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_mixed_weights_within_one_run_are_refused(tmp_path):
+  run = tmp_path / 'run'
+  _write(run / 'probe', _probe())
+  _write(run / 'finetune', _with(_finetune(), ('model', 'weights_sha256'), '0' * 64))
+  with pytest.raises(UserError, match='different model weights within one run'):
+    compare.compare([str(run)], str(tmp_path / 'out'))
+
+
+def test_backbones_side_by_side_with_paired_verdicts(tmp_path):
+  """Two runs that differ only in the model: one table, a backbone column, pairs across them."""
+  a = _write(tmp_path / 'clip', _probe())
+  other = _with(_with(_probe(), ('model', 'name'), 'random:dinov2-tiny'),
+                ('model', 'weights_sha256'), '0' * 64)
+  other['methods']['jax'] = _entry(_correct(180, offset=7), 0.4, trainable_params=520)
+  b = _write(tmp_path / 'clip' / 'backbone2' / 'probe', other)  # a run inside the other, as the demo
+  md = compare.compare([a, str(tmp_path / 'clip' / 'backbone2')], str(tmp_path / 'out'))
+  rows = _table(md)
+  assert '| backbone |' in md and 'vs probe:jax on random:dinov2-tiny (00000000)' in md
+  ours = [r for r in rows if r.startswith('| probe:jax | `random:tiny (ffffffff)`')]
+  assert len(ours) == 1 and '| worse |' in ours[0]  # 140 vs 180 of 200 correct
+  assert any('(reference)' in r and 'random:dinov2-tiny' in r for r in rows)
+  assert '| probe:jax on random:dinov2-tiny (00000000) | 1 |' in md  # few-shot rows apart
+
+
+def test_the_report_claims_its_files_with_the_output_marker(tmp_path):
+  """One marker for every stage (clip_transfer.outputs): it lists report.md and report.png."""
+  from clip_transfer import outputs  # pylint: disable=g-import-not-at-top
+
+  run = tmp_path / 'run'
+  _write(run / 'probe', _probe())
+  compare.compare([str(run)])
+  marker = json.loads((run / outputs.MARKER).read_text())
+  assert marker['files'] == ['report.md', 'report.png']
+  assert compare.OLD_MARKER not in (run / 'report.md').read_text()
+  # A user's picture where the report goes is refused (and kept), even with no report.md.
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'report.png').write_bytes(b'mine')
+  with pytest.raises(UserError, match='report.png was not written by report.compare'):
+    compare.compare([str(run)], str(other))
+  assert (other / 'report.png').read_bytes() == b'mine'
+  # A report an older version wrote (the comment, no marker) is still ours to replace.
+  old = tmp_path / 'old'
+  old.mkdir()
+  (old / 'report.md').write_text('old table\n' + compare.OLD_MARKER + '\n')
+  (old / 'report.png').write_bytes(b'old plot')
+  compare.compare([str(run)], str(old))
+  assert (old / 'report.md').read_text().startswith('# Transfer ladder')

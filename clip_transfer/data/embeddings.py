@@ -285,9 +285,15 @@ def feature_names(out_dir: str) -> list[str]:
   return sorted(_open(out_dir).info.features)
 
 
-def read_split(out_dir: str, split: str,
-               feature: str = 'embedding') -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """(``feature`` float32 (N, D), labels int64 (N,), ids) of one split, in one pass."""
+def read_split(out_dir: str, split: str, feature: str = 'embedding',
+               part: Optional[tuple[int, int]] = None
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(``feature`` float32 (N, D), labels int64 (N,), ids) of one split, in one pass.
+
+  ``part=(i, P)``: only the i-th of P contiguous, balanced row ranges
+  (``clip_transfer.distributed.local_range``), so P processes each read and
+  hold 1/P of the split.
+  """
   builder = _open(out_dir)
   if feature not in builder.info.features:
     raise UserError(f'{out_dir} has no {feature!r} feature')
@@ -297,13 +303,17 @@ def read_split(out_dir: str, split: str,
   dim = builder.info.features[feature].shape[0]
   try:
     source = builder.as_data_source(split=split)
-    n = len(source)
+    rows_wanted = range(len(source))
+    if part is not None:
+      from clip_transfer import distributed  # pylint: disable=g-import-not-at-top
+      rows_wanted = distributed.local_range(len(source), *part)
+    n = len(rows_wanted)
     embeddings = np.empty((n, dim), np.float32)
     labels = np.empty((n,), np.int64)
     ids: list[str] = []
     step = 1024
     for start in range(0, n, step):
-      rows = source.__getitems__(list(range(start, min(n, start + step))))
+      rows = source.__getitems__(list(rows_wanted[start:min(n, start + step)]))
       for i, row in enumerate(rows, start):
         embeddings[i] = row[feature]
         labels[i] = row['label']

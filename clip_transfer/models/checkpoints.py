@@ -1,7 +1,10 @@
-"""Reading CLIP weights into the linen tree: random presets, save_pretrained directories, hub ids.
+"""Reading weights into a family's linen tree: random presets, save_pretrained directories, hub ids.
 
 ``read`` does the work (no cache); ``clip_transfer.models.load`` is what callers use
-(one load per process and name, the checksum, the vision tower).
+(one load per process and name, the checksum, the vision tower). The family
+comes from the files (``clip_transfer.models.families``); each family module
+holds its own config parsing, name mapping and preprocessing, this module what
+they share (weight files, PyTorch → linen layouts, range checks, shape checks).
 
 Weights formats: ``model.safetensors`` (single or sharded) and
 ``flax_model.msgpack`` need no torch; ``pytorch_model.bin`` needs torch.
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_transfer.models import clip
+from clip_transfer.models import families
 from clip_transfer.errors import UserError
 from clip_transfer.data.preprocess import PreprocessConfig
 
@@ -54,7 +58,7 @@ class ModelLoadError(UserError):
 class Checkpoint:
   """What ``read`` returns: the module, its params and the preprocessing it expects."""
 
-  module: clip.CLIP
+  module: Any  # a family's linen module (clip.CLIP, siglip.SigLIP, dinov2.DINOv2)
   params: dict
   preprocess: PreprocessConfig
   revision: Optional[str] = None  # hub commit, when downloaded
@@ -75,27 +79,32 @@ def read(name_or_path: str, seed: int = 0) -> Checkpoint:
   if os.path.isdir(path) and open_clip.is_open_clip_dir(path):
     return open_clip.read_dir(path)
   if os.path.isdir(path):
-    return _load_dir(path)
+    return families.read_dir(path)
   if os.path.exists(path):
     raise ModelLoadError(f'{name_or_path} is a file; pass the directory holding config.json '
                          'and the weights')
   if name_or_path.startswith(('/', '.', '~')) or name_or_path.count('/') > 1:
     raise ModelLoadError(f'no such model directory: {name_or_path}')
   local, revision = _download(name_or_path)
-  ckpt = _load_dir(local)
+  ckpt = families.read_dir(local)
   ckpt.revision = revision
   return ckpt
 
 
 def _load_preset(name: str, seed: int) -> Checkpoint:
   preset = name[len(RANDOM_PREFIX):]
-  if preset not in PRESETS:
-    raise ModelLoadError(f'unknown preset {name!r}; choose one of '
-                         f'{", ".join(RANDOM_PREFIX + p for p in PRESETS)}')
-  p = PRESETS[preset]
-  module = clip.CLIP(p['vision'], p['text'], p['projection_dim'])
-  params = clip.init_params(module, seed)
-  return Checkpoint(module, params, PreprocessConfig.for_image_size(p['vision'].image_size))
+  if preset in PRESETS:
+    p = PRESETS[preset]
+    module = clip.CLIP(p['vision'], p['text'], p['projection_dim'])
+    params = clip.init_params(module, seed)
+    return Checkpoint(module, params, PreprocessConfig.for_image_size(p['vision'].image_size))
+  for family in families.FAMILIES.values():
+    if preset in getattr(family, 'PRESETS', {}):
+      module = family.preset_module(preset)
+      return Checkpoint(module, families.init_params(module, seed),
+                        family.default_preprocess(module.vision_config))
+  raise ModelLoadError(f'unknown preset {name!r}; choose one of '
+                       f'{", ".join(RANDOM_PREFIX + p for p in families.preset_names())}')
 
 
 def _download(repo_id: str) -> tuple[str, Optional[str]]:
@@ -119,10 +128,11 @@ def _download(repo_id: str) -> tuple[str, Optional[str]]:
   return local, os.path.basename(os.path.normpath(local))
 
 
-def _read_config(path: str) -> tuple[dict, str]:
-  f = os.path.join(path, 'config.json')
+def read_json(path: str, name: str = 'config.json') -> dict:
+  """A directory's JSON object file, or a one-line ModelLoadError."""
+  f = os.path.join(path, name)
   if not os.path.exists(f):
-    raise ModelLoadError(f'{path} has no config.json (not a save_pretrained directory)')
+    raise ModelLoadError(f'{path} has no {name} (not a save_pretrained directory)')
   try:
     with open(f) as fh:
       cfg = json.load(fh)
@@ -131,55 +141,113 @@ def _read_config(path: str) -> tuple[dict, str]:
                          f'{str(e).splitlines()[0][:200]})') from None
   if not isinstance(cfg, dict):
     raise ModelLoadError(f'{f}: expected a JSON object, got {type(cfg).__name__}')
-  kind = cfg.get('model_type')
-  if kind not in ('clip', 'clip_vision_model'):
-    raise ModelLoadError(f'{path}/config.json: model_type {kind!r} is not a CLIP model '
-                         "('clip' or 'clip_vision_model')")
-  return cfg, kind
+  return cfg
 
 
-def _vision_config(d: dict) -> clip.VisionConfig:
-  import transformers  # pylint: disable=g-import-not-at-top
+# --------------------------------------------------------------------------
+# Config checks (issue 22 #13): types and ranges before anything is built, so an
+# absurd config is one line, not an OverflowError or minutes of allocation.
+# --------------------------------------------------------------------------
 
-  c = transformers.CLIPVisionConfig(**d)
-  return clip.VisionConfig(
-      hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-      num_channels=c.num_channels, image_size=c.image_size, patch_size=c.patch_size,
-      hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps)
-
-
-def _text_config(d: dict) -> clip.TextConfig:
-  import transformers  # pylint: disable=g-import-not-at-top
-
-  c = transformers.CLIPTextConfig(**d)
-  return clip.TextConfig(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-      num_attention_heads=c.num_attention_heads,
-      max_position_embeddings=c.max_position_embeddings, hidden_act=c.hidden_act,
-      layer_norm_eps=c.layer_norm_eps, eos_token_id=c.eos_token_id)
+# Upper bounds well above every released model (ViT-22B: 48 layers, width 6144).
+LIMITS = {
+    'hidden_size': 16384, 'intermediate_size': 65536, 'num_hidden_layers': 256,
+    'num_attention_heads': 256, 'num_channels': 16, 'image_size': 4096, 'patch_size': 256,
+    'vocab_size': 1 << 20, 'max_position_embeddings': 16384, 'projection_dim': 16384,
+    'projection_size': 16384, 'num_register_tokens': 64,
+}
+ZERO_OK = ('num_register_tokens', 'eos_token_id', 'pad_token_id')
+FLOAT_LIMITS = {'layer_norm_eps': (0.0, 1.0), 'mlp_ratio': (0.0, 64.0)}
 
 
-def _load_dir(path: str) -> Checkpoint:
-  cfg, kind = _read_config(path)
-  flat = _read_weights(path, kind)  # '/'-joined linen paths → float32 arrays
-  has_projection = 'visual_projection/kernel' in flat
+def checked(d: Any, defaults: dict[str, Any], where: str) -> dict[str, Any]:
+  """``defaults`` overlaid with ``d``'s values of those keys, each checked for type and range."""
+  if d is None:
+    d = {}
+  if not isinstance(d, dict):
+    raise ModelLoadError(f'{where}: expected a JSON object, got {type(d).__name__}')
+  out = dict(defaults)
+  for key, default in defaults.items():
+    if key not in d or d[key] is None:
+      continue
+    v = d[key]
+    bad = lambda want: ModelLoadError(f'{where}: {key} must be {want}, got {v!r}')
+    if isinstance(default, bool):
+      if not isinstance(v, bool):
+        raise bad('true or false')
+    elif isinstance(default, int):
+      if isinstance(v, bool) or not isinstance(v, int):
+        raise bad('an integer')
+      lo, hi = (0 if key in ZERO_OK else 1), LIMITS.get(key, 1 << 30)
+      if not lo <= v <= hi:
+        raise bad(f'an integer in [{lo}, {hi}]')
+    elif isinstance(default, float):
+      lo, hi = FLOAT_LIMITS.get(key, (0.0, 1.0))
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
+        raise bad(f'a number in ({lo}, {hi}]')
+      v = float(v)
+    elif isinstance(default, str):
+      if not isinstance(v, str):
+        raise bad('a string')
+      if key == 'hidden_act' and v not in clip.ACTIVATIONS:
+        raise bad(f'one of {", ".join(sorted(clip.ACTIVATIONS))}')
+    out[key] = v
+  return out
+
+
+def check_shape(where: str, hidden_size: int, num_attention_heads: int, image_size: int,
+                patch_size: int) -> None:
+  """Relations between fields the ranges cannot say."""
+  if hidden_size % num_attention_heads:
+    raise ModelLoadError(f'{where}: hidden_size {hidden_size} is not divisible by '
+                         f'num_attention_heads {num_attention_heads}')
+  if patch_size > image_size:
+    raise ModelLoadError(f'{where}: patch_size {patch_size} is larger than image_size '
+                         f'{image_size}')
+
+
+# transformers' CLIPVisionConfig / CLIPTextConfig defaults.
+_CLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
+                    hidden_act='quick_gelu', layer_norm_eps=1e-5)
+_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=8, max_position_embeddings=77, hidden_act='quick_gelu',
+                  layer_norm_eps=1e-5, eos_token_id=49407)
+
+
+def _vision_config(d: dict, where: str) -> clip.VisionConfig:
+  c = checked(d, _CLIP_VISION, where)
+  check_shape(where, c['hidden_size'], c['num_attention_heads'], c['image_size'],
+              c['patch_size'])
+  return clip.VisionConfig(**c)
+
+
+def _text_config(d: dict, where: str) -> clip.TextConfig:
+  c = checked(d, _CLIP_TEXT, where)
+  check_shape(where, c['hidden_size'], c['num_attention_heads'], 1, 1)
+  return clip.TextConfig(**c)
+
+
+def load_clip_dir(path: str, cfg: dict, kind: str) -> Checkpoint:
+  """A ``clip`` / ``clip_vision_model`` save_pretrained directory."""
+  where = f'{path}/config.json'
   if kind == 'clip':
-    vision = _vision_config(cfg.get('vision_config') or {})
-    text = _text_config(cfg.get('text_config') or {})
-    projection_dim = int(cfg.get('projection_dim', 512)) if has_projection else None
+    vision = _vision_config(cfg.get('vision_config'), f'{where} vision_config')
+    text = _text_config(cfg.get('text_config'), f'{where} text_config')
   else:
-    vision = _vision_config(cfg)
-    text = None
-    projection_dim = int(cfg.get('projection_dim', 512)) if has_projection else None
+    vision, text = _vision_config(cfg, where), None
+  projection_dim = checked(cfg, {'projection_dim': 512}, where)['projection_dim']
+  flat = read_weights(path, lambda state: _from_pytorch_names(state, kind))
+  if 'visual_projection/kernel' not in flat:
+    projection_dim = None
   module = clip.CLIP(vision, text, projection_dim,
                      logit_scale_init_value=float(cfg.get('logit_scale_init_value', 2.6592)))
-  params = _match(flat, clip.param_shapes(module), path)
+  params = match(flat, families.param_shapes(module), path)
   return Checkpoint(module, params, PreprocessConfig.from_dir(path, vision.image_size))
 
 
-def _read_weights(path: str, kind: str) -> dict[str, np.ndarray]:
+def read_weights(path: str, rename) -> dict[str, np.ndarray]:
+  """The weights file's tensors as '/'-joined linen paths (``rename``: PyTorch names → those)."""
   st = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
   msgpack = os.path.join(path, 'flax_model.msgpack')
@@ -189,7 +257,7 @@ def _read_weights(path: str, kind: str) -> dict[str, np.ndarray]:
     if not os.path.exists(st):
       with open(index) as fh:
         files = sorted({os.path.join(path, f) for f in json.load(fh)['weight_map'].values()})
-    return _from_pytorch_names(_read_safetensors(files), kind)
+    return rename(_read_safetensors(files))
   if os.path.exists(msgpack):
     with open(msgpack, 'rb') as fh:
       tree = flax.serialization.msgpack_restore(fh.read())
@@ -202,9 +270,30 @@ def _read_weights(path: str, kind: str) -> dict[str, np.ndarray]:
       raise ModelLoadError(
           f'{pt} needs PyTorch to read; install it (pip install torch==2.13.0) or re-save '
           'the model with safe_serialization=True (model.safetensors)') from None
-    state = torch.load(pt, map_location='cpu', weights_only=True)
-    return _from_pytorch_names({k: v.float().numpy() for k, v in state.items()}, kind)
+    state = _torch_load(pt, torch)
+    return rename({k: v.float().numpy() for k, v in state.items()})
   raise ModelLoadError(f'{path} has no weights: expected one of {", ".join(WEIGHT_FILES)}')
+
+
+def _torch_load(pt: str, torch):
+  """``torch.load`` with only tensors allowed; a file holding code is refused in one line."""
+  import pickle  # pylint: disable=g-import-not-at-top
+
+  try:
+    state = torch.load(pt, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError:
+    # Never repeat torch's advice to pass weights_only=False: that runs the file's code.
+    raise ModelLoadError(
+        f'{pt} holds Python objects other than tensors (code that would run on loading); it '
+        'was not loaded. Use a model.safetensors file (save_pretrained(..., '
+        'safe_serialization=True)) from a source you trust') from None
+  except Exception as e:  # truncated or not a torch file
+    raise ModelLoadError(f'{pt}: cannot read the weights ({type(e).__name__}: '
+                         f'{(str(e).splitlines() or [""])[0][:200]}); the file may be '
+                         'truncated: save or download it again') from None
+  if not isinstance(state, dict) or not all(hasattr(v, 'numpy') for v in state.values()):
+    raise ModelLoadError(f'{pt} does not hold a state dict of tensors')
+  return state
 
 
 def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
@@ -226,16 +315,30 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
 
 def _from_pytorch_names(state: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
   """PyTorch CLIP names/layouts → linen '/'-paths/layouts."""
-  flat = {}
+  renamed = {}
   for key, value in state.items():
     parts = key.split('.')
-    if parts[-1] == 'position_ids':  # a buffer, not a parameter
-      continue
     if parts[0] == 'clip':  # wrappers such as CLIPForImageClassification
       parts = parts[1:]
     if kind == 'clip_vision_model' and parts[0] not in ('vision_model', 'visual_projection'):
       # transformers 5 saves CLIPVisionModel without the 'vision_model.' prefix; 4.x kept it.
       parts = ['vision_model'] + parts
+    renamed['.'.join(parts)] = value
+  return linen_layout(renamed)
+
+
+def linen_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """PyTorch names/layouts → linen '/'-paths/layouts, the rules every family shares.
+
+  ``weight`` becomes a conv or Dense ``kernel`` (transposed), an ``embedding``
+  (modules named ``*embedding``) or a LayerNorm ``scale``; other leaves keep
+  their names (``bias``, ``cls_token``, ``lambda1`` …).
+  """
+  flat = {}
+  for key, value in state.items():
+    parts = key.split('.')
+    if parts[-1] == 'position_ids':  # a buffer, not a parameter
+      continue
     mod, leaf = parts[:-1], parts[-1]
     if leaf == 'weight':
       if value.ndim == 4:  # conv (out, in, kh, kw) → (kh, kw, in, out)
@@ -250,9 +353,14 @@ def _from_pytorch_names(state: dict[str, np.ndarray], kind: str) -> dict[str, np
   return flat
 
 
-def _match(flat: dict[str, np.ndarray], shapes, path: str) -> dict:
+def match(flat: dict[str, np.ndarray], shapes, path: str, ignore: tuple[str, ...] = ()) -> dict:
   """Checks the checkpoint against the config's tree; returns the nested params."""
   expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes), sep='/')
+  want = sum(int(np.prod(s.shape)) for s in expected.values())
+  have = sum(int(v.size) for k, v in flat.items() if k not in ignore)
+  if want > 4 * have:  # issue 22 #13: a config far bigger than its weights
+    raise ModelLoadError(f'{path}: config.json describes {want:,} parameters but the weights '
+                         f'file holds {have:,}; the config does not belong to these weights')
   missing = sorted(set(expected) - set(flat))
   if missing:
     raise ModelLoadError(
@@ -264,9 +372,12 @@ def _match(flat: dict[str, np.ndarray], shapes, path: str) -> dict:
     if tuple(flat[k].shape) != tuple(s.shape):
       raise ModelLoadError(f'{path}: parameter {k!r} has shape {tuple(flat[k].shape)} in the '
                            f'checkpoint but the config expects {tuple(s.shape)}')
-  extra = sorted(set(flat) - set(expected))
+  extra = sorted(set(flat) - set(expected) - set(ignore))
   if extra:
-    log.warning('%s: ignoring %d checkpoint tensor(s) CLIP does not use, e.g. %s', path,
+    log.warning('%s: ignoring %d checkpoint tensor(s) the model does not use, e.g. %s', path,
                 len(extra), extra[0])
   return flax.traverse_util.unflatten_dict(
       {tuple(k.split('/')): jnp.asarray(flat[k]) for k in expected})
+
+
+_match = match  # the name earlier callers used

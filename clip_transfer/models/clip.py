@@ -204,6 +204,15 @@ class VisionEmbeddings(nn.Module):
     return x + pos[None].astype(x.dtype)
 
 
+def check_input(pixel_values, c) -> None:
+  """Refuses pixels that are not (B, image_size, image_size, channels) NHWC."""
+  expected = (c.image_size, c.image_size, c.num_channels)
+  if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+    raise ValueError(
+        f'vision tower expects NHWC input of shape (B, {expected[0]}, '
+        f'{expected[1]}, {expected[2]}), got {tuple(pixel_values.shape)}')
+
+
 class VisionTransformer(nn.Module):
   """The CLIP vision tower. Input: NHWC pixels, already normalised."""
 
@@ -213,11 +222,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, pixel_values) -> VisionOutput:
     c = self.config
-    expected = (c.image_size, c.image_size, c.num_channels)
-    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-      raise ValueError(
-          f'vision tower expects NHWC input of shape (B, {expected[0]}, '
-          f'{expected[1]}, {expected[2]}), got {tuple(pixel_values.shape)}')
+    check_input(pixel_values, c)
     ln = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name=name)
     x = VisionEmbeddings(c, self.dtype, name='embeddings')(pixel_values)
     x = ln('pre_layrnorm')(x)  # sic: the reference's spelling
@@ -234,7 +239,7 @@ class TextTransformer(nn.Module):
   def __call__(self, input_ids, attention_mask=None) -> TextOutput:
     c = self.config
     # HF layout nests both embeddings under 'embeddings'.
-    x = _TextEmbeddings(c, name='embeddings')(input_ids).astype(self.dtype)
+    x = TextEmbeddings(c, name='embeddings')(input_ids).astype(self.dtype)
     mask = None
     if attention_mask is not None:
       mask = attention_mask[:, None, None, :].astype(bool)
@@ -249,7 +254,7 @@ class TextTransformer(nn.Module):
     return TextOutput(last_hidden_state=x, pooler_output=pooled)
 
 
-class _TextEmbeddings(nn.Module):
+class TextEmbeddings(nn.Module):
   config: TextConfig
 
   @nn.compact
@@ -276,6 +281,9 @@ class CLIP(nn.Module):
   logit_scale_init_value: float = 2.6592
   dtype: Dtype = jnp.float32
 
+  family = 'clip'
+  pooling = 'class token after post_layernorm'
+
   def setup(self):
     self.vision_model = VisionTransformer(self.vision_config, self.dtype)
     if self.text_config is not None:
@@ -290,11 +298,19 @@ class CLIP(nn.Module):
         self.logit_scale = self.param(
             'logit_scale', nn.initializers.constant(self.logit_scale_init_value), ())
 
-  def get_image_features(self, pixel_values):
-    """Projected image embeddings (B, projection_dim)."""
+  def project_image(self, pooled):
+    """The pooled vision feature → the image-text space (``visual_projection``)."""
     if self.projection_dim is None:
       raise ValueError('this checkpoint has no visual_projection')
-    return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+    return self.visual_projection(pooled)
+
+  def get_image_features(self, pixel_values):
+    """Projected image embeddings (B, projection_dim)."""
+    return self.project_image(self.vision_model(pixel_values).pooler_output)
+
+  def logit_params(self):
+    """(logit_scale, logit_bias): CLIP's scores are exp(scale) · cos, with no bias."""
+    return self.logit_scale, None
 
   def get_text_features(self, input_ids, attention_mask=None):
     if self.text_model is None or self.projection_dim is None:
@@ -362,11 +378,15 @@ class Classifier(nn.Module):
   num_classes: int
   backbone: nn.Module
   projection_dim: Optional[int] = None
+  # L2-normalise the pooled features without a projection: SigLIP's image-text space is
+  # its pooled feature itself (implied when projection_dim is set).
+  normalize: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = self.backbone(x).pooler_output
     if self.projection_dim is not None:
       x = nn.Dense(self.projection_dim, use_bias=False, dtype=x.dtype, name='projection')(x)
+    if self.projection_dim is not None or self.normalize:
       x = x / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True).astype(x.dtype)
     return nn.Dense(self.num_classes, name='head', kernel_init=nn.zeros)(x)

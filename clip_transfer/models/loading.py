@@ -1,13 +1,14 @@
-"""Where a CLIP model is loaded: the per-process cache, the weights checksum, the vision tower.
+"""Where a model is loaded: the per-process cache, the weights checksum, the vision tower.
 
     module, variables = clip_transfer.models.load_model('openai/clip-vit-base-patch32')
 
 ``load`` is the one way every stage gets a model: a hub id, a local
-``save_pretrained`` directory (``CLIPModel`` or ``CLIPVisionModel``) or a
-``random:<preset>``, read once per process, name and dtype (a Beam worker's
-handler and the launcher share it; fine-tune modes in one process share it).
-The linen modules themselves live in ``clip_transfer.models.clip`` and the checkpoint
-formats in ``clip_transfer.models.checkpoints``.
+``save_pretrained`` directory of any family (CLIP, SigLIP, DINOv2, OpenCLIP; see
+``clip_transfer.models.families``) or a ``random:<preset>``, read once per
+process, name and dtype (a Beam worker's handler and the launcher share it;
+fine-tune modes in one process share it). The linen modules live in one module
+per family (``clip``, ``siglip``, ``dinov2``) and the checkpoint formats in
+``clip_transfer.models.checkpoints``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax.numpy as jnp
 import numpy as np
 
 from clip_transfer.models import checkpoints
-from clip_transfer.models.clip import CLIP
 from clip_transfer.data.preprocess import PreprocessConfig
 
 DEFAULT_MODEL = 'openai/clip-vit-base-patch32'
@@ -44,9 +44,14 @@ def params_checksum(params) -> str:
 
 @dataclasses.dataclass
 class Pretrained:
-  """A loaded model with everything recorded alongside what is computed from it."""
+  """A loaded model with everything recorded alongside what is computed from it.
 
-  module: CLIP
+  What stages need, the same on every family: ``family``, ``pooling`` (what the
+  vision tower's ``pooler_output`` is), ``embedding_dim``, ``projection_dim``
+  (the image-text space, None when vision-only), ``has_text``, ``vision_tower()``.
+  """
+
+  module: Any  # a family's linen module, e.g. clip.CLIP
   variables: dict  # {'params': …}
   preprocess: PreprocessConfig
   name: str  # what the user passed
@@ -64,9 +69,47 @@ class Pretrained:
     vision_model, vision_vars = self.module.bind(self.variables).vision_model.unbind()
     return vision_model, vision_vars
 
+  def text_tower(self) -> Optional[tuple[Any, dict]]:
+    """The stand-alone text tower and its variables (bind/unbind, as ``vision_tower``), or None."""
+    if self.module.text_config is None:
+      return None
+    return self.module.bind(self.variables).text_model.unbind()
+
+  @property
+  def family(self) -> str:
+    return self.module.family
+
+  @property
+  def pooling(self) -> str:
+    return self.module.pooling
+
   @property
   def embedding_dim(self) -> int:
-    return self.module.vision_config.hidden_size
+    """The width of the pooled vision feature (DINOv2's is class ‖ mean patch: 2·hidden)."""
+    hidden = self.module.vision_config.hidden_size
+    return 2 * hidden if self.family == 'dinov2' else hidden
+
+  @property
+  def projection_dim(self) -> Optional[int]:
+    return self.module.projection_dim
+
+  @property
+  def has_text(self) -> bool:
+    return self.module.text_config is not None and self.module.projection_dim is not None
+
+  def image_projection(self) -> tuple[Optional[Callable], Any]:
+    """``(fn, params)`` with ``fn(params, pooled) -> projected``, or ``(None, None)``.
+
+    CLIP's is ``visual_projection`` (a kernel); SigLIP's embedding space is the pooled
+    feature itself. The params are an argument so a jitted caller does not bake them in.
+    """
+    if self.projection_dim is None:
+      return None, None
+    if self.family == 'siglip':
+      return (lambda _, pooled: pooled), None
+    kernel = self.variables['params']['visual_projection']['kernel']
+    # In the tower's compute dtype, as nn.Dense(dtype=…) would do it.
+    return (lambda k, pooled: pooled @ k.astype(pooled.dtype)), kernel
 
 
 _CACHE: dict[tuple[str, str], Pretrained] = {}

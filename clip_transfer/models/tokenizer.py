@@ -1,21 +1,26 @@
-"""The CLIP text tokenizer: prompts → fixed-length (input_ids, attention_mask) for the text tower.
+"""Text tokenizers: prompts → fixed-length (input_ids, attention_mask) for the text tower.
 
 ``load_tokenizer(name_or_path)`` takes what ``clip_transfer.models.load_model`` takes:
 
-- a ``save_pretrained`` directory or a hub id: transformers' ``CLIPTokenizer``
-  (``AutoTokenizer``), offline-safe (a clear one-line error, never a hang);
+- a ``save_pretrained`` directory or a hub id: the checkpoint's own tokenizer
+  through ``AutoTokenizer`` (``CLIPTokenizer``; SigLIP's SentencePiece
+  ``SiglipTokenizer``), offline-safe (a clear one-line error, never a hang);
 - ``random:<preset>``: a byte-level ``CLIPTokenizer`` generated here, no download.
   One token per byte (no merges), so only its ids, not its token boundaries, match
   OpenAI's; its BOS/EOS ids are the text config's (EOS = ``eos_token_id``).
 
 Sequences are padded (or truncated, EOS kept last) to the text config's
-``max_position_embeddings``; the tokenizer's EOS must be the id the text tower pools at.
+``max_position_embeddings``. A CLIP text tower pools at EOS, so the tokenizer's
+EOS must be the id it pools at; SigLIP's pools at the last position (``pools_at``).
+Texts are cleaned first as the original CLIP tokenizer does (``clean_text``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,9 +30,10 @@ from clip_transfer.errors import UserError
 RANDOM_PREFIX = 'random:'
 BOS, EOS = '<|startoftext|>', '<|endoftext|>'
 # Files AutoTokenizer can build a CLIP tokenizer from: tokenizer.json, or vocab.json + merges.txt.
-TOKENIZER_FILES = (('tokenizer.json',), ('vocab.json', 'merges.txt'))
+# SentencePiece (SigLIP): spiece.model.
+TOKENIZER_FILES = (('tokenizer.json',), ('vocab.json', 'merges.txt'), ('spiece.model',))
 HUB_PATTERNS = ['tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'merges.txt',
-                'special_tokens_map.json', 'config.json']
+                'special_tokens_map.json', 'config.json', 'spiece.model']
 LEGACY_EOS = 2  # configs before transformers PR #24773: the text tower pools at the highest id
 
 
@@ -35,12 +41,25 @@ class TokenizerError(UserError):
   """A tokenizer that cannot be loaded or does not fit the model; the message names the fix."""
 
 
+def clean_text(text: str) -> str:
+  """What OpenAI's CLIP tokenizer does before BPE: ftfy (when installed), HTML entities
+  unescaped (twice, as it does), whitespace runs collapsed, ends stripped."""
+  try:
+    import ftfy  # pylint: disable=g-import-not-at-top
+    text = ftfy.fix_text(text)
+  except ImportError:
+    pass
+  text = html.unescape(html.unescape(text))
+  return re.sub(r'\s+', ' ', text).strip()
+
+
 @dataclasses.dataclass
 class Tokenizer:
   """A transformers CLIP tokenizer bound to the text tower's sequence length."""
 
-  hf: Any  # transformers.CLIPTokenizer
+  hf: Any  # transformers.CLIPTokenizer (or SiglipTokenizer …)
   max_length: int  # the text config's max_position_embeddings
+  pools_at: str = 'eos'  # where the text tower pools: 'eos' (CLIP) or 'last' (SigLIP)
 
   @property
   def eos_token_id(self) -> int:
@@ -56,8 +75,8 @@ class Tokenizer:
     if not texts:
       empty = np.zeros((0, self.max_length), np.int32)
       return empty, empty.copy()
-    enc = self.hf(texts, padding='max_length', truncation=True, max_length=self.max_length,
-                  return_tensors='np')
+    enc = self.hf([clean_text(t) for t in texts], padding='max_length', truncation=True,
+                  max_length=self.max_length, return_tensors='np')
     return enc['input_ids'].astype(np.int32), enc['attention_mask'].astype(np.int32)
 
 
@@ -110,7 +129,8 @@ def load_tokenizer(name_or_path: str, text_config=None) -> Tokenizer:
     hf = _load_hf(name_or_path)
   if hf.pad_token is None:
     hf.pad_token = hf.eos_token
-  tok = Tokenizer(hf, int(text_config.max_position_embeddings))
+  tok = Tokenizer(hf, int(text_config.max_position_embeddings),
+                  getattr(text_config, 'pools_at', 'eos'))
   check_fits(tok, text_config, name_or_path)
   return tok
 
@@ -120,6 +140,8 @@ def check_fits(tok: Tokenizer, text_config, name: str) -> None:
   if tok.max_id >= text_config.vocab_size:
     raise TokenizerError(f'{name}: the tokenizer emits ids up to {tok.max_id} but the text '
                          f'tower embeds only {text_config.vocab_size}')
+  if tok.pools_at == 'last':  # SigLIP: pools at the last position, whatever token is there
+    return
   if text_config.eos_token_id == LEGACY_EOS:
     if tok.eos_token_id != tok.max_id:
       raise TokenizerError(f'{name}: the config pools at the highest token id (legacy '
@@ -148,8 +170,9 @@ def _load_hf(name_or_path: str):
   have = set(os.listdir(path))
   if not any(all(f in have for f in group) for group in TOKENIZER_FILES):
     raise TokenizerError(
-        f'{where} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); '
-        'save one beside the model with CLIPTokenizer.save_pretrained(DIR)')
+        f'{where} has no tokenizer files (tokenizer.json, vocab.json + merges.txt, or '
+        'spiece.model); save the model\'s tokenizer beside it with CLIPTokenizer (or '
+        'SiglipTokenizer).save_pretrained(DIR)')
   try:
     return AutoTokenizer.from_pretrained(path)
   except Exception as e:  # corrupt or foreign files

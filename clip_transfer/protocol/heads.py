@@ -84,14 +84,41 @@ def load_head(path: str) -> LinearHead:
     path = os.path.join(path, HEAD_FILE)
   if not os.path.exists(path):
     raise UserError(f'no probe head at {path}; pass the --output_dir of a probe.train run')
-  with np.load(path, allow_pickle=False) as f:
-    # Heads saved before `feature` was recorded read the pooled embedding.
-    feature = str(f['feature']) if 'feature' in f.files else 'embedding'
-    if feature not in FEATURES:
-      raise UserError(f'{path}: unknown feature {feature!r} (a newer version wrote it?)')
-    return LinearHead(kernel=f['kernel'], bias=f['bias'], mean=f['mean'], std=f['std'],
-                      class_names=[str(n) for n in f['class_names']], l2=float(f['l2']),
-                      feature=feature)
+  f = _read(path, ('kernel', 'bias', 'mean', 'std', 'class_names', 'l2'), 'probe head',
+            optional=('feature',))
+  # Heads saved before `feature` was recorded read the pooled embedding.
+  feature = str(f['feature']) if 'feature' in f else 'embedding'
+  if feature not in FEATURES:
+    raise UserError(f'{path}: unknown feature {feature!r} (a newer version wrote it?)')
+  head = LinearHead(kernel=f['kernel'], bias=f['bias'], mean=f['mean'], std=f['std'],
+                    class_names=[str(n) for n in f['class_names']], l2=float(f['l2']),
+                    feature=feature)
+  d, c = head.kernel.shape if head.kernel.ndim == 2 else (None, None)
+  if (d is None or head.bias.shape != (c,) or head.mean.shape != (d,) or head.std.shape != (d,)
+      or len(head.class_names) != c):
+    raise UserError(f'{path}: not a probe head (kernel {head.kernel.shape}, bias '
+                    f'{head.bias.shape}, mean {head.mean.shape}, std {head.std.shape}, '
+                    f'{len(head.class_names)} class names do not fit together)')
+  return head
+
+
+def _read(path: str, keys: tuple[str, ...], what: str,
+          optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """The arrays ``keys`` (and those of ``optional`` present) of an npz file, or one line saying why it is not a ``what``."""
+  try:
+    with np.load(path, allow_pickle=False) as f:  # never unpickle: a head file holds no code
+      missing = [k for k in keys if k not in f.files]
+      if missing:
+        raise UserError(f'{path}: not a {what} file (no {missing[0]!r} array)')
+      return {k: f[k] for k in keys + optional if k in f.files}
+  except UserError:
+    raise
+  except Exception as e:  # not a zip, truncated, an object array (pickle)
+    if 'pickle' in str(e):  # numpy's message advises allow_pickle: never the fix here
+      raise UserError(f'{path}: not a {what} file (it holds pickled Python objects, which are '
+                      'never loaded: they could run code)') from None
+    reason = (str(e).strip().splitlines() or [''])[0][:200]
+    raise UserError(f'{path}: not a readable {what} file ({type(e).__name__}: {reason})') from None
 
 
 ZEROSHOT_HEAD_FILE = 'zeroshot_head.npz'
@@ -99,22 +126,23 @@ ZEROSHOT_HEAD_FILE = 'zeroshot_head.npz'
 
 @dataclasses.dataclass
 class ZeroshotHead:
-  """logits = exp(logit_scale) · normalize(projected) @ head.T: the class text embeddings."""
+  """logits = exp(logit_scale) · normalize(projected) @ head.T + logit_bias: the class text embeddings."""
 
   head: np.ndarray  # (C, P) float32, L2-normalised class text embeddings
   logit_scale: float  # log-space temperature, as CLIP stores it
   class_names: list[str]
   templates: list[str]
+  logit_bias: float = 0.0  # SigLIP's learned bias (its scores are sigmoid(logits)); CLIP has none
 
   def dense(self) -> tuple[np.ndarray, np.ndarray]:
     """(kernel, bias) of a Dense head on L2-normalised projected features."""
     kernel = np.exp(np.float32(self.logit_scale)) * np.asarray(self.head, np.float32).T
-    return kernel, np.zeros(kernel.shape[1], np.float32)
+    return kernel, np.full(kernel.shape[1], self.logit_bias, np.float32)
 
   def save(self, output_dir: str) -> str:
     path = os.path.join(output_dir, ZEROSHOT_HEAD_FILE)
     np.savez(path, head=np.asarray(self.head, np.float32),
-             logit_scale=np.float32(self.logit_scale),
+             logit_scale=np.float32(self.logit_scale), logit_bias=np.float32(self.logit_bias),
              class_names=np.asarray(list(self.class_names)),
              templates=np.asarray(list(self.templates)))
     return path
@@ -125,6 +153,11 @@ def load_zeroshot_head(output_dir: str) -> ZeroshotHead:
   path = os.path.join(output_dir, ZEROSHOT_HEAD_FILE)
   if not os.path.exists(path):
     raise UserError(f'no zero-shot head at {path}; pass the --output_dir of a probe.zeroshot run')
-  with np.load(path, allow_pickle=False) as z:
-    return ZeroshotHead(z['head'], float(z['logit_scale']), [str(c) for c in z['class_names']],
-                        [str(t) for t in z['templates']])
+  z = _read(path, ('head', 'logit_scale', 'class_names', 'templates'), 'zero-shot head',
+            optional=('logit_bias',))
+  head = ZeroshotHead(z['head'], float(z['logit_scale']), [str(c) for c in z['class_names']],
+                      [str(t) for t in z['templates']], float(z.get('logit_bias', 0.0)))
+  if head.head.ndim != 2 or head.head.shape[0] != len(head.class_names):
+    raise UserError(f'{path}: not a zero-shot head ({head.head.shape} class embeddings for '
+                    f'{len(head.class_names)} class names)')
+  return head

@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from clip_transfer import distributed
+
 # Decades wide enough for a huge clean set (weak) and a few shots (strong).
 DEFAULT_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # The anchored head's penalty on its offset from the unit-norm class text
@@ -110,6 +112,20 @@ class Standardizer:
     """Rows normalised, then times ``scale`` (as std 1/scale, so a saved head holds it)."""
     return cls(np.zeros(dim, np.float32), np.full(dim, 1 / scale, np.float32), normalize=True)
 
+  @classmethod
+  def fit_across_processes(cls, x_local: np.ndarray) -> 'Standardizer':
+    """``fit`` on the rows of every process together; each passes its own rows."""
+    if distributed.process_count() == 1:
+      return cls.fit(x_local)
+    # Two passes in float64 like np.std, the sums taken over processes.
+    n = distributed.sum_over_processes(np.float64(len(x_local)))
+    mean = distributed.sum_over_processes(x_local.sum(axis=0, dtype=np.float64)) / n
+    var = distributed.sum_over_processes(
+        np.square(x_local - mean).sum(axis=0, dtype=np.float64)) / n
+    std = np.sqrt(var)
+    std = np.where(std < 1e-8, 1.0, std)
+    return cls(mean.astype(np.float32), std.astype(np.float32))
+
   def __call__(self, x: np.ndarray) -> np.ndarray:
     if self.normalize:
       x = l2_normalize(x)
@@ -129,7 +145,7 @@ def _max_abs(tree) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _solver(num_classes: int, solver: str, tol: float, anchored: bool = False):
+def _solver(num_classes: int, solver: str, tol: float, anchored: bool = False, mesh=None):
   """A jitted, vmapped (over L2) run of the solver up to `stop_at` iterations; compiled once per shape.
 
   L-BFGS directions come from ``optax.lbfgs(linesearch=None)``; the step size
@@ -144,17 +160,41 @@ def _solver(num_classes: int, solver: str, tol: float, anchored: bool = False):
   head = make_head(num_classes)
   opt = optax.lbfgs(linesearch=None) if solver == 'lbfgs' else optax.adam(ADAM_LR)
 
-  def loss_fn(params, x, y, w, l2, anchor):
+  def penalty(params):
+    if anchored:  # the offset from the anchor, bias included: L2 = inf is exactly zero-shot
+      return jnp.sum(jnp.square(params['kernel'])) + jnp.sum(jnp.square(params['bias']))
+    return jnp.sum(jnp.square(params['kernel']))
+
+  def data_sum(params, x, y, w, anchor):
+    """The rows' weighted cross-entropy, summed (the numerator of the mean)."""
     if anchored:  # one matmul with W0 + Δ; the anchor is an argument, so one compile serves all
       logits = jnp.dot(x, anchor + params['kernel'],
                        precision=jax.lax.Precision.HIGHEST) + params['bias']
-      penalty = jnp.sum(jnp.square(params['kernel'])) + jnp.sum(jnp.square(params['bias']))
     else:
       logits = head.apply({'params': params}, x)
-      penalty = jnp.sum(jnp.square(params['kernel']))
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+  def loss_fn(params, x, y, w, l2, anchor):
     # Weighted mean: rows of weight 0 pad a set to a shape that is already compiled.
-    return jnp.sum(w * ce) / jnp.sum(w) + 0.5 * l2 * penalty
+    return data_sum(params, x, y, w, anchor) / jnp.sum(w) + 0.5 * l2 * penalty(params)
+
+  def sharded_value_and_grad(params, x, y, w, l2, anchor):
+    """``loss_fn``'s value and gradient on rows split over the mesh: one psum per call.
+
+    Each device differentiates the weighted sum of its rows' losses; a single
+    all-reduce adds the partial sums, gradients and weights of every device.
+    One collective per evaluation, each depending on the last, so every process
+    issues them in the same order (concurrent independent all-reduces can be
+    paired up differently on different processes by CPU collectives).
+    """
+    total, grad = jax.value_and_grad(data_sum)(params, x, y, w, anchor)
+    # Packed into one vector: a tuple would lower to several all-reduces that
+    # may run concurrently, in a different order on each process.
+    packed, unpack = jax.flatten_util.ravel_pytree((total, grad, jnp.sum(w)))
+    total, grad, weight = unpack(jax.lax.psum(packed, distributed.AXIS))
+    reg, reg_grad = jax.value_and_grad(penalty)(params)
+    value = total / weight + 0.5 * l2 * reg
+    return value, jax.tree.map(lambda g, r: g / weight + 0.5 * l2 * r, grad, reg_grad)
 
   def start(carry, value_and_grad):
     params = jax.tree.map(jnp.zeros_like, carry[0])  # the zero-initialised head
@@ -162,8 +202,12 @@ def _solver(num_classes: int, solver: str, tol: float, anchored: bool = False):
     return params, opt.init(params), value, grad, jnp.int32(0), _max_abs(grad), jnp.bool_(False)
 
   def run_one(carry, l2, x, y, w, stop_at, fresh, anchor):
-    value_and_grad = jax.value_and_grad(functools.partial(loss_fn, x=x, y=y, w=w, l2=l2,
-                                                          anchor=anchor))
+    if mesh is None:
+      value_and_grad = jax.value_and_grad(functools.partial(loss_fn, x=x, y=y, w=w, l2=l2,
+                                                            anchor=anchor))
+    else:
+      value_and_grad = functools.partial(sharded_value_and_grad, x=x, y=y, w=w, l2=l2,
+                                         anchor=anchor)
     # `fresh` is the same for every L2, so under vmap this stays a real branch.
     carry = jax.lax.cond(fresh, lambda c: start(c, value_and_grad), lambda c: c, carry)
 
@@ -215,36 +259,60 @@ def _solver(num_classes: int, solver: str, tol: float, anchored: bool = False):
                             jax.ShapeDtypeStruct((1, dim), jnp.float32))
     return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), shapes)
 
-  run = jax.jit(jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None, None)))
-  return empty_carry, run
+  vmapped = jax.vmap(run_one, in_axes=(0, 0, None, None, None, None, None, None))
+  if mesh is None:
+    return empty_carry, jax.jit(vmapped)
+  # Rows split over the mesh, the solver state (the heads) replicated: each
+  # device runs the same iterations on its rows, its matmuls' sums completed
+  # by the psum above; every process holds the whole (small) state.
+  spec, rows = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(distributed.AXIS)
+  replicated = jax.sharding.NamedSharding(mesh, spec)
+  run = jax.jit(jax.shard_map(vmapped, mesh=mesh,
+                              in_specs=(spec, spec, rows, rows, rows, spec, spec, spec),
+                              out_specs=spec, check_vma=False))
+
+  def placed_carry(dim, num_l2):
+    return jax.device_put(jax.tree.map(np.asarray, empty_carry(dim, num_l2)), replicated)
+  return placed_carry, run
 
 
 def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
             weights: Optional[np.ndarray] = None, solver: str = 'lbfgs',
             max_iter: int = MAX_ITER, tol: float = TOL, desc: str = 'jax',
-            progress: bool = True, anchor: Optional[np.ndarray] = None) -> tuple[dict, dict]:
+            progress: bool = True, anchor: Optional[np.ndarray] = None,
+            mesh=None) -> tuple[dict, dict]:
   """Fits one head per L2 in a single vmapped solve. Returns stacked params (G, …) and info.
 
   ``anchor`` (D, C): fit the offset Δ from it instead (the params returned are Δ).
+  With a ``mesh`` (``clip_transfer.distributed.mesh()``) the rows are split
+  over its devices, and over processes: each process passes only its own rows
+  (``x``, ``y``, ``weights``) and gets the same heads back.
   """
   if solver not in SOLVERS:
     raise ValueError(f'solver must be one of {SOLVERS}, got {solver!r}')
-  empty_carry, run = _solver(num_classes, solver, float(tol), anchor is not None)
+  empty_carry, run = _solver(num_classes, solver, float(tol), anchor is not None, mesh)
   # Unused without an anchor: a scalar placeholder keeps the plain solve's signature.
-  anchor_j = jnp.zeros(()) if anchor is None else jnp.asarray(anchor, jnp.float32)
+  anchor_j = np.zeros((), np.float32) if anchor is None else np.asarray(anchor, np.float32)
   w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
-  pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
-  xj = jnp.asarray(np.pad(np.asarray(x, np.float32), ((0, pad), (0, 0))))
-  yj = jnp.asarray(np.pad(np.asarray(y, np.int32), (0, pad)))
-  wj = jnp.asarray(np.pad(w, (0, pad)))
-  l2j = jnp.asarray(l2s, jnp.float32)
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  if mesh is None:
+    pad = bucket_rows(len(x), x.shape[1], num_classes) - len(x)  # weight-0 rows: same optimum
+    xj = jnp.asarray(np.pad(x, ((0, pad), (0, 0))))
+    yj = jnp.asarray(np.pad(y, (0, pad)))
+    wj = jnp.asarray(np.pad(w, (0, pad)))
+  else:
+    # Padding to equal shards gets weight 0: out of the loss and of its mean.
+    (xj, yj, wj), _ = distributed.shard_rows((x, y, w), mesh)
+  l2j = np.asarray(l2s, np.float32)
   carry = empty_carry(x.shape[1], len(l2s))
   bar = tqdm(total=max_iter, desc=desc, file=sys.stderr, leave=False, disable=not progress)
   done = 0
   while True:
     stop_at = min(done + CHUNK, max_iter)
-    carry = run(carry, l2j, xj, yj, wj, jnp.int32(stop_at), jnp.bool_(done == 0), anchor_j)
-    its, gmax, stalled = np.asarray(carry[4]), np.asarray(carry[5]), np.asarray(carry[6])
+    carry = run(carry, l2j, xj, yj, wj, np.int32(stop_at), np.bool_(done == 0), anchor_j)
+    if mesh is not None:
+      jax.block_until_ready(carry)  # every device, not only the first one read below
+    its, gmax, stalled = distributed.replicated((carry[4], carry[5], carry[6]))
     bar.update(stop_at - done)
     stopped = (gmax <= tol) | (its >= max_iter) | stalled
     bar.set_postfix_str(f'converged {int((gmax <= tol).sum())}/{len(l2s)} '
@@ -253,7 +321,7 @@ def fit_jax(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float]
     if stopped.all() or done >= max_iter:
       break
   bar.close()
-  params = jax.tree.map(np.asarray, carry[0])
+  params = distributed.replicated(carry[0])
   # A stalled search (no decrease left in float32) counts as converged: sklearn's ftol stop.
   return params, {'n_iter': its.tolist(), 'converged': ((gmax <= tol) | stalled).tolist()}
 
@@ -291,8 +359,8 @@ class Method:
   solver: str
 
   def standardizer(self, x_fit: np.ndarray) -> Standardizer:
-    """The feature transform, from the fit set alone: per-feature mean/std."""
-    return Standardizer.fit(x_fit)
+    """The feature transform, from the fit set alone (every process's rows): per-feature mean/std."""
+    return Standardizer.fit_across_processes(x_fit)
 
   def fit_grid(self, x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
                progress: bool = False) -> tuple[Any, dict]:
@@ -318,8 +386,10 @@ class JaxMethod(Method):
   name: str = 'jax'
 
   def fit_grid(self, x, y, num_classes, l2s, *, progress=False):
+    mesh = distributed.mesh() if distributed.rows_sharded() else None
     return fit_jax(x, y, num_classes, l2s, solver=self.solver, max_iter=self.max_iter,
-                          tol=self.tol, desc=f'jax ({len(l2s)} L2 values)', progress=progress)
+                   tol=self.tol, desc=f'jax ({len(l2s)} L2 values)', progress=progress,
+                   mesh=mesh)
 
   def logits(self, fitted, i, x, num_classes):
     return jax_logits({'kernel': fitted['kernel'][i], 'bias': fitted['bias'][i]}, x)
@@ -391,6 +461,10 @@ def select_and_fit(method: Method, x_fit: np.ndarray, y_fit: np.ndarray, x_val: 
   validation set may be empty. ``final_fit='fit+validation'``: once chosen,
   the L2 is refit on fit ∪ validation (statistics too), the CLIP paper's and
   ELEVATER's protocol; the sweep's scores stay those of the fit-only heads.
+
+  Over several processes each passes its own rows of ``x_*`` and ``y_fit``
+  (in the global order), and ``y_val`` whole: the statistics, the solve and
+  the logits (gathered in process order) cover every process's rows.
   """
   if final_fit not in FINAL_FITS:
     raise ValueError(f'final_fit must be one of {FINAL_FITS}, got {final_fit!r}')
@@ -401,7 +475,7 @@ def select_and_fit(method: Method, x_fit: np.ndarray, y_fit: np.ndarray, x_val: 
   if len(l2s) > 1:
     zv = std(x_val)
     for i, l2 in enumerate(l2s):
-      val_logits = method.logits(fitted, i, zv, num_classes)
+      val_logits = distributed.gather_rows(method.logits(fitted, i, zv, num_classes))
       top1, loss = score(val_logits, y_val)
       scores.append((top1, loss))
       sweep[repr(float(l2))] = {'val_top1': top1, 'val_log_loss': loss,
@@ -411,12 +485,14 @@ def select_and_fit(method: Method, x_fit: np.ndarray, y_fit: np.ndarray, x_val: 
   if not len(y_val):
     final_fit = 'fit'  # nothing held out, nothing to add
   if final_fit == 'fit+validation':
+    if distributed.process_count() > 1:  # y_val is whole, x_val this process's rows
+      raise ValueError('final_fit=fit+validation is not sharded over processes')
     del fitted  # the fit-only heads did their job (selection)
     x_fit, y_fit = np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val])
     std = method.standardizer(x_fit)
     fitted, info = method.fit_grid(std(x_fit), y_fit, num_classes, [l2], progress=progress)
     b, n_iter = 0, int(info['n_iter'][0])
   kernel, bias = method.head(fitted, b, num_classes, x_fit.shape[1])
-  eval_logits = method.logits(fitted, b, std(x_eval), num_classes)
+  eval_logits = distributed.gather_rows(method.logits(fitted, b, std(x_eval), num_classes))
   return Fitted(l2, sweep, eval_logits, kernel, bias, std, n_iter, time.perf_counter() - t0,
                 final_fit)

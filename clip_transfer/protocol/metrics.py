@@ -1,15 +1,22 @@
-"""metrics.json for every stage: the shared header, the classification metrics, the writer."""
+"""metrics.json for every stage: the shared header, the classification metrics, method names, the writer and the reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 
 from clip_transfer.protocol import stats
 from clip_transfer.errors import UserError
+
+# The one name of the weights checksum in every file the project writes (metrics.json's and the
+# embedding dataset's 'model'); files from before it was the one name say 'params_sha256'.
+WEIGHTS_CHECKSUM = 'weights_sha256'
 
 
 def classification(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -55,13 +62,13 @@ def header(stage: str, *, dataset: dict, model: dict, class_names: Sequence[str]
   """The part of metrics.json every stage shares, so ``report.compare`` can line runs up.
 
   ``dataset``: spec, name, version, train_split, eval_split. ``model``: name,
-  revision and ``weights_sha256`` (the params checksum), plus anything else the
+  revision and ``weights_sha256`` (WEIGHTS_CHECKSUM), plus anything else the
   stage records about it.
   """
   for key in ('spec', 'name', 'version', 'train_split', 'eval_split'):
     if key not in dataset:
       raise ValueError(f'metrics header: dataset lacks {key!r}')
-  for key in ('name', 'weights_sha256'):
+  for key in ('name', WEIGHTS_CHECKSUM):
     if key not in model:
       raise ValueError(f'metrics header: model lacks {key!r}')
   return {'stage': stage, 'dataset': dict(dataset), 'model': dict(model),
@@ -81,3 +88,101 @@ def write(output_dir: str, metrics: dict) -> str:
     fh.write(text)
   os.replace(tmp, path)
   return path
+
+
+# --------------------------------------------------------------------------
+# Method names: '<base>[@<head init>][+wise][_<k>shot]', built and parsed here only
+# --------------------------------------------------------------------------
+
+_SHOTS = re.compile(r'^(?P<rest>.+)_(?P<k>[0-9]+)shot$')
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodName:
+  """A metrics.json method key, in parts: what was trained and how."""
+
+  base: str  # the probe's solver ('jax', 'sklearn'), 'zeroshot', or a fine-tune mode ('last:2')
+  head_init: Optional[str] = None  # fine-tune: where the head started ('probe', 'zeroshot')
+  wise: bool = False  # WiSE-FT: the fine-tuned weights mixed with the start
+  shots: Optional[int] = None  # few-shot: examples per class
+
+  def __str__(self) -> str:
+    name = self.base
+    if self.head_init:
+      name += f'@{self.head_init}'
+    if self.wise:
+      name += '+wise'
+    if self.shots is not None:
+      name += f'_{self.shots}shot'
+    return name
+
+
+def method_name(base: str, **parts) -> str:
+  """The metrics.json key of a method (see MethodName)."""
+  return str(MethodName(base, **parts))
+
+
+def parse_method(name: str) -> MethodName:
+  """The parts of a metrics.json method key (inverse of ``method_name``)."""
+  shots = None
+  m = _SHOTS.match(name)
+  if m:
+    name, shots = m['rest'], int(m['k'])
+  wise = name.endswith('+wise')
+  name = name.removesuffix('+wise')
+  base, _, init = name.partition('@')
+  return MethodName(base, init or None, wise, shots)
+
+
+# --------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------
+
+
+def weights_checksum(model: Optional[dict]) -> Optional[str]:
+  """The weights checksum a 'model' record holds, under its name or the old ``params_sha256``."""
+  model = model or {}
+  return model.get(WEIGHTS_CHECKSUM) or model.get('params_sha256')
+
+
+def _non_finite(obj, where: str = '') -> Optional[str]:
+  """The key path of the first NaN or inf number in ``obj`` (json.load accepts both), or None."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return where or '(top level)'
+  if isinstance(obj, dict):
+    items = obj.items()
+  elif isinstance(obj, list):
+    items = enumerate(obj)
+  else:
+    return None
+  for k, v in items:
+    found = _non_finite(v, f'{where}[{k}]' if isinstance(k, int) else f'{where}.{k}'.lstrip('.'))
+    if found:
+      return found
+  return None
+
+
+def read(path: str) -> dict:
+  """A stage's metrics.json (the file or its directory), checked; UserError (one line) otherwise.
+
+  Checked: a JSON object with a ``stage`` and a ``methods`` object, no NaN or
+  inf anywhere. Files written before ``weights_sha256`` was the one name read
+  the same (``weights_checksum``).
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, 'metrics.json')
+  try:
+    with open(path) as fh:
+      m = json.load(fh)
+  except FileNotFoundError:
+    raise UserError(f'{path}: no such file') from None
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f'{path}: not readable JSON ({reason})') from None
+  if not isinstance(m, dict) or not isinstance(m.get('methods'), dict) or 'stage' not in m:
+    raise UserError(f'{path}: not a probe/fine-tune metrics.json (no "stage" and "methods")')
+  bad = _non_finite(m)
+  if bad:
+    raise UserError(f'{path}: {bad} is NaN or inf; the run that wrote it diverged or is broken, '
+                    'rerun it')
+  return m

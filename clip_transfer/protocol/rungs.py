@@ -96,8 +96,9 @@ class Rung:
     _, vision_vars = pretrained.vision_tower()
     out = {'backbone': vision_vars['params'],
            'head': {k: np.asarray(v, np.float32) for k, v in self.head.items()}}
-    if self.feature == 'projected':
-      out['projection'] = pretrained.variables['params']['visual_projection']
+    kernel = pretrained.image_projection()[1] if self.feature == 'projected' else None
+    if kernel is not None:  # SigLIP's projected feature is its pooled one: nothing to apply
+      out['projection'] = {'kernel': kernel}
     return out
 
   def logits_fn(self, pretrained) -> Callable:
@@ -109,8 +110,10 @@ class Rung:
     cfg = pretrained.preprocess
     if self.kind == 'finetune':
       from clip_transfer.models.clip import Classifier  # pylint: disable=g-import-not-at-top
+      projected = self.feature == 'projected'
+      project = projected and pretrained.image_projection()[1] is not None
       model = Classifier(len(self.class_names), backbone,
-                         pretrained.module.projection_dim if self.feature == 'projected' else None)
+                         pretrained.projection_dim if project else None, normalize=projected)
 
       def finetuned(params, pixels):
         return model.apply({'params': params}, normalize(pixels, cfg)).astype(jnp.float32)
@@ -119,7 +122,7 @@ class Rung:
     def with_head(params, pixels):
       x = backbone.apply({'params': params['backbone']}, normalize(pixels, cfg)).pooler_output
       x = x.astype(jnp.float32)  # the head as the probe applied it: float32 features
-      if self.feature == 'projected':
+      if 'projection' in params:
         x = x @ params['projection']['kernel'].astype(jnp.float32)
       head = dataclasses.replace(self, head=params['head'])
       return head.feature_logits(x, jnp)
@@ -199,10 +202,16 @@ def _check_head(rung: Rung, head_names: list[str], columns: int) -> None:
 # --------------------------------------------------------------------------
 
 
-def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None) -> str:
-  """A fine-tuned method's checkpoints, or one configuration's (``lr``) below it."""
+def config_key(lr: float, weight_decay: Optional[float] = None) -> str:
+  """A configuration's name (its folder, its key in metrics.json): 'lr=…' plus ',wd=…' when swept."""
+  return f'{lr:g}' if weight_decay is None else f'{lr:g},wd={weight_decay:g}'
+
+
+def checkpoint_dir(workdir: str, method: str, lr: Optional[float] = None,
+                   weight_decay: Optional[float] = None) -> str:
+  """A fine-tuned method's checkpoints, or one configuration's (``lr``, swept ``weight_decay``) below it."""
   path = os.path.abspath(os.path.join(workdir, 'checkpoints', method.replace(':', '_')))
-  return path if lr is None else os.path.join(path, f'lr={lr:g}')
+  return path if lr is None else os.path.join(path, f'lr={config_key(lr, weight_decay)}')
 
 
 def wise_mix(alpha, start, tuned):
@@ -238,7 +247,8 @@ def _open_finetune(path, mode, metrics, header, names, model) -> Rung:
                     '(--head=probe:DIR), the same classifier')
   entry, base_entry = methods[mode], methods[base]
   lr, step = float(base_entry['selected']['lr']), int(base_entry['selected']['step'])
-  ckpt = checkpoint_dir(path, base, lr)
+  weight_decay = base_entry['selected'].get('weight_decay')  # present when it was swept
+  ckpt = checkpoint_dir(path, base, lr, weight_decay)
   curve = _read_curve(ckpt, path, base)
   if not curve.get('done'):
     raise UserError(f'{path}: {base} lr={lr:g} was interrupted before it finished; finish it '

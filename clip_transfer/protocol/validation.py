@@ -43,17 +43,24 @@ def eval_record(ids: Sequence[str], labels: np.ndarray) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
+class Holdout:
+  """The validation split carved from train: fit and validation indices, and its record."""
+
   fit: np.ndarray  # indices into the train split, sorted
   val: np.ndarray
   record: dict  # {fraction, seed, num_examples, ids_sha256}
 
 
-def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRACTION,
-          seed: int = 0) -> Split:
-  """Stratified by label, seeded, a pure function of (ids, labels, fraction, seed)."""
-  if not 0 <= fraction < 1:
+def check_fraction(fraction: float) -> None:
+  """The range of ``--val_fraction`` (0: no validation split; 1 would leave nothing to fit)."""
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
     raise UserError(f'--val_fraction must be in [0, 1), got {fraction}')
+
+
+def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRACTION,
+          seed: int = 0) -> Holdout:
+  """Stratified by label, seeded, a pure function of (ids, labels, fraction, seed)."""
+  check_fraction(fraction)
   ids = [str(i) for i in ids]
   labels = np.asarray(labels)
   if len(ids) != len(labels):
@@ -73,7 +80,7 @@ def split(ids: Sequence[str], labels: np.ndarray, fraction: float = DEFAULT_FRAC
   val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, int)
   record = {'fraction': float(fraction), 'seed': int(seed), 'num_examples': int(len(val_idx)),
             'ids_sha256': ids_sha256([ids[i] for i in val_idx])}
-  return Split(fit_idx, val_idx, record)
+  return Holdout(fit_idx, val_idx, record)
 
 
 def few_shot(ids: Sequence[str], labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
