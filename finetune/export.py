@@ -60,6 +60,10 @@ class ExportConfig:
       raise UserError('pass exactly one of --workdir (a fine-tune run) and --head '
                       '(probe:DIR, zeroshot:DIR or finetune:WORKDIR)')
     if self.workdir is not None:
+      # Checked here so the refusal names the flag the user typed, not the --head it becomes.
+      if not os.path.isdir(self.workdir):
+        raise UserError(f'--workdir={self.workdir}: no such directory (a finetune.train '
+                        '--workdir)')
       self.head = f'finetune:{self.workdir}'
 
 

@@ -1,5 +1,6 @@
 """pipelines.predict and finetune.export through their CLIs, on runs made by the real stages."""
 
+import glob
 import json
 import os
 import shutil
@@ -150,6 +151,11 @@ def test_unlabelled_folder_and_csv_with_a_corrupt_image(runs, tmp_path):
   assert summary['counts'] == {'train': {'read': 3, 'written': 3, 'dead_lettered': 0}}
   got = predict.read_predictions(pred_csv, 'train')
   assert [(r['prediction'], r['label']) for r in got] == [(r['prediction'], None) for r in rows]
+  # As the README reads it with pandas (the user's, not a dependency of ours): a list of the
+  # Parquet files, since the folder also holds the dead letters.
+  pd = pytest.importorskip('pandas')
+  frame = pd.read_parquet(glob.glob(os.path.join(pred, '*.parquet')))
+  assert sorted(frame['id']) == [r['id'] for r in rows]
 
 
 def test_refusals_are_one_line(runs, tmp_path, capsys):
@@ -246,3 +252,10 @@ def test_export_refuses_interrupted_and_diverged_runs(runs, tmp_path, capsys):
   os.remove(os.path.join(probe, 'metrics.json'))  # written last: a probe that never finished
   assert 'interrupted' in _error(capsys, export_cli.main,
                                  [f'--head=probe:{probe}', f'--output_dir={tmp_path / "c"}'])
+
+
+def test_export_missing_workdir_names_the_flag_typed(tmp_path, capsys):
+  err = _error(capsys, export_cli.main, [f'--workdir={tmp_path / "missing"}',
+                                         f'--output_dir={tmp_path / "out"}'])
+  assert err.startswith(f'error: --workdir={tmp_path / "missing"}: no such directory'), err
+  assert not (tmp_path / 'out').exists()  # refused before the output dir is claimed
