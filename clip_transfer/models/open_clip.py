@@ -125,7 +125,7 @@ def read_dir(path: str) -> Checkpoint:
   prefix = 'text.' if model_cfg.get('custom_text') else ''
   flat = _to_linen(state, prefix, module.vision_config.hidden_size,
                    module.text_config.hidden_size, path)
-  params = checkpoints._match(flat, clip.param_shapes(module), path)  # pylint: disable=protected-access
+  params = checkpoints.match(flat, clip.param_shapes(module), path)
   return Checkpoint(module, params, preprocess)
 
 
@@ -295,7 +295,7 @@ def _to_linen(state: dict[str, Any], text_prefix: str, v_width: int, t_width: in
     name = key
     if text_prefix and not key.startswith('visual.') and key != 'logit_scale':
       if not key.startswith(text_prefix):
-        flat[key] = value  # not ours: _match reports it among the unused tensors
+        flat[key] = value  # not ours: match reports it among the unused tensors
         continue
       name = key[len(text_prefix):]
     if name in _TOP:
@@ -308,7 +308,7 @@ def _to_linen(state: dict[str, Any], text_prefix: str, v_width: int, t_width: in
     rest = name.removeprefix('visual.')
     parts = rest.split('.')
     if parts[:2] != ['transformer', 'resblocks'] or len(parts) < 5:
-      flat[key] = value  # unknown: _match names it if the module needs something missing
+      flat[key] = value  # unknown: match names it if the module needs something missing
       continue
     layer, sub, leaf = parts[2], '.'.join(parts[3:-1]), parts[-1]
     base = f'{tower}/encoder/layers/{layer}'
