@@ -29,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 import clip_transfer
 from pipelines import reads
+from pipelines import summaries
 from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
 from clip_transfer import models
@@ -36,7 +37,7 @@ from clip_transfer.data import embeddings as emb_lib
 from clip_transfer import flags
 from clip_transfer.data import base as data_base
 from clip_transfer.data import sources as sources_lib
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import UserError
 
 SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
@@ -381,23 +382,7 @@ def _inference_metrics(result) -> dict[str, int]:
   return out
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-  """What the CLI prints: counts per split, RunInference's counters, throughput."""
-  lines = [f'{split}: read {c["read"]}, written {c["written"]}, '
-           f'dead-lettered {c["dead_lettered"]}' for split, c in summary['counts'].items()]
-  if summary['inference']:
-    lines.append('RunInference: ' + ', '.join(
-        f'{k}={v}' for k, v in sorted(summary['inference'].items())))
-  total = sum(c['read'] for c in summary['counts'].values())
-  lines.append(f'{total} images in {summary["seconds"]:.1f} s '
-               f'({summary["images_per_second"]:.1f} images/s) → {summary["output_dir"]}')
-  return lines
-
-
-@cli_main
-def main(argv=None):
-  logging.basicConfig(level=logging.WARNING)
-  print('\n'.join(summary_lines(run(argv))))
+main = summaries.cli(run, summaries.embed_lines)
 
 
 if __name__ == '__main__':
