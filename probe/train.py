@@ -42,6 +42,7 @@ from clip_transfer import outputs
 from clip_transfer.protocol import stats
 from clip_transfer.protocol import heads as heads_lib
 from clip_transfer.protocol import linear
+from clip_transfer.protocol import methods
 from clip_transfer.protocol import validation
 from clip_transfer.errors import UserError, cli_main
 
@@ -70,7 +71,7 @@ class ProbeConfig(distributed.DistributedOptions):
   l2_grid: Optional[tuple[float, ...]] = flags.field(
       None, 'L2 strengths on the mean loss; sklearn gets C = 1/(N*l2). Default: '
       f'{",".join(map(str, core.DEFAULT_L2_GRID))} (linear); '
-      f'{",".join(map(str, linear.DEFAULT_ANCHOR_GRID))} (zeroshot-anchored: the penalty on '
+      f'{",".join(map(str, methods.DEFAULT_ANCHOR_GRID))} (zeroshot-anchored: the penalty on '
       'the offset from zero-shot; inf is zero-shot itself)')
   solver: str = flags.field('lbfgs', 'the JAX head\'s solver', choices=core.linear.SOLVERS)
   baselines: Optional[tuple[str, ...]] = flags.field(
@@ -80,7 +81,7 @@ class ProbeConfig(distributed.DistributedOptions):
       'fit', 'what the chosen L2 is finally fit on: fit (the fit part alone, as fine-tune) or '
       'fit+validation (refit on fit and validation after selection, the CLIP paper\'s and '
       'ELEVATER\'s protocol); few-shot fits use their shots only either way',
-      choices=linear.FINAL_FITS)
+      choices=methods.FINAL_FITS)
   shots: tuple[int, ...] = flags.field((), 'few-shot sizes (examples per class), e.g. 1,5,10')
   seeds: int = flags.field(3, 'few-shot draws per size')
   few_shot_selection: str = flags.field(
@@ -104,7 +105,7 @@ class ProbeConfig(distributed.DistributedOptions):
       raise UserError('--zeroshot is the head --method=zeroshot-anchored starts from; pass '
                       'that too, or drop --zeroshot')
     if self.l2_grid is None:
-      self.l2_grid = linear.DEFAULT_ANCHOR_GRID if anchored else core.DEFAULT_L2_GRID
+      self.l2_grid = methods.DEFAULT_ANCHOR_GRID if anchored else core.DEFAULT_L2_GRID
     self.l2_grid = tuple(float(v) for v in self.l2_grid)
     # inf (stay at zero-shot) only means something for the anchored head.
     if not self.l2_grid or any(math.isnan(v) or v <= 0 or (math.isinf(v) and not anchored)
@@ -117,8 +118,8 @@ class ProbeConfig(distributed.DistributedOptions):
     if anchored and self.baselines:
       raise UserError('--baselines: the sklearn baseline is the plain probe\'s; run it with '
                       '--method=linear (report.compare puts both runs side by side)')
-    if self.final_fit not in linear.FINAL_FITS:
-      raise UserError(f'--final_fit must be one of {", ".join(linear.FINAL_FITS)}')
+    if self.final_fit not in methods.FINAL_FITS:
+      raise UserError(f'--final_fit must be one of {", ".join(methods.FINAL_FITS)}')
     if self.solver not in core.linear.SOLVERS:
       raise UserError(f'--solver must be one of {", ".join(core.linear.SOLVERS)}, '
                       f'got {self.solver!r}')
