@@ -37,7 +37,7 @@ from clip_transfer.data import embeddings as emb_lib
 from clip_transfer import flags
 from clip_transfer.data import base as data_base
 from clip_transfer.data import sources as sources_lib
-from clip_transfer.errors import UserError
+from clip_transfer.errors import UserError, cli_main
 
 SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
@@ -382,7 +382,10 @@ def _inference_metrics(result) -> dict[str, int]:
   return out
 
 
-main = summaries.cli(run, summaries.embed_lines)
+# Defined here, not built by a helper: cli_main tells `python -m` runs by main's module.
+@cli_main
+def main(argv=None):
+  print(summaries.run_for_cli(run, summaries.embed_lines, argv))
 
 
 if __name__ == '__main__':

@@ -40,7 +40,7 @@ from clip_transfer import models
 from clip_transfer import outputs
 from clip_transfer.data import embeddings as emb_lib
 from clip_transfer.data import sources as sources_lib
-from clip_transfer.errors import UserError
+from clip_transfer.errors import UserError, cli_main
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import rungs
 from pipelines import embed
@@ -318,7 +318,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
   return lines + [summaries.throughput_line(summary)]
 
 
-main = summaries.cli(run, summary_lines)
+# Defined here, not built by a helper: cli_main tells `python -m` runs by main's module.
+@cli_main
+def main(argv=None):
+  print(summaries.run_for_cli(run, summary_lines, argv))
 
 
 if __name__ == '__main__':

@@ -1,11 +1,9 @@
-"""What the pipelines' CLIs print (summary lines) and the ``main`` embed and predict share."""
+"""What the pipelines' CLIs print: summary lines, the run behind embed's and predict's main."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
-
-from clip_transfer.errors import cli_main
 
 
 def embed_lines(summary: dict[str, Any]) -> list[str]:
@@ -25,12 +23,7 @@ def throughput_line(summary: dict[str, Any]) -> str:
           f'({summary["images_per_second"]:.1f} images/s) → {summary["output_dir"]}')
 
 
-def cli(run_fn, lines_fn):
-  """A pipeline's ``main`` (embed's, predict's): warnings only, run, print its summary lines."""
-
-  @cli_main
-  def main(argv=None):
-    logging.basicConfig(level=logging.WARNING)
-    print('\n'.join(lines_fn(run_fn(argv))))
-
-  return main
+def run_for_cli(run_fn, lines_fn, argv) -> str:
+  """What embed's and predict's ``main`` print: warnings only, the run, its summary lines."""
+  logging.basicConfig(level=logging.WARNING)
+  return '\n'.join(lines_fn(run_fn(argv)))
