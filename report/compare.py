@@ -52,14 +52,15 @@ def check_output_dir(output_dir: str) -> None:
 
   Replaces only a report this tool wrote: never a user's report.md or report.png.
   """
+  # Held as every stage holds its output dir: two reports at once are refused, and first,
+  # so a directory another run holds gets nothing written into it (not even the marker).
+  outputs.claim_exclusive(output_dir, '--output_dir')
   md = os.path.join(output_dir, 'report.md')
   old = False
   if os.path.isfile(md):
     with open(md, errors='replace') as fh:
       old = OLD_MARKER in fh.read()
   outputs.claim_files(output_dir, REPORT_FILES, kind='report.compare', adopt=old)
-  # Held as every stage holds its output dir: two reports at once are refused.
-  outputs.claim_exclusive(output_dir, '--output_dir')
   if not os.access(output_dir, os.W_OK):
     raise UserError(f'--output_dir {output_dir} is not writable')
 
