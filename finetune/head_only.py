@@ -17,7 +17,7 @@ from finetune.steps import apply_to_split
 from clip_transfer import models
 from clip_transfer.models import forward
 from clip_transfer.protocol import heads
-from clip_transfer.protocol import linear
+from clip_transfer.protocol import methods
 from clip_transfer.protocol import metrics as metrics_lib
 
 def frozen_features(pretrained: models.Pretrained, splits: Sequence[input_pipeline.Split],
@@ -41,15 +41,15 @@ def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data
   t0 = time.perf_counter()
   x = dict(zip(('fit', 'val', 'eval'),
                frozen_features(pretrained, (data.fit, data.val, data.eval), config.batch_size, mesh)))
-  fitted = linear.select_and_fit(linear.JaxMethod(), x['fit'], data.fit.labels, x['val'],
-                                 data.val.labels, x['eval'], len(data.class_names),
-                                 config.l2_grid, progress=config.progress)
+  fitted = methods.select_and_fit(methods.JaxMethod(), x['fit'], data.fit.labels, x['val'],
+                                  data.val.labels, x['eval'], len(data.class_names),
+                                  config.l2_grid, progress=config.progress)
   sweep = fitted.sweep  # the selection's record, whatever is fit last
   if config.final_fit == 'fit+validation':  # the chosen L2, fit again on fit ∪ validation
-    fitted = linear.select_and_fit(linear.JaxMethod(), np.concatenate([x['fit'], x['val']]),
-                                   np.concatenate([data.fit.labels, data.val.labels]),
-                                   x['val'][:0], data.val.labels[:0], x['eval'],
-                                   len(data.class_names), [fitted.l2])
+    fitted = methods.select_and_fit(methods.JaxMethod(), np.concatenate([x['fit'], x['val']]),
+                                    np.concatenate([data.fit.labels, data.val.labels]),
+                                    x['val'][:0], data.val.labels[:0], x['eval'],
+                                    len(data.class_names), [fitted.l2])
   kernel, bias = heads.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
                              fitted.standardizer.std)
   logits = x['eval'] @ kernel + bias  # = the Classifier with this head on the eval images

@@ -21,7 +21,7 @@ from finetune.config import Config
 from clip_transfer import models
 from clip_transfer.data import preprocess
 from clip_transfer.errors import UserError
-from clip_transfer.protocol import linear
+from clip_transfer.protocol import methods
 
 class TrainState(train_state.TrainState):
   """flax's TrainState plus the non-trained collections (e.g. batch_stats) of the backbone."""
@@ -143,5 +143,5 @@ def val_score(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
   """(top-1, log-loss): the selection key, as the probe's (accuracy first, loss breaks ties)."""
   if not np.isfinite(logits).all():
     return 0.0, math.inf
-  return linear.score(logits, labels)
+  return methods.score(logits, labels)
 

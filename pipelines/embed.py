@@ -29,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 
 import clip_transfer
 from pipelines import reads
+from pipelines import summaries
 from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
 from clip_transfer import models
@@ -381,23 +382,10 @@ def _inference_metrics(result) -> dict[str, int]:
   return out
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-  """What the CLI prints: counts per split, RunInference's counters, throughput."""
-  lines = [f'{split}: read {c["read"]}, written {c["written"]}, '
-           f'dead-lettered {c["dead_lettered"]}' for split, c in summary['counts'].items()]
-  if summary['inference']:
-    lines.append('RunInference: ' + ', '.join(
-        f'{k}={v}' for k, v in sorted(summary['inference'].items())))
-  total = sum(c['read'] for c in summary['counts'].values())
-  lines.append(f'{total} images in {summary["seconds"]:.1f} s '
-               f'({summary["images_per_second"]:.1f} images/s) → {summary["output_dir"]}')
-  return lines
-
-
+# Defined here, not built by a helper: cli_main tells `python -m` runs by main's module.
 @cli_main
 def main(argv=None):
-  logging.basicConfig(level=logging.WARNING)
-  print('\n'.join(summary_lines(run(argv))))
+  print(summaries.run_for_cli(run, summaries.embed_lines, argv))
 
 
 if __name__ == '__main__':

@@ -10,7 +10,8 @@ with a probe or zero-shot head classifies stored embeddings with no backbone pas
 ``--dataset`` takes every source the embed stage reads; unlabelled inputs are fine
 (a folder ``PATH/<split>/<image>``, a CSV with only image paths), their ``label`` is null.
 
-Reads, decodes and batches exactly as ``pipelines.embed`` (the same readers, the
+The files it writes and their readers are ``pipelines.predictions``. Reads, decodes and
+batches exactly as ``pipelines.embed`` (the same readers, the
 same ``Preprocess`` step, the same RunInference handler with the head inside), and
 writes ``<split>-NNNNN-of-MMMMM.parquet`` (id, prediction, prediction_name,
 top_k_names, top_k_probabilities, label, label_name), sharded by a hash of the id
@@ -23,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
-import logging
 import time
 from typing import Any, Optional
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -47,13 +45,14 @@ from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import rungs
 from pipelines import embed
 from pipelines import reads
+from pipelines import summaries
+# read_predictions, RUN_FILE: where callers of this CLI have always found them.
+from pipelines.predictions import (OWNED_FILES, RUN_FILE, SUMMARY_FILE, finalize,  # pylint: disable=unused-import
+                                   read_predictions, read_summary, rows_for, write_shard,
+                                   write_summary)
 from pipelines.jax_handler import ClipVisionModelHandler, VisionModel
 from pipelines.read_common import DEAD
 
-SUMMARY_FILE = 'predictions.json'  # written last: its presence marks a complete run
-RUN_FILE = 'run.json'  # wall time, runner: apart, so the outputs stay byte-identical
-OWNED_FILES = ('*-?????-of-?????.parquet', SUMMARY_FILE, RUN_FILE, emb_lib.FAILURE_FILE,
-               'dead_letters.*.jsonl')
 EXAMPLES_PER_SHARD = 100_000  # Parquet rows per shard (a few MB)
 
 
@@ -115,111 +114,6 @@ def parse_args(argv) -> tuple[PredictConfig, list[str]]:
 # --------------------------------------------------------------------------
 # Rows and shards
 # --------------------------------------------------------------------------
-
-
-def schema():
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  return pa.schema([('id', pa.string()), ('prediction', pa.int32()),
-                    ('prediction_name', pa.string()), ('top_k_names', pa.list_(pa.string())),
-                    ('top_k_probabilities', pa.list_(pa.float32())),
-                    ('label', pa.int32()), ('label_name', pa.string())])
-
-
-def rows_for(ids, logits: np.ndarray, labels, class_names: list[str], top_k: int) -> list[dict]:
-  """One output row per example: the argmax, the top-k by probability, the label if known."""
-  logits = np.asarray(logits, np.float32).reshape(len(ids), -1)
-  z = logits - logits.max(axis=1, keepdims=True)
-  probs = np.exp(z)
-  probs /= probs.sum(axis=1, keepdims=True)
-  k = min(top_k, logits.shape[1])
-  order = np.argsort(-probs, axis=1, kind='stable')[:, :k]
-  out = []
-  for i, ex_id in enumerate(ids):
-    pred = int(logits[i].argmax())  # the logits' argmax: what metrics.json's predictions hold
-    label = None if labels[i] is None or labels[i] < 0 else int(labels[i])
-    out.append({'id': ex_id, 'prediction': pred, 'prediction_name': class_names[pred],
-                'top_k_names': [class_names[c] for c in order[i]],
-                'top_k_probabilities': [float(p) for p in probs[i, order[i]]],
-                'label': label, 'label_name': None if label is None else class_names[label]})
-  return out
-
-
-def shard_name(split: str, index: int, num_shards: int) -> str:
-  return f'{split}-{index:05d}-of-{num_shards:05d}.parquet'
-
-
-def write_shard(output_dir: str, split: str, index: int, num_shards: int, rows) -> int:
-  """Sorts rows by id and writes one Parquet shard through FileSystems; returns the count."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
-  rows = sorted(rows, key=lambda r: r['id'])
-  for a, b in zip(rows, rows[1:]):
-    if a['id'] == b['id']:
-      raise ValueError(f'duplicate id {a["id"]!r} in split {split!r}')
-  buf = io.BytesIO()
-  pq.write_table(pa.Table.from_pylist(rows, schema=schema()), buf)
-  path = FileSystems.join(output_dir, shard_name(split, index, num_shards))
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-    fh.write(buf.getvalue())
-  return len(rows)
-
-
-def finalize(_, output_dir: str, shard_results, dead_counts, found_counts,
-             num_shards: dict[str, int], summary: dict) -> None:
-  """After every shard and dead-letter file: empty shards, then predictions.json (last).
-
-  When a split's books do not balance (found != predicted + dead-lettered) it
-  writes failure.json instead, and ``run`` turns that into the run's error.
-  """
-  written: dict[str, dict[int, int]] = {}
-  for split, index, count in shard_results:
-    written.setdefault(split, {})[index] = count
-  dead = dict(dead_counts)
-  found: dict[str, int] = {}
-  for split, n in found_counts:
-    found[split] = found.get(split, 0) + n
-  counts = {split: {'read': found.get(split, 0), 'written': sum(written.get(split, {}).values()),
-                    'dead_lettered': dead.get(split, 0)} for split in num_shards}
-  problem = emb_lib.check_counts(output_dir, counts)
-  if problem:
-    emb_lib.write_failure(output_dir, problem)
-    return
-  write_summary(output_dir, written, num_shards, {**summary, 'counts': counts})
-
-
-def write_summary(output_dir: str, written: dict[str, dict[int, int]],
-                  num_shards: dict[str, int], summary: dict) -> None:
-  for split, n in num_shards.items():
-    for i in range(n):
-      if i not in written.get(split, {}):  # no id hashed here: the file still exists
-        write_shard(output_dir, split, i, n, [])
-  summary = {**summary, 'num_shards': dict(sorted(num_shards.items()))}
-  with FileSystems.create(FileSystems.join(output_dir, SUMMARY_FILE),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-    fh.write(json.dumps(summary, indent=1, sort_keys=True).encode())
-
-
-def read_predictions(output_dir: str, split: str) -> list[dict]:
-  """Every row of a split, sorted by id (for tests and notebooks)."""
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
-  summary = read_summary(output_dir)
-  n = summary['num_shards'][split]
-  rows = []
-  for i in range(n):
-    with FileSystems.open(FileSystems.join(output_dir, shard_name(split, i, n)),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-      rows += pq.read_table(io.BytesIO(fh.read())).to_pylist()
-  return sorted(rows, key=lambda r: r['id'])
-
-
-def read_summary(output_dir: str) -> dict:
-  path = FileSystems.join(output_dir, SUMMARY_FILE)
-  if not FileSystems.exists(path):
-    raise UserError(f'{output_dir} holds no {SUMMARY_FILE}: not a finished predict run')
-  with FileSystems.open(path) as fh:
-    return json.loads(fh.read().decode())
 
 
 # --------------------------------------------------------------------------
@@ -421,16 +315,13 @@ def _run_embeddings(args: PredictConfig, rung: rungs.Rung) -> dict[str, Any]:
 def summary_lines(summary: dict[str, Any]) -> list[str]:
   lines = [f'{split}: found {c["read"]}, predicted {c["written"]}, dead-lettered '
            f'{c["dead_lettered"]}' for split, c in summary['counts'].items()]
-  total = sum(c['read'] for c in summary['counts'].values())
-  lines.append(f'{total} images in {summary["seconds"]:.1f} s '
-               f'({summary["images_per_second"]:.1f} images/s) → {summary["output_dir"]}')
-  return lines
+  return lines + [summaries.throughput_line(summary)]
 
 
+# Defined here, not built by a helper: cli_main tells `python -m` runs by main's module.
 @cli_main
 def main(argv=None):
-  logging.basicConfig(level=logging.WARNING)
-  print('\n'.join(summary_lines(run(argv))))
+  print(summaries.run_for_cli(run, summary_lines, argv))
 
 
 if __name__ == '__main__':

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clip_transfer.protocol import linear
+from clip_transfer.protocol import methods
 
 DEFAULT_L2_GRID = linear.DEFAULT_L2_GRID
 
@@ -36,7 +37,7 @@ def sklearn_c(l2: float, num_fit: int, num_classes: int) -> float:
 
 
 @dataclasses.dataclass
-class SklearnMethod(linear.Method):
+class SklearnMethod(methods.Method):
   """The CLIP paper's baseline: LogisticRegression(lbfgs, max_iter=1000), one fit per L2."""
 
   max_iter: int = linear.MAX_ITER
@@ -82,9 +83,9 @@ class SklearnMethod(linear.Method):
     return kernel, bias
 
 
-Method, JaxMethod, Fitted, select_and_fit = (linear.Method, linear.JaxMethod, linear.Fitted,
-                                             linear.select_and_fit)
-AnchoredMethod = linear.AnchoredMethod
+Method, JaxMethod, Fitted, select_and_fit = (methods.Method, methods.JaxMethod, methods.Fitted,
+                                             methods.select_and_fit)
+AnchoredMethod = methods.AnchoredMethod
 METHODS: dict[str, Callable[..., Method]] = {'jax': JaxMethod, 'sklearn': SklearnMethod}
 # --method: the JAX head a run fits and saves (its metrics.json key in METHOD_KEYS).
 # 'linear' is the probe on pooled embeddings; 'zeroshot-anchored' is named after
@@ -122,7 +123,7 @@ def cv_select_l2(method: Method, x_shots: np.ndarray, y_shots: np.ndarray, num_c
     fitted, _ = method.fit_grid(std(x_shots[~held]), y_shots[~held], num_classes, l2s)
     zh = std(x_shots[held])
     for i in range(len(l2s)):
-      fold_top1, fold_loss = linear.score(method.logits(fitted, i, zh, num_classes), y_shots[held])
+      fold_top1, fold_loss = methods.score(method.logits(fitted, i, zh, num_classes), y_shots[held])
       top1[i] += fold_top1
       loss[i] += fold_loss
-  return float(l2s[linear.select(list(zip(top1 / k, loss / k)))])
+  return float(l2s[methods.select(list(zip(top1 / k, loss / k)))])

@@ -11,7 +11,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
 
-from clip_transfer.models import checkpoints  # pylint: disable=g-import-not-at-top
+from clip_transfer.models import families  # pylint: disable=g-import-not-at-top
 from clip_transfer.models.checkpoints import ModelLoadError  # pylint: disable=g-import-not-at-top
 
 TINY = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
@@ -27,7 +27,7 @@ def _smoke(model):
 
 def _one_line(path):
   with pytest.raises(ModelLoadError) as e:
-    checkpoints.read(str(path))
+    families.read(str(path))
   assert '\n' not in str(e.value)
   return str(e.value)
 

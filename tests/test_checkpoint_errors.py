@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clip_transfer.models import checkpoints
+from clip_transfer.models import families
 from clip_transfer.models.checkpoints import ModelLoadError
 
 
@@ -21,7 +21,7 @@ def _smoke(model, **env):
 
 def test_unknown_preset():
   with pytest.raises(ModelLoadError, match="unknown preset 'random:huge'.*random:tiny"):
-    checkpoints.read('random:huge')
+    families.read('random:huge')
 
 
 def test_hub_id_offline_fails_fast_with_the_way_out(tmp_path):
@@ -44,18 +44,18 @@ def test_directory_without_weights(tmp_path):
 
 def test_directory_without_config(tmp_path):
   with pytest.raises(ModelLoadError, match='no config.json'):
-    checkpoints.read(str(tmp_path))
+    families.read(str(tmp_path))
 
 
 def test_missing_path():
   with pytest.raises(ModelLoadError, match='no such model directory'):
-    checkpoints.read('./does/not/exist')
+    families.read('./does/not/exist')
 
 
 def test_not_a_clip_config(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'bert'}))
   with pytest.raises(ModelLoadError, match="model_type 'bert' is not a model clip_transfer can load"):
-    checkpoints.read(str(tmp_path))
+    families.read(str(tmp_path))
 
 
 def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
@@ -71,7 +71,7 @@ def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
   with pytest.raises(ModelLoadError,
                      match=r"'vision_model/encoder/layers/0/mlp/fc1/bias' has shape \(40,\) "
                            r'in the checkpoint but the config expects \(44,\)'):
-    checkpoints.read(str(tmp_path))
+    families.read(str(tmp_path))
 
 
 def test_pytorch_bin_without_torch_says_what_to_install(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_pytorch_bin_without_torch_says_what_to_install(tmp_path, monkeypatch):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'not read')
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
   with pytest.raises(ModelLoadError, match=r'needs PyTorch.*pip install torch==2.13.0'):
-    checkpoints.read(str(tmp_path))
+    families.read(str(tmp_path))
 
 
 def test_malformed_config_and_truncated_weights_are_one_line(tmp_path):
@@ -90,10 +90,10 @@ def test_malformed_config_and_truncated_weights_are_one_line(tmp_path):
   weights = tmp_path / 'model.safetensors'
   data = weights.read_bytes()
   weights.write_bytes(data[:len(data) // 2])
-  with pytest.raises(checkpoints.ModelLoadError, match='cannot read the weights') as e:
-    checkpoints.read(str(tmp_path))
+  with pytest.raises(ModelLoadError, match='cannot read the weights') as e:
+    families.read(str(tmp_path))
   assert '\n' not in str(e.value)
   (tmp_path / 'config.json').write_text('{"model_type": "clip_vision_model",')
-  with pytest.raises(checkpoints.ModelLoadError, match='cannot read it as JSON') as e:
-    checkpoints.read(str(tmp_path))
+  with pytest.raises(ModelLoadError, match='cannot read it as JSON') as e:
+    families.read(str(tmp_path))
   assert '\n' not in str(e.value)

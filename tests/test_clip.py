@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from clip_transfer.models import checkpoints  # pylint: disable=g-import-not-at-top
+from clip_transfer.models import clip_checkpoint, families  # pylint: disable=g-import-not-at-top
 from clip_transfer import models  # pylint: disable=g-import-not-at-top
 from clip_transfer.models import clip  # pylint: disable=g-import-not-at-top
 
@@ -155,7 +155,7 @@ def test_guide_flow_classifier(tmp_path):
 
 
 def test_random_presets_are_deterministic():
-  a, b = checkpoints.read('random:tiny'), checkpoints.read('random:tiny')  # no cache
+  a, b = families.read('random:tiny'), families.read('random:tiny')  # no cache
   assert models.params_checksum(a.params) == models.params_checksum(b.params)
   assert models.load('random:tiny') is models.load('random:tiny')  # one load per process
   assert models.load('random:tiny').checksum() == models.params_checksum(a.params)
@@ -165,7 +165,7 @@ def test_random_presets_are_deterministic():
 
 def test_vit_b32_preset_shapes():
   """random:vit-b32 has openai/clip-vit-base-patch32's parameter shapes (no allocation)."""
-  p = checkpoints.PRESETS['vit-b32']
+  p = clip_checkpoint.PRESETS['vit-b32']
   module = clip.CLIP(p['vision'], p['text'], p['projection_dim'])
   flat = flax.traverse_util.flatten_dict(clip.param_shapes(module), sep='/')
   n_vision = sum(int(np.prod(s.shape)) for k, s in flat.items() if k.startswith('vision_model/'))

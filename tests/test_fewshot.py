@@ -11,6 +11,7 @@ from probe import train
 from clip_transfer.data import embeddings
 from clip_transfer.protocol import heads
 from clip_transfer.protocol import linear
+from clip_transfer.protocol import methods
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import validation
 
@@ -71,7 +72,7 @@ def test_anchored_beats_zero_shot_at_one_shot_and_the_plain_probe_at_every_k():
 
 def test_a_large_penalty_reproduces_zero_shot_predictions_exactly():
   (x, y), (xe, _), zs = _synthetic(1, 100, 300)
-  method = linear.AnchoredMethod(anchor=zs.head.T, scale=float(np.exp(zs.logit_scale)))
+  method = methods.AnchoredMethod(anchor=zs.head.T, scale=float(np.exp(zs.logit_scale)))
   std = method.standardizer(x)
   fitted, info = method.fit_grid(std(x), y, len(NAMES), [1e-3, 1e6, float('inf')])
   want = _zeroshot_pred(zs, xe)

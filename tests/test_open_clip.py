@@ -25,7 +25,7 @@ from PIL import Image
 
 from clip_transfer import models
 from clip_transfer.data import preprocess
-from clip_transfer.models import checkpoints
+from clip_transfer.models import families
 from clip_transfer.models import open_clip as oc
 from clip_transfer.models import tokenizer
 from clip_transfer.models.checkpoints import ModelLoadError
@@ -171,8 +171,8 @@ def test_parity_with_open_clip(shape, tmp_path):
 def test_pytorch_bin_reads_like_safetensors(tmp_path):
   model_cfg = _model_cfg(layers=1)
   ref = _reference(model_cfg)
-  st = checkpoints.read(_save(ref, model_cfg, tmp_path / 'st'))
-  pt = checkpoints.read(_save(ref, model_cfg, tmp_path / 'pt', weights=('bin',)))
+  st = families.read(_save(ref, model_cfg, tmp_path / 'st'))
+  pt = families.read(_save(ref, model_cfg, tmp_path / 'pt', weights=('bin',)))
   assert models.params_checksum(st.params) == models.params_checksum(pt.params)
 
 
@@ -304,7 +304,7 @@ def test_unmappable_tower_is_refused_by_name(good_dir, tmp_path, change, message
   src, model_cfg = good_dir
   cfg = _model_cfg(layers=1, **change)
   with pytest.raises(ModelLoadError, match=message):
-    checkpoints.read(_copy_with(src, tmp_path / 'bad', model_cfg=cfg))
+    families.read(_copy_with(src, tmp_path / 'bad', model_cfg=cfg))
 
 
 @pytest.mark.parametrize('change, message', [
@@ -316,7 +316,7 @@ def test_malformed_config_is_one_error(good_dir, tmp_path, change, message):
   cfg = _model_cfg(layers=1)
   cfg.update({k: ({**cfg[k], **v} if isinstance(v, dict) else v) for k, v in change.items()})
   with pytest.raises(ModelLoadError, match=message):
-    checkpoints.read(_copy_with(src, tmp_path / 'bad', model_cfg=cfg))
+    families.read(_copy_with(src, tmp_path / 'bad', model_cfg=cfg))
 
 
 def test_wrong_shape_names_the_parameter(good_dir, tmp_path):
@@ -324,7 +324,7 @@ def test_wrong_shape_names_the_parameter(good_dir, tmp_path):
   path = _copy_with(src, tmp_path / 'bad', model_cfg=_model_cfg(layers=1, embed_dim=20))
   with pytest.raises(ModelLoadError, match=r"'text_projection/kernel' has shape \(40, 24\) in "
                                            r'the checkpoint but the config expects \(40, 20\)'):
-    checkpoints.read(path)
+    families.read(path)
 
 
 def test_missing_weight_names_it(good_dir, tmp_path):
@@ -332,14 +332,14 @@ def test_missing_weight_names_it(good_dir, tmp_path):
   path = _copy_with(src, tmp_path / 'bad', model_cfg=_model_cfg(layers=2))
   with pytest.raises(ModelLoadError, match=r"lacks \d+ parameter\(s\).*'text_model/encoder/"
                                            r'layers/1/'):
-    checkpoints.read(path)
+    families.read(path)
 
 
 def test_unsupported_resize_mode(good_dir, tmp_path):
   src, _ = good_dir
   path = _copy_with(src, tmp_path / 'bad', preprocess_cfg={'resize_mode': 'longest'})
   with pytest.raises(ModelLoadError, match=r"resize_mode='longest' is not supported"):
-    checkpoints.read(path)
+    families.read(path)
 
 
 def _cli_error(*args):
@@ -440,12 +440,12 @@ def test_hub_id_resolves_through_snapshot_download(good_dir, monkeypatch):
     return src  # as if downloaded: the hub's files, in a local cache directory
 
   monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot_download)
-  ckpt = checkpoints.read('hf-hub:someone/tiny-open-clip')
+  ckpt = families.read('hf-hub:someone/tiny-open-clip')
   assert calls[0][0] == 'someone/tiny-open-clip'
   assert oc.CONFIG_FILE in calls[0][1] and oc.SAFETENSORS_FILE in calls[0][1]
   assert oc.PYTORCH_FILE not in calls[0][1]  # the torch-free weights first
   assert ckpt.revision == os.path.basename(src)
   assert models.params_checksum(ckpt.params) == models.params_checksum(
-      checkpoints.read(src).params)
+      families.read(src).params)
   tok = tokenizer.load_tokenizer('hf-hub:someone/tiny-open-clip', ckpt.module.text_config)
   assert calls[-1][0] == 'someone/tiny-open-clip' and tok.eos_token_id == VOCAB - 1

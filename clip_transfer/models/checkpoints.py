@@ -1,15 +1,13 @@
-"""Reading weights into a family's linen tree: random presets, save_pretrained directories, hub ids.
+"""The weight-file reading every family shares: files → '/'-joined linen paths → checked params.
 
-``read`` does the work (no cache); ``clip_transfer.models.load`` is what callers use
-(one load per process and name, the checksum, the vision tower). The family
-comes from the files (``clip_transfer.models.families``); each family module
-holds its own config parsing, name mapping and preprocessing, this module what
-they share (weight files, PyTorch → linen layouts, range checks, shape checks).
+Which reader a name or directory needs is decided in ``clip_transfer.models.families``
+(``families.read``); each family module holds its own config parsing and name mapping and
+calls this module for what they share: the hub download, ``config.json`` reading and range
+checks, weights files, PyTorch → linen layouts, the shape check against the module's tree.
+``clip_transfer.models.load`` is what callers use (cache, checksum, vision tower).
 
 Weights formats: ``model.safetensors`` (single or sharded) and
 ``flax_model.msgpack`` need no torch; ``pytorch_model.bin`` needs torch.
-PyTorch tensors are renamed/transposed into the linen tree of
-``clip_transfer.models.clip.CLIP`` and checked leaf by leaf against the config's shapes.
 """
 
 from __future__ import annotations
@@ -21,28 +19,15 @@ import os
 from typing import Any, Optional
 
 import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clip_transfer.models import clip
-from clip_transfer.models import families
 from clip_transfer.errors import UserError
 from clip_transfer.data.preprocess import PreprocessConfig
 
 RANDOM_PREFIX = 'random:'
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # For tests and demos: seconds on a CPU. 32x32 input, 8x8 patches.
-    'tiny': dict(
-        vision=clip.VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, image_size=32, patch_size=8),
-        text=clip.TextConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=16, eos_token_id=999),
-        projection_dim=32),
-    # The real ViT-B/32 shapes (openai/clip-vit-base-patch32), for benchmarks.
-    'vit-b32': dict(vision=clip.VisionConfig(), text=clip.TextConfig(), projection_dim=512),
-}
 
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'flax_model.msgpack',
                 'pytorch_model.bin')
@@ -56,7 +41,7 @@ class ModelLoadError(UserError):
 
 @dataclasses.dataclass
 class Checkpoint:
-  """What ``read`` returns: the module, its params and the preprocessing it expects."""
+  """What a family's reader returns: the module, its params and the preprocessing it expects."""
 
   module: Any  # a family's linen module (clip.CLIP, siglip.SigLIP, dinov2.DINOv2)
   params: dict
@@ -64,50 +49,7 @@ class Checkpoint:
   revision: Optional[str] = None  # hub commit, when downloaded
 
 
-def read(name_or_path: str, seed: int = 0) -> Checkpoint:
-  """Reads a preset, a local save_pretrained directory or a hub id (no cache).
-
-  The module computes in float32; ``clip_transfer.models.load`` clones it for bf16.
-  """
-  from clip_transfer.models import open_clip  # pylint: disable=g-import-not-at-top  (imports this module)
-
-  if name_or_path.startswith(RANDOM_PREFIX):
-    return _load_preset(name_or_path, seed)
-  if name_or_path.startswith(open_clip.HUB_PREFIX):
-    return open_clip.read_hub(name_or_path)
-  path = os.path.expanduser(name_or_path)
-  if os.path.isdir(path) and open_clip.is_open_clip_dir(path):
-    return open_clip.read_dir(path)
-  if os.path.isdir(path):
-    return families.read_dir(path)
-  if os.path.exists(path):
-    raise ModelLoadError(f'{name_or_path} is a file; pass the directory holding config.json '
-                         'and the weights')
-  if name_or_path.startswith(('/', '.', '~')) or name_or_path.count('/') > 1:
-    raise ModelLoadError(f'no such model directory: {name_or_path}')
-  local, revision = _download(name_or_path)
-  ckpt = families.read_dir(local)
-  ckpt.revision = revision
-  return ckpt
-
-
-def _load_preset(name: str, seed: int) -> Checkpoint:
-  preset = name[len(RANDOM_PREFIX):]
-  if preset in PRESETS:
-    p = PRESETS[preset]
-    module = clip.CLIP(p['vision'], p['text'], p['projection_dim'])
-    params = clip.init_params(module, seed)
-    return Checkpoint(module, params, PreprocessConfig.for_image_size(p['vision'].image_size))
-  for family in families.FAMILIES.values():
-    if preset in getattr(family, 'PRESETS', {}):
-      module = family.preset_module(preset)
-      return Checkpoint(module, families.init_params(module, seed),
-                        family.default_preprocess(module.vision_config))
-  raise ModelLoadError(f'unknown preset {name!r}; choose one of '
-                       f'{", ".join(RANDOM_PREFIX + p for p in families.preset_names())}')
-
-
-def _download(repo_id: str) -> tuple[str, Optional[str]]:
+def download(repo_id: str) -> tuple[str, Optional[str]]:
   """Fetches config + weights from the hub; fails fast and clearly offline."""
   import huggingface_hub  # pylint: disable=g-import-not-at-top
 
@@ -126,6 +68,17 @@ def _download(repo_id: str) -> tuple[str, Optional[str]]:
     raise ModelLoadError(f'cannot fetch {repo_id!r} from the Hugging Face hub '
                          f'({type(e).__name__}: {reason[:200]}). {fix}') from None
   return local, os.path.basename(os.path.normpath(local))
+
+
+def init_params(module, inputs, seed: int = 0, method=None):
+  """Randomly initialised params of ``module`` called on ``inputs`` (deterministic in ``seed``)."""
+  init = jax.jit(lambda rng: module.init(rng, *inputs, method=method))
+  return init(jax.random.PRNGKey(seed))['params']
+
+
+def param_shapes(module, inputs, method=None) -> Any:
+  """The param tree's shapes, without allocating it."""
+  return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs, method=method))['params']
 
 
 def read_json(path: str, name: str = 'config.json') -> dict:
@@ -206,46 +159,6 @@ def check_shape(where: str, hidden_size: int, num_attention_heads: int, image_si
                          f'{image_size}')
 
 
-# transformers' CLIPVisionConfig / CLIPTextConfig defaults.
-_CLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                    hidden_act='quick_gelu', layer_norm_eps=1e-5)
-_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=8, max_position_embeddings=77, hidden_act='quick_gelu',
-                  layer_norm_eps=1e-5, eos_token_id=49407)
-
-
-def _vision_config(d: dict, where: str) -> clip.VisionConfig:
-  c = checked(d, _CLIP_VISION, where)
-  check_shape(where, c['hidden_size'], c['num_attention_heads'], c['image_size'],
-              c['patch_size'])
-  return clip.VisionConfig(**c)
-
-
-def _text_config(d: dict, where: str) -> clip.TextConfig:
-  c = checked(d, _CLIP_TEXT, where)
-  check_shape(where, c['hidden_size'], c['num_attention_heads'], 1, 1)
-  return clip.TextConfig(**c)
-
-
-def load_clip_dir(path: str, cfg: dict, kind: str) -> Checkpoint:
-  """A ``clip`` / ``clip_vision_model`` save_pretrained directory."""
-  where = f'{path}/config.json'
-  if kind == 'clip':
-    vision = _vision_config(cfg.get('vision_config'), f'{where} vision_config')
-    text = _text_config(cfg.get('text_config'), f'{where} text_config')
-  else:
-    vision, text = _vision_config(cfg, where), None
-  projection_dim = checked(cfg, {'projection_dim': 512}, where)['projection_dim']
-  flat = read_weights(path, lambda state: _from_pytorch_names(state, kind))
-  if 'visual_projection/kernel' not in flat:
-    projection_dim = None
-  module = clip.CLIP(vision, text, projection_dim,
-                     logit_scale_init_value=float(cfg.get('logit_scale_init_value', 2.6592)))
-  params = match(flat, families.param_shapes(module), path)
-  return Checkpoint(module, params, PreprocessConfig.from_dir(path, vision.image_size))
-
-
 def read_weights(path: str, rename) -> dict[str, np.ndarray]:
   """The weights file's tensors as '/'-joined linen paths (``rename``: PyTorch names → those)."""
   st = os.path.join(path, 'model.safetensors')
@@ -313,20 +226,6 @@ def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
   return out
 
 
-def _from_pytorch_names(state: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-  """PyTorch CLIP names/layouts → linen '/'-paths/layouts."""
-  renamed = {}
-  for key, value in state.items():
-    parts = key.split('.')
-    if parts[0] == 'clip':  # wrappers such as CLIPForImageClassification
-      parts = parts[1:]
-    if kind == 'clip_vision_model' and parts[0] not in ('vision_model', 'visual_projection'):
-      # transformers 5 saves CLIPVisionModel without the 'vision_model.' prefix; 4.x kept it.
-      parts = ['vision_model'] + parts
-    renamed['.'.join(parts)] = value
-  return linen_layout(renamed)
-
-
 def linen_layout(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """PyTorch names/layouts → linen '/'-paths/layouts, the rules every family shares.
 
@@ -380,4 +279,3 @@ def match(flat: dict[str, np.ndarray], shapes, path: str, ignore: tuple[str, ...
       {tuple(k.split('/')): jnp.asarray(flat[k]) for k in expected})
 
 
-_match = match  # the name earlier callers used

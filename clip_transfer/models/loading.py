@@ -7,8 +7,8 @@
 ``clip_transfer.models.families``) or a ``random:<preset>``, read once per
 process, name and dtype (a Beam worker's handler and the launcher share it;
 fine-tune modes in one process share it). The linen modules live in one module
-per family (``clip``, ``siglip``, ``dinov2``) and the checkpoint formats in
-``clip_transfer.models.checkpoints``.
+per family (``clip``, ``siglip``, ``dinov2``); ``families.read`` picks the reader and
+``clip_transfer.models.checkpoints`` reads the weight files.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_transfer.models import checkpoints
+from clip_transfer.models import families
 from clip_transfer.data.preprocess import PreprocessConfig
 
 DEFAULT_MODEL = 'openai/clip-vit-base-patch32'
@@ -135,7 +135,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype='float32') -> Pretrained:
   with _CACHE_LOCK:  # RunInference may load from several threads at once
     base_key = (name_or_path, 'float32')
     if base_key not in _CACHE:
-      ckpt = checkpoints.read(name_or_path)
+      ckpt = families.read(name_or_path)
       _CACHE[base_key] = Pretrained(ckpt.module, {'params': ckpt.params}, ckpt.preprocess,
                                     name_or_path, ckpt.revision)
     if key not in _CACHE:

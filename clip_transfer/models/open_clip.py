@@ -41,6 +41,16 @@ INTERPOLATIONS = {'bicubic': BICUBIC, 'bilinear': 2,  # PIL.Image.BILINEAR
 
 # Config keys and the values our modules compute; any other value is refused by name.
 # (key, value open_clip defaults to, what the value means when refused)
+_BLOCK_DEFAULTS = (  # the transformer block options both towers share
+    ('act_kwargs', None, 'activation arguments'),
+    ('block_type', None, 'custom attention blocks'),
+    ('qk_norm', False, 'q/k LayerNorm'),
+    ('scaled_cosine_attn', False, 'scaled cosine attention'),
+    ('scale_heads', False, 'per-head attention scales'),
+    ('scale_attn_inner', False, 'inner attention LayerNorm'),
+    ('scale_attn', False, 'post-attention LayerNorm'),
+    ('scale_fc', False, 'MLP LayerNorm'),
+)
 _VISION_DEFAULTS = (
     ('timm_model_name', None, 'a timm vision tower'),
     ('ls_init_value', None, 'LayerScale'),
@@ -50,15 +60,7 @@ _VISION_DEFAULTS = (
     # With class-token pooling, final_ln_after_pool is the same function (LayerNorm is
     # per token), so it is accepted.
     ('pool_type', 'tok', 'pooling other than the class token'),
-    ('act_kwargs', None, 'activation arguments'),
-    ('block_type', None, 'custom attention blocks'),
-    ('qk_norm', False, 'q/k LayerNorm'),
-    ('scaled_cosine_attn', False, 'scaled cosine attention'),
-    ('scale_heads', False, 'per-head attention scales'),
-    ('scale_attn_inner', False, 'inner attention LayerNorm'),
-    ('scale_attn', False, 'post-attention LayerNorm'),
-    ('scale_fc', False, 'MLP LayerNorm'),
-)
+) + _BLOCK_DEFAULTS
 _TEXT_DEFAULTS = (
     ('hf_model_name', None, 'a Hugging Face text tower'),
     ('ls_init_value', None, 'LayerScale'),
@@ -67,15 +69,7 @@ _TEXT_DEFAULTS = (
     ('pool_type', 'argmax', 'pooling other than at the highest token id'),
     ('proj_bias', False, 'a text projection with bias'),
     ('proj_type', 'linear', 'a text projection other than linear'),
-    ('act_kwargs', None, 'activation arguments'),
-    ('block_type', None, 'custom attention blocks'),
-    ('qk_norm', False, 'q/k LayerNorm'),
-    ('scaled_cosine_attn', False, 'scaled cosine attention'),
-    ('scale_heads', False, 'per-head attention scales'),
-    ('scale_attn_inner', False, 'inner attention LayerNorm'),
-    ('scale_attn', False, 'post-attention LayerNorm'),
-    ('scale_fc', False, 'MLP LayerNorm'),
-)
+) + _BLOCK_DEFAULTS
 _MODEL_DEFAULTS = (
     ('init_logit_bias', None, 'a sigmoid-loss logit bias (SigLIP-style)'),
     ('multimodal_cfg', None, 'a multimodal decoder (CoCa)'),
@@ -125,7 +119,7 @@ def read_dir(path: str) -> Checkpoint:
   prefix = 'text.' if model_cfg.get('custom_text') else ''
   flat = _to_linen(state, prefix, module.vision_config.hidden_size,
                    module.text_config.hidden_size, path)
-  params = checkpoints._match(flat, clip.param_shapes(module), path)  # pylint: disable=protected-access
+  params = checkpoints.match(flat, clip.param_shapes(module), path)
   return Checkpoint(module, params, preprocess)
 
 
@@ -295,7 +289,7 @@ def _to_linen(state: dict[str, Any], text_prefix: str, v_width: int, t_width: in
     name = key
     if text_prefix and not key.startswith('visual.') and key != 'logit_scale':
       if not key.startswith(text_prefix):
-        flat[key] = value  # not ours: _match reports it among the unused tensors
+        flat[key] = value  # not ours: match reports it among the unused tensors
         continue
       name = key[len(text_prefix):]
     if name in _TOP:
@@ -308,7 +302,7 @@ def _to_linen(state: dict[str, Any], text_prefix: str, v_width: int, t_width: in
     rest = name.removeprefix('visual.')
     parts = rest.split('.')
     if parts[:2] != ['transformer', 'resblocks'] or len(parts) < 5:
-      flat[key] = value  # unknown: _match names it if the module needs something missing
+      flat[key] = value  # unknown: match names it if the module needs something missing
       continue
     layer, sub, leaf = parts[2], '.'.join(parts[3:-1]), parts[-1]
     base = f'{tower}/encoder/layers/{layer}'

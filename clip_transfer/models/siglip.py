@@ -334,7 +334,7 @@ def _split3(a):
 
 
 def read_dir(path: str, cfg: dict, kind: str):
-  from clip_transfer.models import checkpoints, families  # pylint: disable=g-import-not-at-top
+  from clip_transfer.models import checkpoints  # pylint: disable=g-import-not-at-top
 
   where = f'{path}/config.json'
   if kind == 'siglip':
@@ -369,5 +369,5 @@ def read_dir(path: str, cfg: dict, kind: str):
   module = SigLIP(vision, text)
   flat = checkpoints.read_weights(
       path, lambda state: checkpoints.linen_layout(torch_names(state, kind)))
-  params = checkpoints.match(flat, families.param_shapes(module), path)
+  params = checkpoints.match(flat, checkpoints.param_shapes(module, dummy_inputs(module)), path)
   return checkpoints.Checkpoint(module, params, preprocess_from_dir(path, vision))

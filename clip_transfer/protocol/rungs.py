@@ -29,7 +29,7 @@ from clip_transfer.protocol import heads
 
 KINDS = ('probe', 'zeroshot', 'finetune')
 PROBE_METHOD, ZEROSHOT_METHOD, WISE = 'jax', 'zeroshot', '+wise'
-ANCHORED_PROBE_METHOD = 'zeroshot-anchored'  # linear.AnchoredMethod.name (linear imports JAX; this must not)
+ANCHORED_PROBE_METHOD = 'zeroshot-anchored'  # methods.AnchoredMethod.name (methods imports JAX; this must not)
 
 
 @dataclasses.dataclass
