@@ -24,7 +24,7 @@ from clip_transfer.errors import UserError
 
 
 def linen_to_pytorch(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """'/'-joined linen paths → PyTorch names/layouts: ``checkpoints._from_pytorch_names`` inverted."""
+  """'/'-joined linen paths → PyTorch names/layouts: ``clip_checkpoint._from_pytorch_names`` inverted."""
   out = {}
   for path, value in flat.items():
     *mod, leaf = path.split('/')
