@@ -51,7 +51,8 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
       if 'shots' in e:  # few-shot entries: the method's name with its shots
         base = str(dataclasses.replace(metrics_lib.parse_method(name), shots=None))
         shots.append({'method': base, 'stage': stage, 'source': path,
-                      'correct': _few_shot_correct(e, labels), **e, 'backbone': backbone(m)})
+                      'correct': _few_shot_correct(e, labels), **e, 'backbone': backbone(m),
+                      'base_method': base})  # 'method' may gain ' on <backbone>' below
         continue
       correct = None
       if labels is not None and e.get('predictions') is not None:
@@ -73,7 +74,7 @@ def rows_from(runs: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
           'rung': rung_key(stage, name, e)})
       rows[-1]['ci'] = _intervals(rows[-1])
   rows.sort(key=lambda r: r['rung'])  # stable: file order within a rung
-  if len({s['backbone'] for s in shots}) > 1:  # backbones side by side: name each curve's
+  if len({r['backbone'] for r in rows + shots}) > 1:  # backbones side by side: name each curve's
     for s in shots:
       s['method'] = f"{s['method']} on {s['backbone']}"
   return rows, shots
@@ -93,16 +94,22 @@ def _draws(s: dict) -> Optional[list]:
 
 def few_shot_pairs(shots: list[dict], rows: list[dict]) -> list[dict]:
   """Per few-shot entry: paired Δ against zero-shot and against the plain probe on the same draws."""
-  zs = next((r for r in rows if r['stage'] == 'zeroshot' and r['correct'] is not None), None)
-  plain = {(s['shots'], s.get('selection'), json.dumps(_draws(s))): s for s in shots
-           if s['stage'] == 'probe' and s['method'] == 'jax' and s['correct'] is not None}
+  # Each curve against its own backbone's zero-shot and plain probe, never another backbone's.
+  zs = {}
+  for r in rows:
+    if r['stage'] == 'zeroshot' and r['correct'] is not None:
+      zs.setdefault(r['backbone'], r)
+  plain = {(s['backbone'], s['shots'], s.get('selection'), json.dumps(_draws(s))): s
+           for s in shots if s['stage'] == 'probe' and s.get('base_method') == 'jax'
+           and s['correct'] is not None}
   out = []
   for s in shots:
     vs_zs = vs_plain = None
     if s['correct'] is not None:
-      if zs is not None and len(zs['correct']) == len(s['correct']):
-        vs_zs = stats.paired_difference(s['correct'], zs['correct'])
-      ref = plain.get((s['shots'], s.get('selection'), json.dumps(_draws(s))))
+      z = zs.get(s['backbone'])
+      if z is not None and len(z['correct']) == len(s['correct']):
+        vs_zs = stats.paired_difference(s['correct'], z['correct'])
+      ref = plain.get((s['backbone'], s['shots'], s.get('selection'), json.dumps(_draws(s))))
       if ref is s:
         vs_plain = 'reference'
       elif ref is not None and _draws(s) and None not in _draws(s):  # same ids drawn, seed by seed

@@ -152,7 +152,8 @@ def markdown(runs: list[tuple[str, dict]], rows: list[dict], shots: list[dict]) 
     for r in rows:  # zero labels: the line every few-shot method should stay above
       if r['stage'] == 'zeroshot':
         ci = r['ci']['top1']
-        lines.append(f"| {r['method']} | 0 | — | no labels | {_fmt(r['top1'], '.4f')} | "
+        name = f"{r['method']} on {r['backbone']}" if several else r['method']
+        lines.append(f"| {name} | 0 | — | no labels | {_fmt(r['top1'], '.4f')} | "
                      f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '—'} | "
                      f"{_fmt(r['balanced_accuracy'], '.4f')} |" + (' — | — |' if paired_any else ''))
     order = sorted(range(len(shots)), key=lambda i: (

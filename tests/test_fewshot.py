@@ -292,3 +292,26 @@ def test_paired_difference_of_seed_means_is_a_sign_test_over_examples():
   # 0/1 inputs keep McNemar's path: the same numbers either way.
   binary = stats.paired_difference(a == 1, b == 1)
   assert binary['diff'] == pytest.approx(np.mean((a == 1).astype(float) - (b == 1)))
+
+
+def test_few_shot_curves_pair_with_their_own_backbones_zero_shot(tmp_path):
+  """A second backbone's zero-shot (here perfect) never stands in for the first one's."""
+  from report import compare  # pylint: disable=g-import-not-at-top
+  run = _report_runs(tmp_path / 'run')
+  labels = np.arange(200) % 5
+  other = metrics_lib.header('zeroshot', dataset={'spec': 's', 'name': 's', 'version': None,
+                                                  'train_split': 'train', 'eval_split': 'test'},
+                             model={'name': 'random:siglip-tiny', 'weights_sha256': '0' * 64},
+                             class_names=NAMES, num_train=100, num_eval=200,
+                             eval={'ids_sha256': 'e' * 64, 'labels': labels.tolist()})
+  other['methods']['zeroshot'] = {**metrics_lib.classification(np.eye(5)[labels], labels, NAMES),
+                                  'wall_s': 1.0, 'trainable_params': 0}
+  os.makedirs(tmp_path / 'b2' / 'zeroshot')
+  metrics_lib.write(str(tmp_path / 'b2' / 'zeroshot'), other)
+  alone = compare.compare([run], str(tmp_path / 'out1')).split('## Few-shot')[1]
+  both = compare.compare([run, str(tmp_path / 'b2')], str(tmp_path / 'out2')).split('## Few-shot')[1]
+  delta = lambda md, name: next(l.split('|')[8].strip() for l in md.splitlines()
+                                if l.startswith(f'| {name} | 1 |'))
+  # The plain probe's 1-shot Δ against zero-shot is the same with the other backbone beside it.
+  assert delta(both, 'probe:jax on random:tiny (' + SHA[:8] + ')') == delta(alone, 'probe:jax')
+  assert '| zeroshot:zeroshot on random:siglip-tiny (00000000) | 0 |' in both
