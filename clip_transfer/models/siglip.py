@@ -35,36 +35,27 @@ MODEL_TYPES = ('siglip', 'siglip_vision_model')
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
+# CLIP's config fields (clip.VisionConfig / TextConfig) with SigLIP's defaults, plus what
+# only SigLIP's text tower has.
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
-  hidden_size: int = 768
-  intermediate_size: int = 3072
-  num_hidden_layers: int = 12
-  num_attention_heads: int = 12
-  num_channels: int = 3
-  image_size: int = 224
+class VisionConfig(clip.VisionConfig):
   patch_size: int = 16
   hidden_act: str = 'gelu_pytorch_tanh'
   layer_norm_eps: float = 1e-6
 
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
-
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(clip.TextConfig):
   vocab_size: int = 32000
   hidden_size: int = 768
   intermediate_size: int = 3072
-  num_hidden_layers: int = 12
   num_attention_heads: int = 12
   max_position_embeddings: int = 64
   hidden_act: str = 'gelu_pytorch_tanh'
   layer_norm_eps: float = 1e-6
+  eos_token_id: int = 1
   projection_size: int = 768
   pad_token_id: int = 1
-  eos_token_id: int = 1
 
   pools_at = 'last'  # the text tower pools at the last position (max-length padding)
 
