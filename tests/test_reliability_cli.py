@@ -222,10 +222,13 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_reads_as_finished(tmp_path, dig
   out = tmp_path / 'emb'
   proc = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.embed', '--dataset=digits', '--model=random:tiny',
-       f'--data_dir={digits_data_dir}', f'--output_dir={out}', '--batch_size=8'],
+       f'--data_dir={digits_data_dir}', f'--output_dir={out}', '--batch_size=1'],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
   _wait_for(out / outputs.MARKER, proc)  # the run has started: imports done, directory claimed
-  time.sleep(3)
+  # Mid-run: batch 1 makes the 1,797 digits take far longer than this wait (at batch 8 a quiet
+  # machine could finish within 3 s of the claim, and the signal came after the run).
+  time.sleep(1)
+  assert proc.poll() is None, 'the run finished before it could be interrupted'
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == errors.INTERRUPTED_EXIT, err
