@@ -259,3 +259,35 @@ def test_export_missing_workdir_names_the_flag_typed(tmp_path, capsys):
                                          f'--output_dir={tmp_path / "out"}'])
   assert err.startswith(f'error: --workdir={tmp_path / "missing"}: no such directory'), err
   assert not (tmp_path / 'out').exists()  # refused before the output dir is claimed
+
+
+def test_finetuned_head_of_another_class_count_is_refused_before_the_pipeline(runs, tmp_path,
+                                                                               capsys):
+  """Checked on the launcher from the checkpoint's metadata, not by the workers loading it."""
+  _, out = runs
+  work = str(tmp_path / 'ft')
+  shutil.copytree(out['ft'], work)
+  m = _metrics(work)
+  m['class_names'] = ['cat', 'dog', 'zebra']  # the checkpoints' heads have 2 columns
+  with open(os.path.join(work, 'metrics.json'), 'w') as fh:
+    json.dump(m, fh)
+  zoo = tmp_path / 'zoo'
+  for name in ('cat', 'zebra'):  # classes the head's metrics.json knows: label_map passes
+    _images(str(zoo / 'test' / name), 1, 100, seed=3)
+  pred = tmp_path / 'pred'
+  for mode in ('full', 'full+wise'):
+    err = _error(capsys, predict.main, [f'--dataset=folder:{zoo}', f'--head=finetune:{work}',
+                                        f'--mode={mode}', f'--output_dir={pred}'])
+    assert 'has a head of 2 classes but metrics.json records 3' in err, err
+  assert not pred.exists()  # refused before the output dir was claimed or a model loaded
+
+
+def test_remote_head_directories_are_refused_in_one_line(tmp_path, capsys):
+  """A gs:// run directory: why it cannot be used, not 'no such directory'."""
+  for spec in ('finetune:gs://bucket/ft', 'probe:gs://bucket/probe'):
+    err = _error(capsys, predict.main, [f'--dataset=folder:{tmp_path}', f'--head={spec}',
+                                        f'--output_dir={tmp_path / "pred"}'])
+    assert err.startswith(f'error: --head={spec}: the run directory must be a local path'), err
+    assert 'a gs:// directory is not supported' in err, err
+    assert ('every worker' in err) == spec.startswith('finetune:'), err
+  assert not (tmp_path / 'pred').exists()
