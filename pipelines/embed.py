@@ -89,7 +89,8 @@ class EmbedConfig(sources_lib.SourceOptions):
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
   """(our config, the remaining flags for Beam)."""
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  # No abbreviations: Beam's --project would otherwise be taken for our --projected.
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
   flags.add_flags(p, EmbedConfig)
   args, beam_args = p.parse_known_args(argv)
   # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.

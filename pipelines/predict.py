@@ -104,10 +104,14 @@ class PredictConfig(sources_lib.SourceOptions):
 
 def parse_args(argv) -> tuple[PredictConfig, list[str]]:
   """(our config, the remaining flags for Beam)."""
+  # No abbreviations: a Beam option that is a prefix of one of ours (as --project is of
+  # embed's --projected) must pass on to Beam, not be taken for ours.
   p = argparse.ArgumentParser(prog='python -m pipelines.predict',
-                              description=__doc__.split('\n\n')[0])
+                              description=__doc__.split('\n\n')[0], allow_abbrev=False)
   flags.add_flags(p, PredictConfig)
   args, beam_args = p.parse_known_args(argv)
+  # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.
+  flags.refuse_near_misses(p, beam_args, set(PipelineOptions([]).get_all_options()))
   return flags.from_args(PredictConfig, args), beam_args
 
 

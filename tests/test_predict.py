@@ -291,3 +291,11 @@ def test_remote_head_directories_are_refused_in_one_line(tmp_path, capsys):
     assert 'a gs:// directory is not supported' in err, err
     assert ('every worker' in err) == spec.startswith('finetune:'), err
   assert not (tmp_path / 'pred').exists()
+
+
+def test_a_near_miss_of_our_flags_is_refused_and_beams_pass_on(tmp_path, capsys):
+  base = [f'--dataset=folder:{tmp_path}', '--head=probe:x', f'--output_dir={tmp_path / "p"}']
+  err = _error(capsys, predict.main, base + ['--bacth_size=8'])
+  assert err == 'error: unknown flag --bacth_size; did you mean --batch_size?', err
+  _, beam_args = predict.parse_args(base + ['--project=p', '--region=r', '--label=a=b'])
+  assert beam_args == ['--project=p', '--region=r', '--label=a=b']  # not --label_column's prefix
