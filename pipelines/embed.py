@@ -354,6 +354,9 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   p = test_pipeline or beam.Pipeline(runner=_local_runner() if local else None, options=options)
   build(p, args, source, pretrained, show_progress=local)
   result = p.run()
+  dry_run = summaries.dry_run(args.output_dir, options, result)
+  if dry_run:  # DataflowRunner --dry_run=True: the job built, nothing submitted or run
+    return dry_run
   result.wait_until_finish()
   seconds = time.perf_counter() - start
   failure = emb_lib.read_failure(args.output_dir)

@@ -307,7 +307,11 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   p = test_pipeline or beam.Pipeline(
       runner=embed._local_runner() if local else None, options=options)  # pylint: disable=protected-access
   build(p, args, source, rung, pretrained, labels, splits, summary, show_progress=local)
-  p.run().wait_until_finish()
+  result = p.run()
+  dry_run = summaries.dry_run(args.output_dir, options, result)
+  if dry_run:  # DataflowRunner --dry_run=True: the job built, nothing submitted or run
+    return dry_run
+  result.wait_until_finish()
   return _finish(args, start, 'FnApiRunner (local)' if local else type(p.runner).__name__)
 
 

@@ -299,3 +299,24 @@ def test_a_near_miss_of_our_flags_is_refused_and_beams_pass_on(tmp_path, capsys)
   assert err == 'error: unknown flag --bacth_size; did you mean --batch_size?', err
   _, beam_args = predict.parse_args(base + ['--project=p', '--region=r', '--label=a=b'])
   assert beam_args == ['--project=p', '--region=r', '--label=a=b']  # not --label_column's prefix
+
+
+def test_dataflow_dry_run_builds_the_predict_job(runs, tmp_path):
+  """--runner=DataflowRunner --dry_run=True: the job is built offline, nothing is submitted."""
+  try:
+    import google.cloud.dataflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    if os.environ.get('CI'):  # make test installs the gcp extra
+      raise
+    pytest.skip("needs apache-beam[gcp]: pip install -c constraints.txt -e '.[test,gcp]'")
+  data, out = runs
+  pred = tmp_path / 'pred'
+  setup = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'setup.py')
+  summary = _predict(f'--dataset=folder:{data}', '--splits=test', f'--head=finetune:{out["ft"]}',
+                     f'--output_dir={pred}', '--runner=DataflowRunner', '--dry_run=True',
+                     '--project=my-project', '--region=us-central1',
+                     '--temp_location=gs://my-bucket/tmp', f'--setup_file={setup}')
+  assert summary['dry_run'] and os.listdir(pred) == ['.clip-transfer-output']
+  top = {t.unique_name for t in summary['job'].proto_pipeline.components.transforms.values()}
+  assert {'Read[test]', 'Preprocess[test]', 'RunInference', 'ToRow', 'WriteShard',
+          'Finalize'} <= top, top
