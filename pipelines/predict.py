@@ -245,10 +245,11 @@ def open_head(spec: str, mode: Optional[str]) -> rungs.Rung:
   weights loaded), not when the workers load it after the pipeline has started.
   """
   kind, _, path = spec.partition(':')
-  if kind in rungs.KINDS and FileSystems.get_scheme(path):  # gs://…, s3://…
+  scheme = FileSystems.get_scheme(path) if kind in rungs.KINDS else None  # gs, s3, …
+  if scheme:
     where = ('a local path, the same on the launcher and on every worker (each worker '
              'restores the checkpoint from it)' if kind == 'finetune' else 'a local path')
-    raise UserError(f'--head={spec}: the run directory must be {where}; a {path.split(":")[0]}:// '
+    raise UserError(f'--head={spec}: the run directory must be {where}; a {scheme}:// '
                     'directory is not supported: copy it to local disk first')
   rung = rungs.open_rung(spec, mode)
   if rung.kind == 'finetune':
