@@ -16,7 +16,7 @@ venv: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,gcp]'  # gcp: the Dataflow dry-run test
 	$(PY) -m pip install -q --no-deps -c constraints.txt open_clip_torch  # setup.py's open_clip_reference
 	touch $(STAMP)
 

@@ -43,5 +43,9 @@ setuptools.setup(
         # (the Makefile does): its requirements pull torchvision, which the tests never
         # import (tests/test_open_clip.py imports open_clip.model alone).
         'open_clip_reference': ['open_clip_torch==3.3.0'],
+        # Launching on Dataflow (DataflowRunner, gs:// paths): Beam's Google Cloud extra
+        # (73 packages; constraints.txt pins them). `make test` installs it for the
+        # offline DataflowRunner dry run in tests/test_beam_runners.py.
+        'gcp': ['apache-beam[gcp]==2.77.0'],
     },
 )

@@ -89,7 +89,8 @@ class EmbedConfig(sources_lib.SourceOptions):
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
   """(our config, the remaining flags for Beam)."""
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  # No abbreviations: Beam's --project would otherwise be taken for our --projected.
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
   flags.add_flags(p, EmbedConfig)
   args, beam_args = p.parse_known_args(argv)
   # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.
@@ -353,6 +354,9 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   p = test_pipeline or beam.Pipeline(runner=_local_runner() if local else None, options=options)
   build(p, args, source, pretrained, show_progress=local)
   result = p.run()
+  dry_run = summaries.dry_run(args.output_dir, options, result)
+  if dry_run:  # DataflowRunner --dry_run=True: the job built, nothing submitted or run
+    return dry_run
   result.wait_until_finish()
   seconds = time.perf_counter() - start
   failure = emb_lib.read_failure(args.output_dir)

@@ -104,10 +104,14 @@ class PredictConfig(sources_lib.SourceOptions):
 
 def parse_args(argv) -> tuple[PredictConfig, list[str]]:
   """(our config, the remaining flags for Beam)."""
+  # No abbreviations: a Beam option that is a prefix of one of ours (as --project is of
+  # embed's --projected) must pass on to Beam, not be taken for ours.
   p = argparse.ArgumentParser(prog='python -m pipelines.predict',
-                              description=__doc__.split('\n\n')[0])
+                              description=__doc__.split('\n\n')[0], allow_abbrev=False)
   flags.add_flags(p, PredictConfig)
   args, beam_args = p.parse_known_args(argv)
+  # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.
+  flags.refuse_near_misses(p, beam_args, set(PipelineOptions([]).get_all_options()))
   return flags.from_args(PredictConfig, args), beam_args
 
 
@@ -232,10 +236,52 @@ def claim(output_dir: str, overwrite: bool, clear: bool = True) -> None:
                              complete=SUMMARY_FILE, clear=clear)
 
 
+def open_head(spec: str, mode: Optional[str]) -> rungs.Rung:
+  """The rung ``--head`` names, refused in one line on the launcher when it cannot be used.
+
+  Incomplete, interrupted and diverged runs are refused by ``rungs.open_rung``. Heads are
+  read here, on the launcher, from a local directory; a fine-tuned model is read again by
+  every worker, so its class count is checked now (from the checkpoint's metadata, no
+  weights loaded), not when the workers load it after the pipeline has started.
+  """
+  kind, _, path = spec.partition(':')
+  scheme = FileSystems.get_scheme(path) if kind in rungs.KINDS else None  # gs, s3, …
+  if scheme:
+    where = ('a local path, the same on the launcher and on every worker (each worker '
+             'restores the checkpoint from it)' if kind == 'finetune' else 'a local path')
+    raise UserError(f'--head={spec}: the run directory must be {where}; a {scheme}:// '
+                    'directory is not supported: copy it to local disk first')
+  rung = rungs.open_rung(spec, mode)
+  if rung.kind == 'finetune':
+    columns = _finetuned_head_columns(rung)
+    if columns != len(rung.class_names):
+      raise UserError(f'{rung.path}: the selected checkpoint of {rung.method} ({rung.checkpoint}/'
+                      f'{rung.step}) has a head of {columns} classes but metrics.json records '
+                      f'{len(rung.class_names)} ({", ".join(rung.class_names[:5])}'
+                      f'{" …" if len(rung.class_names) > 5 else ""}); the workdir is inconsistent')
+  return rung
+
+
+def _finetuned_head_columns(rung: rungs.Rung) -> int:
+  """The number of classes of a fine-tuned checkpoint's head, from its metadata alone."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  try:
+    mgr = ocp.CheckpointManager(rung.checkpoint, item_handlers=ocp.StandardCheckpointHandler())
+    try:
+      return int(mgr.item_metadata(rung.step)['params']['head']['kernel'].shape[-1])
+    finally:
+      mgr.close()
+  except Exception as e:  # truncated files, another layout: as the workers would say it
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f'cannot read checkpoint {rung.checkpoint}/{rung.step} '
+                    f'({type(e).__name__}: {reason})') from None
+
+
 def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   """Runs the pipeline; returns the summary (counts per split, seconds, output_dir)."""
   args, beam_args = parse_args(argv)
-  rung = rungs.open_rung(args.head, args.mode)  # incomplete, interrupted, diverged: refused
+  rung = open_head(args.head, args.mode)
   if args.embeddings:
     return _run_embeddings(args, rung)
   # Unlabelled inputs (a folder's <split>/<image>, a CSV row with no label) are predicted too.
@@ -262,7 +308,11 @@ def run(argv=None, test_pipeline=None) -> dict[str, Any]:
   p = test_pipeline or beam.Pipeline(
       runner=embed._local_runner() if local else None, options=options)  # pylint: disable=protected-access
   build(p, args, source, rung, pretrained, labels, splits, summary, show_progress=local)
-  p.run().wait_until_finish()
+  result = p.run()
+  dry_run = summaries.dry_run(args.output_dir, options, result)
+  if dry_run:  # DataflowRunner --dry_run=True: the job built, nothing submitted or run
+    return dry_run
+  result.wait_until_finish()
   return _finish(args, start, 'FnApiRunner (local)' if local else type(p.runner).__name__)
 
 

@@ -259,3 +259,64 @@ def test_export_missing_workdir_names_the_flag_typed(tmp_path, capsys):
                                          f'--output_dir={tmp_path / "out"}'])
   assert err.startswith(f'error: --workdir={tmp_path / "missing"}: no such directory'), err
   assert not (tmp_path / 'out').exists()  # refused before the output dir is claimed
+
+
+def test_finetuned_head_of_another_class_count_is_refused_before_the_pipeline(runs, tmp_path,
+                                                                               capsys):
+  """Checked on the launcher from the checkpoint's metadata, not by the workers loading it."""
+  _, out = runs
+  work = str(tmp_path / 'ft')
+  shutil.copytree(out['ft'], work)
+  m = _metrics(work)
+  m['class_names'] = ['cat', 'dog', 'zebra']  # the checkpoints' heads have 2 columns
+  with open(os.path.join(work, 'metrics.json'), 'w') as fh:
+    json.dump(m, fh)
+  zoo = tmp_path / 'zoo'
+  for name in ('cat', 'zebra'):  # classes the head's metrics.json knows: label_map passes
+    _images(str(zoo / 'test' / name), 1, 100, seed=3)
+  pred = tmp_path / 'pred'
+  for mode in ('full', 'full+wise'):
+    err = _error(capsys, predict.main, [f'--dataset=folder:{zoo}', f'--head=finetune:{work}',
+                                        f'--mode={mode}', f'--output_dir={pred}'])
+    assert 'has a head of 2 classes but metrics.json records 3' in err, err
+  assert not pred.exists()  # refused before the output dir was claimed or a model loaded
+
+
+def test_remote_head_directories_are_refused_in_one_line(tmp_path, capsys):
+  """A gs:// run directory: why it cannot be used, not 'no such directory'."""
+  for spec in ('finetune:gs://bucket/ft', 'probe:gs://bucket/probe'):
+    err = _error(capsys, predict.main, [f'--dataset=folder:{tmp_path}', f'--head={spec}',
+                                        f'--output_dir={tmp_path / "pred"}'])
+    assert err.startswith(f'error: --head={spec}: the run directory must be a local path'), err
+    assert 'a gs:// directory is not supported' in err, err
+    assert ('every worker' in err) == spec.startswith('finetune:'), err
+  assert not (tmp_path / 'pred').exists()
+
+
+def test_a_near_miss_of_our_flags_is_refused_and_beams_pass_on(tmp_path, capsys):
+  base = [f'--dataset=folder:{tmp_path}', '--head=probe:x', f'--output_dir={tmp_path / "p"}']
+  err = _error(capsys, predict.main, base + ['--bacth_size=8'])
+  assert err == 'error: unknown flag --bacth_size; did you mean --batch_size?', err
+  _, beam_args = predict.parse_args(base + ['--project=p', '--region=r', '--label=a=b'])
+  assert beam_args == ['--project=p', '--region=r', '--label=a=b']  # not --label_column's prefix
+
+
+def test_dataflow_dry_run_builds_the_predict_job(runs, tmp_path):
+  """--runner=DataflowRunner --dry_run=True: the job is built offline, nothing is submitted."""
+  try:
+    import google.cloud.dataflow  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    if os.environ.get('CI'):  # make test installs the gcp extra
+      raise
+    pytest.skip("needs apache-beam[gcp]: pip install -c constraints.txt -e '.[test,gcp]'")
+  data, out = runs
+  pred = tmp_path / 'pred'
+  setup = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'setup.py')
+  summary = _predict(f'--dataset=folder:{data}', '--splits=test', f'--head=finetune:{out["ft"]}',
+                     f'--output_dir={pred}', '--runner=DataflowRunner', '--dry_run=True',
+                     '--project=my-project', '--region=us-central1',
+                     '--temp_location=gs://my-bucket/tmp', f'--setup_file={setup}')
+  assert summary['dry_run'] and os.listdir(pred) == ['.clip-transfer-output']
+  top = {t.unique_name for t in summary['job'].proto_pipeline.components.transforms.values()}
+  assert {'Read[test]', 'Preprocess[test]', 'RunInference', 'ToRow', 'WriteShard',
+          'Finalize'} <= top, top
