@@ -67,7 +67,9 @@ def test_parallel_path_writes_the_serial_paths_bytes(jpeg_folder, tmp_path, coun
   assert s['counts'] == p['counts'] == {
       'train': {'read': 11, 'written': 10, 'dead_lettered': 1},
       'test': {'read': 4, 'written': 4, 'dead_lettered': 0}}
-  assert s['inference']['num_inferences'] == p['inference']['num_inferences'] == 14
+  # Images travel in stacked batches: RunInference counts batches (train 4+4+2, test 4).
+  assert s['inference']['num_images'] == p['inference']['num_images'] == 14
+  assert s['inference']['num_inferences'] == p['inference']['num_inferences'] == 4
   files = _files(serial)
   assert sum('.array_record-' in f for f in files) == 2
   assert files == _files(parallel) == _files(again)  # shards, dead letters and metadata
