@@ -275,7 +275,7 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
     # An unknown count (WebDataset without a label scan): one output shard per input file.
     num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
                          if total is not None else max(1, source.num_parts(split) or 1))
-    read = reads.read_split(p, source, split, args.data_dir)
+    read = reads.read_split(p, source, split, args.data_dir, threads)
     examples, load_dead = read.examples, read.dead
     founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
