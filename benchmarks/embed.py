@@ -16,7 +16,9 @@ r"""Benchmarks pipelines.embed: throughput vs the raw jitted backbone, and peak 
 3. Decode-bound efficiency: ``random:tiny`` (a negligible backbone) over
    512-px JPEGs, whole-run pipeline images/s (Beam start-up included) ÷ the
    all-core preprocessing limit, a process pool on every core doing only read +
-   decode + resize + crop of the same files (target ≥ 0.8).
+   decode + resize + crop to the model's resolution of the same files and
+   returning nothing (an int per image: no pixels copied back), its start-up
+   not timed (target ≥ 0.85).
 4. ``--fast_decode``: host preprocessing (one core) of 1024- and 2048-px JPEGs
    made from real photos (scikit-learn's china.jpg and flower.jpg, four crops
    each, upscaled), exact vs fast, and the cosine similarity (mean, min) of
@@ -208,11 +210,15 @@ def _pool_init(cfg_json):
 def _pool_prepare(path: str) -> int:
   from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
   with open(path, 'rb') as fh:
+    # An int goes back, not the pixels: the limit pays no inter-process copy.
     return preprocess.prepare(fh.read(), _POOL_CFG).shape[0]
 
 
 def preprocessing_limit(root: str, cfg, processes: int) -> float:
-  """images/s of a process pool on every core doing only read + decode + resize + crop."""
+  """images/s of a process pool on every core doing only read + decode + resize + crop.
+
+  The processes are started (and have imported everything) before the clock starts.
+  """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import multiprocessing  # pylint: disable=g-import-not-at-top
 
@@ -384,7 +390,7 @@ def main(argv=None):
     pairs = ', '.join(f'{l:.1f}/{p:.1f}' for l, p in d['pairs_limit_pipeline_images_per_s'])
     print(f"decode-bound ({d['model']}, {d['images']} JPEGs of {d['image_size']} px, "
           f"{d['cores']} cores): pool limit/pipeline img/s per pair {pairs}; ratio median "
-          f"{d['ratio_median']:.2f} (target >= 0.8); without Beam's {d['startup_s']:.1f} s "
+          f"{d['ratio_median']:.2f} (target >= 0.85); without Beam's {d['startup_s']:.1f} s "
           f"start-up {d['ratio_steady_median']:.2f}")
   if not args.skip_fast_decode:
     results['fast_decode'] = f = fast_decode(args)

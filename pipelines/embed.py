@@ -110,11 +110,17 @@ class Preprocess(beam.DoFn):
   core of the worker, 1 = inline), up to ``window`` ahead, outputs in input
   order: the pool keeps working while RunInference, fused after this step,
   waits on the device.
+
+  ``batch`` > 0 (embed): the prepared images leave stacked, ``batch`` at a time
+  (fewer at a bundle's end), as ``((split, ids, labels), uint8 (n, H, W, 3))``:
+  every later step pays Beam's per-element cost once per batch. A failed image
+  is still dead-lettered alone; its batch is filled by the next images.
   """
 
-  def __init__(self, preprocess_json: dict, split: str, threads: int = 1, window: int = 1):
+  def __init__(self, preprocess_json: dict, split: str, threads: int = 1, window: int = 1,
+               batch: int = 0):
     self._cfg_json, self._split = preprocess_json, split
-    self._threads, self._window = threads, window
+    self._threads, self._window, self._batch = threads, window, batch
     self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
 
   def setup(self):
@@ -124,16 +130,20 @@ class Preprocess(beam.DoFn):
   def start_bundle(self):
     from clip_transfer.data.preprocess import ParallelPrepare  # pylint: disable=g-import-not-at-top
     self._prepare = ParallelPrepare(self._cfg, self._threads, self._window)
+    self._batches: dict = {}  # window → ([ids], [labels], [images]) not yet emitted
 
   def process(self, element, timestamp=beam.DoFn.TimestampParam,
               window=beam.DoFn.WindowParam):
     ex_id, label, image = element
     for tag, result in self._prepare.put((ex_id, label, timestamp, window), image):
-      yield self._output(tag, result)
+      yield from self._output(tag, result)
 
   def finish_bundle(self):
     for tag, result in self._prepare.drain():
-      yield self._output(tag, result)
+      yield from self._output(tag, result)
+    for window, rows in self._batches.items():
+      yield self._stacked(window, rows)
+    self._batches = {}
 
   def _output(self, tag, result):
     from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
@@ -141,14 +151,33 @@ class Preprocess(beam.DoFn):
     ex_id, label, timestamp, window = tag
     if isinstance(result, Exception):  # ImageError, and anything else PIL raises on odd inputs
       self._dead.inc()
-      return beam.pvalue.TaggedOutput(
+      yield beam.pvalue.TaggedOutput(
           DEAD, WindowedValue(data_base.Dead(ex_id, data_base.failure_reason(result)), timestamp,
                               [window]))
-    return WindowedValue(((self._split, ex_id, label), result), timestamp, [window])
+    elif not self._batch:
+      yield WindowedValue(((self._split, ex_id, label), result), timestamp, [window])
+    else:
+      rows = self._batches.setdefault(window, ([], [], []))
+      for column, value in zip(rows, (ex_id, label, result)):
+        column.append(value)
+      if len(rows[0]) == self._batch:
+        del self._batches[window]
+        yield self._stacked(window, rows)
+
+  def _stacked(self, window, rows):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
+
+    ids, labels, images = rows
+    return WindowedValue(((self._split, tuple(ids), tuple(labels)), np.stack(images)),
+                         window.max_timestamp(), [window])
 
 
 class Encode(beam.DoFn):
-  """((split, id, label), PredictionResult) → ((split, shard), (id, serialized example))."""
+  """((split, ids, labels), PredictionResult of n rows) → ((split, shard), [(id, example)]).
+
+  One output per shard the batch touches: the shard grouping moves lists, not single rows.
+  """
 
   def __init__(self, dim: int, class_names: list[str], projected_dim: Optional[int],
                num_shards: dict[str, int]):
@@ -160,18 +189,24 @@ class Encode(beam.DoFn):
     self._encoder = emb_lib.Encoder(*self._args)
 
   def process(self, element):
-    (split, ex_id, label), result = element
+    (split, ids, labels), result = element
     pooled, projected = result.inference
-    self._written.inc()
-    yield ((split, emb_lib.shard_index(ex_id, self._num_shards[split])),
-           (ex_id, self._encoder.encode(ex_id, pooled, label, projected)))
+    by_shard: dict[int, list] = {}
+    for i, (ex_id, label) in enumerate(zip(ids, labels)):
+      row = (ex_id, self._encoder.encode(ex_id, pooled[i], label,
+                                         None if projected is None else projected[i]))
+      by_shard.setdefault(emb_lib.shard_index(ex_id, self._num_shards[split]), []).append(row)
+    self._written.inc(len(ids))
+    for index, rows in sorted(by_shard.items()):
+      yield (split, index), rows
 
 
 class Progress(beam.DoFn):
   """A tqdm bar per worker process on local runs (stderr; off when not a terminal)."""
 
-  def __init__(self, total: Optional[int], desc: str, enabled: bool):
+  def __init__(self, total: Optional[int], desc: str, enabled: bool, batched: bool = False):
     self._total, self._desc, self._enabled = total, desc, enabled
+    self._batched = batched  # elements are ((split, ids, labels), result): len(ids) images
 
   def setup(self):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -179,7 +214,7 @@ class Progress(beam.DoFn):
                      disable=None if self._enabled else True, mininterval=1.0)
 
   def process(self, element):
-    self._bar.update(1)
+    self._bar.update(len(element[0][1]) if self._batched else 1)
     yield element
 
   def teardown(self):
@@ -241,12 +276,13 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
     # An unknown count (WebDataset without a label scan): one output shard per input file.
     num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
                          if total is not None else max(1, source.num_parts(split) or 1))
-    read = reads.read_split(p, source, split, args.data_dir)
+    read = reads.read_split(p, source, split, args.data_dir, threads)
     examples, load_dead = read.examples, read.dead
     founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
     ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
-        Preprocess(cfg.to_json(), split, threads, window)).with_outputs(DEAD, main='ok')
+        Preprocess(cfg.to_json(), split, threads, window, args.batch_size)).with_outputs(
+            DEAD, main='ok')
     prepared.append(ok_and_dead.ok)
     dead_counts.append(
         (load_dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
@@ -256,12 +292,12 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
   # One RunInference for all splits: one model load and one compilation per process.
   handler = KeyedModelHandler(
       ClipVisionModelHandler(args.model, args.batch_size, projected=args.projected,
-                             dtype=args.dtype))
+                             dtype=args.dtype, batched=True))
   total = None if None in totals else sum(totals)
   results = (prepared
              | 'FlattenSplits' >> beam.Flatten()
              | 'RunInference' >> RunInference(handler)
-             | 'Progress' >> beam.ParDo(Progress(total, 'embed', show_progress))
+             | 'Progress' >> beam.ParDo(Progress(total, 'embed', show_progress, batched=True))
              | 'Encode' >> beam.ParDo(Encode(dim, source.class_names, projected_dim, num_shards))
              | 'GroupShards' >> beam.GroupByKey()
              | 'WriteShard' >> beam.Map(_write_shard, args.output_dir, num_shards))
@@ -277,7 +313,8 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
 
 
 def _write_shard(element, output_dir, num_shards):
-  (split, index), rows = element
+  (split, index), lists = element  # lists of (id, example), one per batch that had rows here
+  rows = [row for rows in lists for row in rows]
   return (split, index, *emb_lib.write_shard(output_dir, split, index, num_shards[split], rows))
 
 

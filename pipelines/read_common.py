@@ -6,6 +6,7 @@ in-process driver ``Source.inputs`` calls too); these DoFns only count and route
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import apache_beam as beam
@@ -42,12 +43,52 @@ class CountedRead(beam.DoFn):
 
 
 class ReadParts(CountedRead):
-  """A part of a split (file, shard, record range, folder entry, CSV rows of one id) → inputs."""
+  """A part of a split (file, shard, record range, folder entry, CSV rows of one id) → inputs.
 
-  def __init__(self, reader, split: str):
+  ``threads`` != 1 (embed, for sources whose part is one input: a folder entry, a
+  manifest id): parts are read on the process-wide preprocessing pool (0: one thread per
+  core), up to ``window`` ahead, outputs in input order, so the thread that drives the
+  bundle never waits on file reads. 1: read inline (every other source: a part can
+  hold a whole shard, which must stream).
+  """
+
+  def __init__(self, reader, split: str, threads: int = 1, window: int = 1):
     super().__init__(split)
     self._reader = reader  # the source's part_reader: the same function fine-tune calls
+    self._threads, self._window = threads, window
 
-  def process(self, part):
-    for item in self._reader(part):
-      yield self._emit(item)
+  def start_bundle(self):
+    self._pool = None
+    if self._threads != 1:
+      from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
+      threads = self._threads or preprocess.host_cores()
+      self._pool = preprocess.shared_pool(threads) if threads > 1 else None
+    self._pending: collections.deque = collections.deque()
+
+  def process(self, part, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+    if self._pool is None:
+      for item in self._reader(part):
+        yield self._emit(item)
+      return
+    self._pending.append((timestamp, window, self._pool.submit(_read_all, self._reader, part)))
+    while self._pending and (len(self._pending) > self._window or self._pending[0][2].done()):
+      yield from self._emit_read()
+
+  def finish_bundle(self):
+    while self._pending:
+      yield from self._emit_read()
+
+  def _emit_read(self):
+    from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
+
+    timestamp, window, future = self._pending.popleft()
+    for item in future.result():  # a reader that raises fails the bundle, as inline
+      out = self._emit(item)
+      if isinstance(out, beam.pvalue.TaggedOutput):
+        yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, timestamp, [window]))
+      else:
+        yield WindowedValue(out, timestamp, [window])
+
+
+def _read_all(reader, part) -> list:
+  return list(reader(part))

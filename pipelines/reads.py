@@ -22,11 +22,16 @@ from clip_transfer.data import catalog, folder, manifest, parquet, webdataset
 from clip_transfer.data.base import Source
 
 
-def _read_parts(parts, source: Source, split: str):
+def _read_parts(parts, source: Source, split: str, threads: int = 1):
   return (parts
           | f'SpreadParts[{split}]' >> beam.Reshuffle()
           | f'Read[{split}]' >> beam.ParDo(
-              ReadParts(source.part_reader(split), split)).with_outputs(DEAD, main='ok'))
+              ReadParts(source.part_reader(split), split, threads, READ_WINDOW if threads != 1
+                        else 1)).with_outputs(DEAD, main='ok'))
+
+
+# Parts read ahead on the pool when a part is one input (folder entries, manifest ids).
+READ_WINDOW = 16
 
 
 def read_parts(p, source: Source, split: str, count: Callable) -> Read:
@@ -36,7 +41,8 @@ def read_parts(p, source: Source, split: str, count: Callable) -> Read:
   return Read(read.ok, [read[DEAD]], parts | f'CountFound[{split}]' >> beam.Map(count))
 
 
-def read_folder(p, source: folder.FolderSource, split: str, data_dir=None) -> Read:
+def read_folder(p, source: folder.FolderSource, split: str, data_dir=None,
+                threads: int = 1) -> Read:
   """Lists the split on a worker (every file, at any depth), then reads them in parallel."""
   listed = (p
             | f'Split[{split}]' >> beam.Create([split])
@@ -44,12 +50,12 @@ def read_folder(p, source: folder.FolderSource, split: str, data_dir=None) -> Re
                 lambda s, root=source.root, opt=source.labels_optional:
                 folder.list_split(root, s, opt)))
   # The listing comes from one element: the reshuffle keeps the reads off one worker.
-  read = _read_parts(listed, source, split)
+  read = _read_parts(listed, source, split, threads)
   found = listed | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
   return Read(read.ok, [read[DEAD]], found)
 
 
-def read_tfds(p, source: catalog.TfdsSource, split: str, data_dir=None) -> Read:
+def read_tfds(p, source: catalog.TfdsSource, split: str, data_dir=None, threads=1) -> Read:
   total = source.num_examples(split)
   if total:
     return read_parts(p, source, split, lambda bounds: bounds[1] - bounds[0])
@@ -73,7 +79,8 @@ class _ParseCsvLine(beam.DoFn):
       yield row[1], row
 
 
-def read_csv(p, source: manifest.CsvSource, split: str, data_dir=None) -> Read:
+def read_csv(p, source: manifest.CsvSource, split: str, data_dir=None,
+             threads: int = 1) -> Read:
   """The manifest through ReadFromText (read by many workers); rows grouped by id = parts."""
   rows = (p
           | f'ReadManifest[{split}]' >> beam.io.ReadFromText(
@@ -84,16 +91,17 @@ def read_csv(p, source: manifest.CsvSource, split: str, data_dir=None) -> Read:
            # Grouping by id finds rows listed twice (a part is every row of one id).
            | f'GroupById[{split}]' >> beam.GroupByKey()
            | f'Rows[{split}]' >> beam.MapTuple(lambda _, group: sorted(group, key=repr)))
-  read = _read_parts(parts, source, split)
+  read = _read_parts(parts, source, split, threads)
   found = rows | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
   return Read(read.ok, [read[DEAD]], found)
 
 
-def read_parquet(p, source: parquet.ParquetSource, split: str, data_dir=None) -> Read:
+def read_parquet(p, source: parquet.ParquetSource, split: str, data_dir=None,
+                 threads=1) -> Read:
   return read_parts(p, source, split, lambda part: parquet.num_rows(part[0]))
 
 
-def read_wds(p, source: webdataset.WdsSource, split: str, data_dir=None) -> Read:
+def read_wds(p, source: webdataset.WdsSource, split: str, data_dir=None, threads=1) -> Read:
   return read_parts(p, source, split, lambda part: webdataset.count_groups(part[0]))
 
 
@@ -107,8 +115,10 @@ READERS: dict[type, Callable[..., Read]] = {
 }
 
 
-def read_split(p, source: Source, split: str, data_dir: Optional[str]) -> Read:
+def read_split(p, source: Source, split: str, data_dir: Optional[str],
+               threads: int = 1) -> Read:
+  """``threads``: ``ReadParts``' pool for sources whose part is one input (others read inline)."""
   for cls in type(source).__mro__:
     if cls in READERS:
-      return READERS[cls](p, source, split, data_dir)
+      return READERS[cls](p, source, split, data_dir, threads=threads)
   raise TypeError(f'no Beam reader for {type(source).__name__}')

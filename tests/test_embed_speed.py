@@ -67,7 +67,9 @@ def test_parallel_path_writes_the_serial_paths_bytes(jpeg_folder, tmp_path, coun
   assert s['counts'] == p['counts'] == {
       'train': {'read': 11, 'written': 10, 'dead_lettered': 1},
       'test': {'read': 4, 'written': 4, 'dead_lettered': 0}}
-  assert s['inference']['num_inferences'] == p['inference']['num_inferences'] == 14
+  # Images travel in stacked batches: RunInference counts batches (train 4+4+2, test 4).
+  assert s['inference']['num_images'] == p['inference']['num_images'] == 14
+  assert s['inference']['num_inferences'] == p['inference']['num_inferences'] == 4
   files = _files(serial)
   assert sum('.array_record-' in f for f in files) == 2
   assert files == _files(parallel) == _files(again)  # shards, dead letters and metadata
@@ -191,3 +193,20 @@ def test_fast_decode_drafts_jpegs_only():
       png.getvalue(), fast).tobytes()
   assert preprocess.PreprocessConfig.from_json(fast.to_json()) == fast
   assert 'fast_decode' not in cfg.to_json()
+
+
+def test_batched_handler_pads_and_equals_the_per_image_handler(count_compiles):
+  from pipelines import jax_handler
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+  per_image = jax_handler.ClipVisionModelHandler(MODEL, batch_size=4)
+  batched = jax_handler.ClipVisionModelHandler(MODEL, batch_size=4, batched=True)
+  model = batched.load_model()  # the same model either way: only the element shape differs
+  with count_compiles(FORWARD) as compiles:
+    want = per_image.run_inference(list(images), model)
+    got = batched.run_inference([images[:4], images[4:]], model)  # 4, then 3 padded to 4
+  assert compiles.count == 1
+  assert [r.inference[0].shape for r in got] == [(4, 64), (3, 64)]
+  rows = np.concatenate([r.inference[0] for r in got])
+  np.testing.assert_array_equal(rows, np.stack([r.inference[0] for r in want]))
+  assert batched.batch_elements_kwargs() == {'min_batch_size': 1, 'max_batch_size': 1}
