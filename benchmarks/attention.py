@@ -1,4 +1,4 @@
-"""A proposal, measured: the vision tower's forward with ``jax.nn.dot_product_attention``.
+"""Attention formulations, measured: the vision tower's forward as it is, the earlier layout, and ``jax.nn.dot_product_attention``.
 
     python -m benchmarks.attention --dtype bfloat16 --batch_size 256 --peak_tflops 989
 
@@ -7,8 +7,10 @@ uint8 in) on ``random:vit-b32`` as ``clip_transfer.models.clip`` has it, then wi
 ``clip.Attention`` swapped, in this process only, for a subclass whose
 softmax(QK^T)V is ``jax.nn.dot_product_attention`` (``implementation``: cudnn's
 fused kernel where the platform has one, else XLA's). Same parameter tree;
-reports images/s, MFU and the max |difference| of the embeddings. Nothing in
-``clip_transfer/`` changes: adopting it is the lead's call (CPU parity must stay ≤ 1e-4).
+reports images/s, MFU and the max |difference| of the embeddings. Also the layout
+``clip.attend`` replaced (probs @ v asked for in bqhd order directly, which XLA:CPU
+ran ~2x slower than head-major then transposed). Nothing in ``clip_transfer/``
+changes: adopting a variant is the lead's call (CPU parity must stay ≤ 1e-4).
 """
 
 import argparse
@@ -49,6 +51,12 @@ def fused_attention_class(implementation):
   return FusedAttention
 
 
+def bqhd_attend(probs, v):
+  """``clip.attend`` before 2026-12-01: the product asked for in (B, Q, H, Dh) order."""
+  b, _, q, _ = probs.shape
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, q, -1)
+
+
 def _time(fn, iters):
   fn().block_until_ready()  # compile
   fn().block_until_ready()
@@ -81,15 +89,18 @@ def main(argv=None):
              'device': str(jax.devices()[0].device_kind), 'variants': {}}
   base_forward = jax_handler.build_forward(pre)
   base_out = np.asarray(base_forward(pixels)[0])
-  variants = [('einsum (clip_transfer.models.clip today)', None)]
+  variants = [('einsum (clip_transfer.models.clip today)', None),
+              ('einsum, product in bqhd order (before 2026-12-01)', 'bqhd')]
   on_gpu = jax.devices()[0].platform == 'gpu'
   variants += [('dot_product_attention xla', 'xla')]
   if on_gpu:
     variants += [('dot_product_attention cudnn', 'cudnn')]
-  original = clip.Attention
+  original, original_attend = clip.Attention, clip.attend
   for name, impl in variants:
     try:
-      if impl is not None:
+      if impl == 'bqhd':
+        clip.attend = bqhd_attend
+      elif impl is not None:
         clip.Attention = fused_attention_class(impl)
       forward = jax_handler.build_forward(pre)  # traced now: picks up the swapped class
       seconds = _time(lambda: forward(pixels)[0], args.iters)  # pylint: disable=cell-var-from-loop
@@ -99,7 +110,7 @@ def main(argv=None):
       print(f'{name}: {results["variants"][name]["error"]}', file=sys.stderr)
       continue
     finally:
-      clip.Attention = original
+      clip.Attention, clip.attend = original, original_attend
     ips = args.batch_size / seconds
     r = {'images_per_s': round(ips, 2), 'gflops': round(2 * GMACS_PER_IMAGE * ips, 1),
          'max_abs_diff_vs_today': diff}

@@ -8,10 +8,14 @@ save_pretrained and loaded with clip_transfer.models.load, so both sides run the
 same network, side by side in one process. Both take float32 NCHW/NHWC pixels
 already normalised (preprocessing excluded); the compared output is each
 family's pooled feature (CLIP: pooler_output; SigLIP: the MAP head; DINOv2:
-class token ‖ mean patch token).
+class token ‖ mean patch token). JAX runs as the product does: importing
+``clip_transfer.models`` adds the project's XLA:CPU defaults
+(``clip_transfer.xla_defaults``) before the backend starts; the XLA_FLAGS it ran
+with are in the result.
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -124,7 +128,7 @@ def _one(family, args):
                 ratio=round(jax_ips / torch_ips, 3), jax_gflops=round(gflops(jax_ips), 1),
                 torch_gflops=round(gflops(torch_ips), 1), max_abs_diff=err, dtype=args.dtype,
                 jax_device=str(jax.devices()[0].device_kind), torch_device=device,
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), xla_flags=os.environ.get('XLA_FLAGS', ''))
   if args.peak_tflops:
     result['jax_mfu'] = round(gflops(jax_ips) / 1e3 / args.peak_tflops, 4)
     result['torch_mfu'] = round(gflops(torch_ips) / 1e3 / args.peak_tflops, 4)

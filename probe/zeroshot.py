@@ -2,6 +2,10 @@
 
     python -m probe.zeroshot --embeddings=DIR --output_dir=OUT [--templates=openai_imagenet]
 
+The default templates are the model family's own (``templates.default_for``: the CLIP
+paper's 80 for CLIP/OpenCLIP, big_vision's canonicalised list for SigLIP); class
+names' underscores are spaces in prompts.
+
 Each class is the mean of its L2-normalised prompt embeddings ("a photo of a
 {}." …), renormalised (the CLIP paper's prompt ensembling); an image scores
 ``exp(logit_scale) * cos(image, class)`` (+ ``logit_bias`` for SigLIP, whose
@@ -141,17 +145,21 @@ def load_head(output_dir: str) -> heads.ZeroshotHead:
 
 
 def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[str] = None,
-                 templates: str = 'openai_imagenet', class_names_file: Optional[str] = None,
+                 templates: Optional[str] = None, class_names_file: Optional[str] = None,
                  eval_split: str = 'test', batch_size: int = BATCH_SIZE,
                  overwrite: bool = False) -> dict:
-  """Zero-shot eval of an embedding dataset; returns the metrics dict (written when output_dir)."""
+  """Zero-shot eval of an embedding dataset; returns the metrics dict (written when output_dir).
+
+  ``templates``: a bundled list or a file; None picks the model family's default.
+  """
   from clip_transfer import models  # pylint: disable=g-import-not-at-top
   from clip_transfer.data import embeddings as emb  # pylint: disable=g-import-not-at-top
   from clip_transfer.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   if batch_size < 1:
     raise UserError(f'--batch_size must be at least 1, got {batch_size}')
-  prompts = templates_lib.load_templates(templates)
+  # A list named by the user is checked before anything loads; the family default after.
+  prompts = templates_lib.load_templates(templates) if templates else None
   metadata = emb.read_metadata(embeddings)
   names = emb.class_names(embeddings)
   if class_names_file:
@@ -190,6 +198,9 @@ def run_zeroshot(embeddings: str, output_dir: Optional[str], *, model: Optional[
     raise UserError(f'{model} is not the model that embedded {embeddings}: weights sha256 '
                     f'{got[:12]}… != {want[:12]}… recorded (model {recorded.get("name")!r})')
   tok = tokenizer_lib.load_tokenizer(model, module.text_config)
+  if prompts is None:
+    templates = templates_lib.default_for(pretrained.family)
+    prompts = templates_lib.load_templates(templates)
   if output_dir:  # everything checked: only now remove the previous run's files (--overwrite)
     outputs.prepare_output_dir(output_dir, overwrite=overwrite, kind='zero-shot run',
                                owned=OWNED_FILES, complete='metrics.json')
@@ -239,9 +250,11 @@ class ZeroshotConfig:
   output_dir: str = flags.field(help='where metrics.json and zeroshot_head.npz go')
   model: Optional[str] = flags.field(None, "default: the model recorded in the dataset's "
                                      'metadata.json')
-  templates: str = flags.field('openai_imagenet',
-                               f'a bundled list ({", ".join(templates_lib.available())}) or a '
-                               '.json/.txt file; each template holds {} for the class name')
+  templates: Optional[str] = flags.field(
+      None, f'a bundled list ({", ".join(templates_lib.available())}) or a .json/.txt file; '
+      "each template holds {} for the class name (default: the family's own, "
+      f'{templates_lib.DEFAULT} for CLIP/OpenCLIP, '
+      f'{templates_lib.FAMILY_DEFAULTS["siglip"]} for SigLIP)')
   class_names: Optional[str] = flags.field(None, 'file with one class name per line, in label '
                                            "order (default: the dataset's label names)")
   eval_split: str = flags.field('test', 'split scored')

@@ -232,3 +232,58 @@ def test_cli_refuses_other_weights(tmp_path, capsys):
                   [0, 1, 1])
   code, cap = _run([f'--embeddings={data}', f'--output_dir={tmp_path / "out"}'], capsys)
   assert 'random:tiny is not the model that embedded' in _one_line_error(code, cap)
+
+
+# --- each family's own templates; class names as prompts say them (issue #18) -------------------
+
+
+def _canonical(template):
+  # big_vision's prompt_engineering._canonicalize: lower case, punctuation gone but the {}.
+  import string  # pylint: disable=g-import-not-at-top
+  strip = str.maketrans('', '', string.punctuation)
+  return ' '.join('{}'.join(p.translate(strip) for p in template.lower().split('{}')).split())
+
+
+def test_siglip_list_is_big_vision_clip_paper_canonicalised():
+  siglip = templates.load_templates('siglip_imagenet')
+  assert siglip == [_canonical(t) for t in templates.load_templates('openai_imagenet')] + ['{}']
+  assert siglip[0] == 'a bad photo of a {}' and 'a closeup photo of a {}' in siglip
+  assert (templates.default_for('siglip'), templates.default_for('clip'),
+          templates.default_for('open_clip')) == ('siglip_imagenet',) + ('openai_imagenet',) * 2
+
+
+def test_cli_default_templates_are_the_familys_own(tmp_path, capsys):
+  rng = np.random.RandomState(0)
+  for name, want, count in (('random:siglip-tiny', 'siglip_imagenet', 81),
+                            ('random:tiny', 'openai_imagenet', 80)):
+    module, variables = models.load_model(name)
+    data = _dataset(tmp_path / name[7:] / 'emb', name, models.params_checksum(variables['params']),
+                    rng.randn(6, module.projection_dim).astype(np.float32), np.arange(6) % 3)
+    out = tmp_path / name[7:] / 'out'
+    code, cap = _run([f'--embeddings={data}', f'--output_dir={out}'], capsys)
+    assert code == 0 and f'zeroshot ({count} templates from {want})' in cap.out
+    assert zeroshot.load_head(str(out)).templates == templates.load_templates(want)
+    # A list the user names wins over the family's.
+    code, cap = _run([f'--embeddings={data}', f'--output_dir={out}', '--overwrite',
+                      '--templates=simple'], capsys)
+    assert code == 0 and 'zeroshot (1 templates from simple)' in cap.out
+
+
+def test_prompts_say_class_names_with_spaces_not_underscores(tmp_path, capsys):
+  module, variables = models.load_model('random:tiny')
+  data = _dataset(tmp_path / 'emb', 'random:tiny', models.params_checksum(variables['params']),
+                  np.random.RandomState(1).randn(6, 32).astype(np.float32), np.arange(6) % 3)
+  names = tmp_path / 'names.txt'
+  names.write_text('red_things\nsea_lion\nplain\n')
+  out = tmp_path / 'out'
+  code, _ = _run([f'--embeddings={data}', f'--output_dir={out}', f'--class_names={names}',
+                  '--templates=simple'], capsys)
+  assert code == 0
+  head = zeroshot.load_head(str(out))
+  assert head.class_names == ['red_things', 'sea_lion', 'plain']  # recorded as given
+  tok = tokenizer.load_tokenizer('random:tiny', module.text_config)
+  want = zeroshot.encode_texts(module, variables, tok, ['a photo of a red things.',
+                                                       'a photo of a sea lion.',
+                                                       'a photo of a plain.'])
+  np.testing.assert_allclose(head.head, want, atol=1e-6)
+  assert templates.fill('a photo of a {}.', 'red_things') == 'a photo of a red things.'

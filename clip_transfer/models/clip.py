@@ -124,8 +124,19 @@ class Attention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     # Softmax in float32 even for bf16 compute.
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, l, d)
-    return dense('out_proj')(out)
+    return dense('out_proj')(attend(probs, v))
+
+
+def attend(probs, v):
+  """``probs @ v`` per head: (B, H, Q, K) x (B, K, H, Dh) → (B, Q, H·Dh).
+
+  The product is written head-major (bhqd), then transposed: asked for bqhd directly,
+  XLA:CPU emits that batched dot in a layout its fast dot paths do not take, and
+  attention ran ~2× slower on CPU (benchmarks/attention.py measures it).
+  """
+  b, _, q, _ = probs.shape
+  out = jnp.einsum('bhqk,bkhd->bhqd', probs, v)
+  return out.transpose(0, 2, 1, 3).reshape(b, q, -1)
 
 
 class MLP(nn.Module):

@@ -178,7 +178,7 @@ class SelfAttention(nn.Module):
     q, k, v = (dense(n)(x).reshape(b, l, h, d // h) for n in ('query', 'key', 'value'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * ((d // h) ** -0.5)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, l, d)
+    return clip.attend(probs, v)
 
 
 class Attention(nn.Module):

@@ -115,13 +115,13 @@ def read_dir(path: str) -> Checkpoint:
 
 def init_params(module, seed: int = 0):
   """Randomly initialised params of any family's module (deterministic in ``seed``)."""
-  if module.family == 'clip':
+  if isinstance(module, clip.CLIP):  # OpenCLIP's module too (a subclass)
     return clip.init_params(module, seed)
   return checkpoints.init_params(module, MODULES[module.family].dummy_inputs(module), seed)
 
 
 def param_shapes(module) -> Any:
   """The param tree's shapes, without allocating it."""
-  if module.family == 'clip':
+  if isinstance(module, clip.CLIP):
     return clip.param_shapes(module)
   return checkpoints.param_shapes(module, MODULES[module.family].dummy_inputs(module))

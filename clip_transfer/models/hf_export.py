@@ -7,8 +7,8 @@ transformers' PyTorch classes load (``CLIPVisionModel``, or
 the tensors are renamed and transposed back with numpy and written with safetensors.
 
 One exporter per family, registered by the linen module's class name in
-``EXPORTERS``; a new family adds its own (the reading side lives beside it in
-``checkpoints``).
+``EXPORTERS`` (a subclass, such as OpenCLIP's, uses its base's); a new family adds its
+own (the reading side lives beside it in ``checkpoints``).
 """
 
 from __future__ import annotations
@@ -183,10 +183,17 @@ USAGE = {
 }
 
 
+def _registered(module, table: dict):
+  """The entry for the module's class or its nearest registered base (OpenCLIP → CLIP's)."""
+  for cls in type(module).__mro__:
+    if cls.__name__ in table:
+      return table[cls.__name__]
+  return None
+
+
 def usage(pretrained, feature: str) -> tuple[str, str]:
   """(processor class, the lines computing the head's input ``x`` from ``out = tower(...)``)."""
-  family = type(pretrained.module).__name__
-  processor, lines = USAGE[family]
+  processor, lines = _registered(pretrained.module, USAGE)
   first = 1 + getattr(pretrained.module.vision_config, 'num_register_tokens', 0)
   return processor, lines[feature].replace('{first_patch}', str(first))
 
@@ -194,8 +201,8 @@ def usage(pretrained, feature: str) -> tuple[str, str]:
 def save_vision(pretrained, vision_params, out_dir: str,
                 projection: Optional[np.ndarray] = None) -> str:
   """Writes the vision tower as a save_pretrained directory; returns the transformers class."""
-  family = type(pretrained.module).__name__
-  if family not in EXPORTERS:
-    raise UserError(f'no Hugging Face export for {family} models yet (have: '
-                    f'{", ".join(EXPORTERS)})')
-  return EXPORTERS[family](pretrained, vision_params, out_dir, projection)
+  exporter = _registered(pretrained.module, EXPORTERS)
+  if exporter is None:
+    raise UserError(f'no Hugging Face export for {type(pretrained.module).__name__} models yet '
+                    f'(have: {", ".join(EXPORTERS)})')
+  return exporter(pretrained, vision_params, out_dir, projection)

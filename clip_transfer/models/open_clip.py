@@ -76,6 +76,15 @@ _MODEL_DEFAULTS = (
 )
 
 
+class OpenCLIP(clip.CLIP):
+  """An OpenCLIP checkpoint on the project's linen CLIP: the same towers and param tree,
+  recorded as its own family (``model.family`` in an embedding dataset's metadata).
+  Datasets embedded before this class existed record ``clip`` for OpenCLIP weights;
+  nothing reads the family to decide anything, so they stay valid."""
+
+  family = 'open_clip'
+
+
 def is_open_clip_dir(path: str) -> bool:
   """True for a directory open_clip's save_for_hf wrote (it holds open_clip_config.json)."""
   return os.path.isfile(os.path.join(path, CONFIG_FILE))
@@ -123,7 +132,7 @@ def read_dir(path: str) -> Checkpoint:
   return Checkpoint(module, params, preprocess)
 
 
-def _module(model_cfg: dict, path: str) -> clip.CLIP:
+def _module(model_cfg: dict, path: str) -> OpenCLIP:
   where = f'{path}/{CONFIG_FILE}'
   vision = model_cfg.get('vision_cfg') or {}
   text = model_cfg.get('text_cfg') or {}
@@ -160,7 +169,7 @@ def _module(model_cfg: dict, path: str) -> clip.CLIP:
       # open_clip's 'argmax' pooling (the EOT token has the highest id): our text tower
       # pools at the highest id for this eos_token_id, and the tokenizer check holds it to that.
       eos_token_id=LEGACY_EOS)
-  return clip.CLIP(v, t, int(model_cfg['embed_dim']))
+  return OpenCLIP(v, t, int(model_cfg['embed_dim']))
 
 
 def _refuse_unmappable(cfg: dict, defaults, section: str, where: str) -> None:

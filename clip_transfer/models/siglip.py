@@ -94,8 +94,7 @@ class PoolingAttention(nn.Module):
     k, v = (t.reshape(b, l, h, d // h) for t in (k, v))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, -1, d)
-    return dense('out_proj')(out)
+    return dense('out_proj')(clip.attend(probs, v))
 
 
 class PoolingHead(nn.Module):

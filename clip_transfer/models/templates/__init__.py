@@ -9,6 +9,18 @@ Bundled lists (``{}`` is replaced by the class name):
   ``SIMPLE_IMAGENET_TEMPLATES``).
 - ``cifar10``, ``cifar100``: the 18 templates of openai/CLIP ``data/prompts.md``.
 - ``simple``: ``a photo of a {}.``, the paper's baseline prompt.
+- ``siglip_imagenet``: what the SigLIP authors' zero-shot evaluator uses, the default for
+  SigLIP models: big_vision's ``discriminative_classifier`` defaults to
+  ``prompt_templates="clip_paper"`` with ``canonicalize=True``
+  (google-research/big_vision ``big_vision/evaluators/proj/image_text/
+  discriminative_classifier.py``; the list in ``prompt_engineering_constants.py``
+  ``CLIP_PAPER_PROMPT_TEMPLATES`` is the CLIP paper's 80 plus the bare ``{}``), and
+  ``prompt_engineering._canonicalize`` lower-cases them and removes punctuation except
+  the ``{}``. So: these 81, canonicalised (``a bad photo of a {}``, …, ``{}``).
+  transformers' ``SiglipTokenizer`` canonicalises text the same way, so with a real
+  checkpoint only the list matters; the generated ``random:`` tokenizers see the exact text.
+
+``fill`` writes a class name's underscores as spaces (``prompt_name``).
 """
 
 from __future__ import annotations
@@ -59,6 +71,23 @@ def load_templates(name_or_file: str) -> list[str]:
   return templates
 
 
+def prompt_name(class_name: str) -> str:
+  """A class name as prompts say it: underscores become spaces (``red_things`` → ``red
+  things``), as CLIP's own prompts write names and big_vision's evaluator canonicalises
+  them. Only prompts use it; recorded class names stay as the dataset has them."""
+  return class_name.replace('_', ' ')
+
+
 def fill(template: str, class_name: str) -> str:
   """The prompt for one class (str.replace: other braces in a template stay as they are)."""
-  return template.replace(PLACEHOLDER, class_name)
+  return template.replace(PLACEHOLDER, prompt_name(class_name))
+
+
+# The bundled list a family's zero-shot uses when --templates is not given.
+FAMILY_DEFAULTS = {'siglip': 'siglip_imagenet'}
+DEFAULT = 'openai_imagenet'  # CLIP, OpenCLIP
+
+
+def default_for(family: str) -> str:
+  """The template list a family's authors evaluate zero-shot with (see the module docstring)."""
+  return FAMILY_DEFAULTS.get(family, DEFAULT)
