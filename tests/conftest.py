@@ -2,10 +2,13 @@
 
 import contextlib
 import logging
+import os
 
 import jax
+import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
 
 
 @pytest.fixture(scope='session')
@@ -18,11 +21,62 @@ def digits_data_dir(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope='module')
-def xla_cache(tmp_path_factory):
-  """XLA's persistent cache for one test module: its runs recompile the same programs.
+@pytest.fixture(scope='session')
+def tiny_digits_embeddings(digits_data_dir, tmp_path_factory, count_compiles):
+  """digits embedded once with random:tiny through ``pipelines.embed`` (batch 64; pooled and
+  projected features), shared by the modules that only read it (test_embed, test_ladder).
 
-  Use it with ``pytestmark = pytest.mark.usefixtures('xla_cache')``.
+  Returns (output dir, the run's summary, how often the forward compiled during it).
+  """
+  from pipelines import embed  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp('embed') / 'digits')
+  with count_compiles('clip_vision_forward') as compiles:  # clip_transfer/models/forward.py
+    # 1437 and 360 are not multiples of 64: the last batches are padded.
+    summary = embed.run(['--model=random:tiny', '--dataset=digits', f'--data_dir={digits_data_dir}',
+                         f'--output_dir={out}', '--batch_size=64'])
+  return out, summary, compiles.count
+
+
+def _write_images(folder, n, shade, seed):
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    pixels = np.clip(rng.normal(shade, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
+
+
+@pytest.fixture(scope='session')
+def write_images():
+  """``write_images(folder, n, shade, seed)``: n 32×32 PNGs of noise around a grey ``shade``
+  (0–255), named 000.png, 001.png, … in ``folder``."""
+  return _write_images
+
+
+@pytest.fixture(scope='session')
+def cat_dog_folder(write_images):
+  """``cat_dog_folder(root, **{split: n})``: a two-class image folder, n dark cats and n light
+  dogs per split (root/split/{cat,dog}/NNN.png); returns root as a string."""
+
+  def make(root, **counts):
+    for split, n in counts.items():
+      write_images(os.path.join(root, split, 'cat'), n, 80, seed=len(split))
+      write_images(os.path.join(root, split, 'dog'), n, 170, seed=10 + len(split))
+    return str(root)
+
+  return make
+
+
+@pytest.fixture(scope='session', autouse=True)
+def session_xla_cache(tmp_path_factory):
+  """XLA's persistent compilation cache, one for the whole test session.
+
+  Every stage's run builds its jitted functions afresh (a new embed handler, a new
+  fine-tune step per configuration, a model re-initialised after ``models.clear_cache()``),
+  so jit's in-memory cache misses and the same program is compiled again, in this module
+  and in others; XLA compilation is most of the suite's time on CPU. A program compiled
+  once is read back from this cache (the same executable: a hit needs the same HLO, the
+  same options and the same jax). The "Compiling jit(…)" lines that ``count_compiles``
+  counts are logged before the cache is looked up, so counts are unchanged.
   """
   old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -32,6 +86,13 @@ def xla_cache(tmp_path_factory):
   jax.config.update('jax_compilation_cache_dir', old[0])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
   compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def xla_cache(session_xla_cache):
+  """Modules that recompile the same programs name this (``pytestmark =
+  pytest.mark.usefixtures('xla_cache')``); the session's cache above now serves every module."""
+  yield
 
 
 class _CompileCounter(logging.Handler):

@@ -111,11 +111,15 @@ def test_absurd_configs_are_one_line(tmp_path, kind):
     assert want in _one_line(tmp_path), change
 
 
-def test_absurd_config_through_the_cli(tmp_path):
+def test_absurd_config_through_the_cli(tmp_path, capsys):
+  from clip_transfer import smoke  # pylint: disable=g-import-not-at-top
   _save('siglip', tmp_path)
   cfg = json.loads((tmp_path / 'config.json').read_text())
   (tmp_path / 'config.json').write_text(json.dumps({**cfg, 'num_hidden_layers': 10 ** 6}))
-  code, err = _smoke(tmp_path)
+  capsys.readouterr()  # save_pretrained's progress bar
+  with pytest.raises(SystemExit) as e:  # in-process (a real process: the pickle test above)
+    smoke.main([f'--model={tmp_path}'])
+  code, err = e.value.code, capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and 'num_hidden_layers must be an integer' in err[0], err
 
 

@@ -35,9 +35,12 @@ def test_hub_id_offline_fails_fast_with_the_way_out(tmp_path):
   assert 'local directory' in line and 'random:tiny' in line
 
 
-def test_directory_without_weights(tmp_path):
+def test_directory_without_weights(tmp_path, capsys):
+  from clip_transfer import smoke  # pylint: disable=g-import-not-at-top
   (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'clip'}))
-  code, err = _smoke(str(tmp_path))
+  with pytest.raises(SystemExit) as e:  # the entry point in-process: its one line, exit 2
+    smoke.main([f'--model={tmp_path}'])
+  code, err = e.value.code, capsys.readouterr().err
   assert code == 2 and 'Traceback' not in err
   assert 'has no weights' in err and 'model.safetensors' in err
 

@@ -38,13 +38,9 @@ FORWARD = 'clip_vision_forward'  # the jitted function in pipelines.jax_handler
 
 
 @pytest.fixture(scope='module')
-def digits_run(digits_data_dir, tmp_path_factory, count_compiles):
-  out = str(tmp_path_factory.mktemp('embed') / 'digits')
-  with count_compiles(FORWARD) as compiles:
-    # 1437 and 360 are not multiples of 64: the last batches are padded.
-    summary = _run('--dataset=digits', f'--data_dir={digits_data_dir}', f'--output_dir={out}',
-                   '--batch_size=64')
-  return out, summary, compiles.count
+def digits_run(tiny_digits_embeddings):
+  """(output dir, summary, compiles of FORWARD): digits at batch 64, once per session (conftest)."""
+  return tiny_digits_embeddings
 
 
 def test_digits_end_to_end(digits_run):

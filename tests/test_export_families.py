@@ -20,27 +20,17 @@ from clip_transfer.protocol import rungs
 pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 
 
-def _images(folder, n, shade, seed):
-  os.makedirs(folder, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  for i in range(n):
-    pixels = np.clip(rng.normal(shade, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
-
-
 @pytest.mark.parametrize('model,arch,processor', [
     ('random:siglip-tiny', 'SiglipVisionModel', 'SiglipImageProcessor'),
     ('random:dinov2-tiny', 'Dinov2Model', 'BitImageProcessor')])
-def test_probe_export_loads_in_pytorch_and_jax(tmp_path, model, arch, processor):
+def test_probe_export_loads_in_pytorch_and_jax(tmp_path, cat_dog_folder, model, arch, processor):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
 
-  data, emb, probe, d = (str(tmp_path / k) for k in ('data', 'emb', 'probe', 'export'))
-  for split, n in (('train', 8), ('test', 2)):
-    _images(os.path.join(data, split, 'cat'), n, 80, seed=len(split))
-    _images(os.path.join(data, split, 'dog'), n, 170, seed=10 + len(split))
+  emb, probe, d = (str(tmp_path / k) for k in ('emb', 'probe', 'export'))
+  data = cat_dog_folder(tmp_path / 'data', train=8, test=2)  # tests/conftest.py
   embed.run([f'--dataset=folder:{data}', f'--model={model}',
              f'--output_dir={emb}', '--batch_size=16'])
   probe_cli.main([f'--embeddings={emb}', f'--output_dir={probe}', '--baselines=',

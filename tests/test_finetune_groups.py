@@ -147,7 +147,8 @@ def test_differential_scales_backbone_updates(pretrained, initialised):
       return jnp.asarray(z + np.sign(z), p.dtype)  # |g| >= 1: Adam's eps is negligible
 
     grads = jax.tree.map(grad, state.params)
-    updates[mode], _ = state.tx.update(grads, state.opt_state, state.params)
+    # jit: op by op, every leaf's shape compiles its own small programs (most of this test's time).
+    updates[mode], _ = jax.jit(state.tx.update)(grads, state.opt_state, state.params)
   full, diff = _flat(updates['full']), _flat(updates['differential'])
   for k in ('backbone/encoder/layers/0/mlp/fc1/kernel', 'backbone/post_layernorm/scale'):
     np.testing.assert_allclose(np.abs(full[k]), 1e-2, rtol=1e-3)

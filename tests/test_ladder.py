@@ -11,7 +11,6 @@ from finetune import model as model_lib
 from finetune import train as finetune_cli
 from finetune import config as config_lib
 from finetune import head_init as head_init_lib
-from pipelines import embed
 from probe import train as probe_cli
 from probe import zeroshot
 from clip_transfer import models
@@ -25,12 +24,12 @@ MODEL = 'random:tiny'
 
 
 @pytest.fixture(scope='module')
-def ladder(tmp_path_factory, digits_data_dir):
-  """digits embedded once (with projected features), probed, zero-shot classified."""
+def ladder(tmp_path_factory, tiny_digits_embeddings):
+  """digits embedded once (with projected features; tests/conftest.py), probed, zero-shot
+  classified."""
   root = tmp_path_factory.mktemp('ladder')
-  emb, probe_dir, zs_dir = str(root / 'emb'), str(root / 'probe'), str(root / 'zeroshot')
-  embed.run(['--dataset=digits', f'--data_dir={digits_data_dir}', f'--model={MODEL}',
-             f'--output_dir={emb}', '--batch_size=64'])
+  emb = tiny_digits_embeddings[0]  # MODEL's, read only
+  probe_dir, zs_dir = str(root / 'probe'), str(root / 'zeroshot')
   probe_cli.main([f'--embeddings={emb}', f'--output_dir={probe_dir}', '--baselines=',
                   '--no_progress'])
   zeroshot.main([f'--embeddings={emb}', f'--output_dir={zs_dir}', '--templates=simple'])

@@ -342,22 +342,20 @@ def test_unsupported_resize_mode(good_dir, tmp_path):
     families.read(path)
 
 
-def _cli_error(*args):
-  p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
-  lines = p.stderr.strip().splitlines()
-  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
-  return lines[-1]
-
-
 @pytest.mark.parametrize('weights', [oc.SAFETENSORS_FILE, oc.PYTORCH_FILE])
-def test_truncated_weights_fail_in_one_line(good_dir, tmp_path, weights):
+def test_truncated_weights_fail_in_one_line(good_dir, tmp_path, weights, capsys):
+  from clip_transfer import smoke  # pylint: disable=g-import-not-at-top
   src, _ = good_dir
   other = oc.PYTORCH_FILE if weights == oc.SAFETENSORS_FILE else oc.SAFETENSORS_FILE
   path = _copy_with(src, tmp_path / 'bad', drop=[other])
   f = os.path.join(path, weights)
   with open(f, 'r+b') as fh:
     fh.truncate(os.path.getsize(f) // 2)
-  line = _cli_error('-m', 'clip_transfer.smoke', f'--model={path}')
+  with pytest.raises(SystemExit) as e:  # the entry point in-process: one line, exit 2
+    smoke.main([f'--model={path}'])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and 'Traceback' not in err, err[-2000:]
+  line = err.strip().splitlines()[-1]
   assert line.startswith('error: ') and weights in line and 'truncated' in line
 
 

@@ -23,22 +23,11 @@ pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 MODEL = 'random:tiny'
 
 
-def _images(folder, n, shade, seed):
-  os.makedirs(folder, exist_ok=True)
-  rng = np.random.default_rng(seed)
-  for i in range(n):
-    pixels = np.clip(rng.normal(shade, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
-
-
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cat_dog_folder):  # tests/conftest.py
   """A two-class image folder embedded, probed, zero-shot classified and fine-tuned (+WiSE)."""
   root = tmp_path_factory.mktemp('predict')
-  data = str(root / 'data')
-  for split, n in (('train', 16), ('test', 8)):
-    _images(os.path.join(data, split, 'cat'), n, 80, seed=len(split))
-    _images(os.path.join(data, split, 'dog'), n, 170, seed=10 + len(split))
+  data = cat_dog_folder(root / 'data', train=16, test=8)
   out = {k: str(root / k) for k in ('emb', 'probe', 'zs', 'ft')}
   embed.run([f'--dataset=folder:{data}', f'--model={MODEL}', f'--output_dir={out["emb"]}',
              '--batch_size=16'])
@@ -128,10 +117,10 @@ def test_zeroshot_anchored_probe_head_reproduces_its_predictions(runs, tmp_path)
     assert [r['prediction'] for r in predict.read_predictions(pred, 'test')] == want, source
 
 
-def test_unlabelled_folder_and_csv_with_a_corrupt_image(runs, tmp_path):
+def test_unlabelled_folder_and_csv_with_a_corrupt_image(runs, tmp_path, write_images):
   _, out = runs
   new = tmp_path / 'new'
-  _images(str(new / 'batch'), 3, 120, seed=7)  # new/batch/<image>: no class folders
+  write_images(str(new / 'batch'), 3, 120, seed=7)  # new/batch/<image>: no class folders
   (new / 'batch' / 'broken.png').write_bytes(b'not an image')
   pred = str(tmp_path / 'pred')
   summary = _predict(f'--dataset=folder:{new}', f'--head=probe:{out["probe"]}',
@@ -158,7 +147,7 @@ def test_unlabelled_folder_and_csv_with_a_corrupt_image(runs, tmp_path):
   assert sorted(frame['id']) == [r['id'] for r in rows]
 
 
-def test_refusals_are_one_line(runs, tmp_path, capsys):
+def test_refusals_are_one_line(runs, tmp_path, capsys, write_images):
   data, out = runs
   other = str(tmp_path / 'other_probe')
   shutil.copytree(out['probe'], other)
@@ -170,7 +159,7 @@ def test_refusals_are_one_line(runs, tmp_path, capsys):
   assert 'made with other weights' in _error(
       capsys, predict.main, base + [f'--head=probe:{other}', f'--output_dir={tmp_path / "a"}'])
   zoo = tmp_path / 'zoo'
-  _images(str(zoo / 'test' / 'zebra'), 1, 100, seed=3)
+  write_images(str(zoo / 'test' / 'zebra'), 1, 100, seed=3)
   assert 'classes the head does not know (zebra)' in _error(
       capsys, predict.main, [f'--dataset=folder:{zoo}', f'--head=probe:{out["probe"]}',
                              f'--output_dir={tmp_path / "b"}'])

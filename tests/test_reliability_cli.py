@@ -53,15 +53,17 @@ def _write(d, m) -> str:
   return str(d)
 
 
-def test_report_refuses_empty_and_mistyped_runs_and_finds_nested_ones(tmp_path):
+def test_report_refuses_empty_and_mistyped_runs_and_finds_nested_ones(tmp_path, capsys):
+  from report import compare
   run = _write(tmp_path / 'a' / 'deep' / 'probe', _metrics())
   # Two levels down is found; the same run named twice (directly and via its parent) is read once.
-  code, out, err = _run('report.compare', tmp_path / 'a', run, '--output_dir', tmp_path / 'r')
+  code, out, err = _main(compare.main, [tmp_path / 'a', run, '--output_dir', tmp_path / 'r'],
+                         capsys)
   assert code == 0, err
   assert out.count('| probe:jax |') == 1
   # A run with no results (Ctrl-C, --stop_after) is refused, not shown as an empty table.
   empty = _write(tmp_path / 'empty', _metrics(methods=False))
-  code, _, err = _run('report.compare', run, empty, '--output_dir', tmp_path / 'r')
+  code, _, err = _main(compare.main, [run, empty, '--output_dir', tmp_path / 'r'], capsys)
   assert code == 2 and len(err) == 1 and 'holds no results' in err[0] and empty in err[0]
   # Wrong types: one line naming the field, no traceback.
   for where, value in ((('methods', 'jax', 'top1'), 'high'), (('eval', 'labels'), 'abc'),
@@ -72,7 +74,7 @@ def test_report_refuses_empty_and_mistyped_runs_and_finds_nested_ones(tmp_path):
       obj = obj[k]
     obj[where[-1]] = value
     bad = _write(tmp_path / 'bad', m)
-    code, _, err = _run('report.compare', bad, '--output_dir', tmp_path / 'r')
+    code, _, err = _main(compare.main, [bad, '--output_dir', tmp_path / 'r'], capsys)
     assert code == 2 and len(err) == 1, err
     assert '.'.join(where) in err[0] and 'Traceback' not in err[0]
 

@@ -98,9 +98,21 @@ def _write(d, m):
   return str(d)
 
 
-def _cli(*args):
+def _process(*args):
+  """``python -m report.compare ARGS`` in a process of its own (the module's own wiring)."""
   return subprocess.run([sys.executable, '-m', 'report.compare', *map(str, args)],
                         capture_output=True, text=True, timeout=120)
+
+
+def _cli(capsys, *args):
+  """The same entry point in-process (``compare.main``), as ``_process`` reports it."""
+  try:
+    compare.main(list(map(str, args)))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  cap = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, cap.out, cap.err)
 
 
 def _table(md):
@@ -114,12 +126,12 @@ def _png_width(path):
   return struct.unpack('>I', data[16:20])[0]
 
 
-def test_ladder_intervals_verdicts_and_plot(tmp_path):
+def test_ladder_intervals_verdicts_and_plot(tmp_path, capsys):
   run = tmp_path / 'run'
   _write(run / 'finetune', _finetune(wise=True))
   _write(run / 'probe', _probe())
   _write(run / 'zeroshot', _zeroshot())
-  p = _cli(run)
+  p = _process(run)
   assert p.returncode == 0, p.stderr
   md = (run / 'report.md').read_text()
   assert md == p.stdout.rstrip('\n') + '\n'
@@ -153,7 +165,7 @@ def test_ladder_intervals_verdicts_and_plot(tmp_path):
   # Three panels: accuracy vs cost, few-shot, WiSE-FT α.
   wide = _png_width(run / 'report.png')
   out = tmp_path / 'no_wise'
-  assert _cli(run / 'probe', run / 'zeroshot', '--output_dir', out).returncode == 0
+  assert _cli(capsys, run / 'probe', run / 'zeroshot', '--output_dir', out).returncode == 0
   assert wide > _png_width(out / 'report.png') * 1.4
 
 
@@ -163,7 +175,7 @@ def test_validation_selection_is_labelled(tmp_path):
   assert '| probe:jax | 5 | 3 | L2 chosen on the validation split |' in md
 
 
-def test_old_files_without_predictions_render(tmp_path):
+def test_old_files_without_predictions_render(tmp_path, capsys):
   old = _probe()
   for key in ('eval', 'validation', 'final_fit'):
     old.pop(key)
@@ -174,7 +186,7 @@ def test_old_files_without_predictions_render(tmp_path):
   run = tmp_path / 'run'
   _write(run / 'probe', old)
   _write(run / 'finetune', _finetune())
-  p = _cli(run)
+  p = _cli(capsys, run)
   assert p.returncode == 0, p.stderr
   md = (run / 'report.md').read_text()
   assert 'No paired comparison: probe:jax' in md and 'verdict' not in md
@@ -184,12 +196,12 @@ def test_old_files_without_predictions_render(tmp_path):
   assert 'selection not recorded' not in md and '| not recorded |' in md
 
 
-def _refused(tmp_path, other, match, base=None):
+def _refused(tmp_path, capsys, other, match, base=None):
   a = _write(tmp_path / 'a', base or _probe())
   b = _write(tmp_path / 'b', other)
   with pytest.raises(UserError, match=match):
     compare.compare([a, b], str(tmp_path / 'out'))
-  p = _cli(a, b)
+  p = _cli(capsys, a, b)
   assert p.returncode == 2, p.stderr
   assert p.stderr.startswith('error: ') and p.stderr.count('\n') == 1, p.stderr
   return p.stderr
@@ -213,8 +225,8 @@ def _with(m, path, value):
     (('eval', 'ids_sha256'), 'd' * 64, 'different eval examples'),
     (('eval', 'labels'), np.roll(LABELS, 1).tolist(), r'different eval example order'),
 ])
-def test_mixed_inputs_are_refused(tmp_path, path, value, match):
-  _refused(tmp_path, _with(_finetune(), path, value), match)
+def test_mixed_inputs_are_refused(tmp_path, capsys, path, value, match):
+  _refused(tmp_path, capsys, _with(_finetune(), path, value), match)
 
 
 def test_zeroshot_is_exempt_from_the_validation_check(tmp_path):
@@ -229,8 +241,8 @@ def test_zeroshot_is_exempt_from_the_validation_check(tmp_path):
      'methods.full.curves.0.0003[0].val_loss'),
     (('data_wall_s',), float('-inf'), 'data_wall_s'),
 ])
-def test_non_finite_numbers_are_refused(tmp_path, path, value, where):
-  err = _refused(tmp_path, _with(_finetune(), path, value), 'is NaN or inf')
+def test_non_finite_numbers_are_refused(tmp_path, capsys, path, value, where):
+  err = _refused(tmp_path, capsys, _with(_finetune(), path, value), 'is NaN or inf')
   assert f': {where} is NaN or inf' in err
 
 
@@ -242,18 +254,17 @@ def test_not_metrics(tmp_path):
     compare.compare([str(tmp_path / 'x')])
 
 
-def test_a_report_the_tool_did_not_write_is_never_replaced(tmp_path):
+def test_a_report_the_tool_did_not_write_is_never_replaced(tmp_path, capsys):
   run = tmp_path / 'run'
   _write(run / 'probe', _probe())
   (run / 'report.md').write_text('my own notes')
-  p = subprocess.run([sys.executable, '-m', 'report.compare', str(run)], capture_output=True,
-                     text=True, timeout=120)
+  p = _process(run)  # a real process's refusal: exit 2 and the one line, nothing else
   assert p.returncode == 2 and 'was not written by report.compare' in p.stderr
+  assert p.stderr.startswith('error: ') and p.stderr.count('\n') == 1, p.stderr
   assert (run / 'report.md').read_text() == 'my own notes'
   (run / 'report.md').unlink()
   for _ in range(2):  # its own report is replaced on the next run
-    p = subprocess.run([sys.executable, '-m', 'report.compare', str(run)], capture_output=True,
-                       text=True, timeout=120)
+    p = _cli(capsys, run)
     assert p.returncode == 0, p.stderr
 
 
