@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN_DIR ?= runs/demo-$(DEMO_STAMP)
+# Test processes (pytest-xdist; a file runs whole in one of them, so its fixtures run once).
+TEST_WORKERS ?= 2
 DEMO_MODEL ?= random:tiny
 # A second family, embedded and probed too, so the report compares backbones.
 DEMO_MODEL2 ?= random:siglip-tiny
@@ -21,7 +23,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The whole comparison on the built-in digits dataset with random weights
 # (the machinery, not CLIP's quality). Everything lands in $(RUN_DIR).

@@ -38,7 +38,7 @@ setuptools.setup(
         # The PyTorch reference for parity tests and benchmarks. Exactly 2.13.0:
         # its CPU wheel is on the machine's disk; anything else pulls a CUDA build.
         # statsmodels: the reference the interval and McNemar tests check stats against.
-        'test': ['torch==2.13.0', 'pytest==9.2.0', 'statsmodels==0.15.0'],
+        'test': ['torch==2.13.0', 'pytest==9.2.0', 'pytest-xdist==3.8.0', 'statsmodels==0.15.0'],
         # open_clip's own model, the OpenCLIP parity reference. Install it with --no-deps
         # (the Makefile does): its requirements pull torchvision, which the tests never
         # import (tests/test_open_clip.py imports open_clip.model alone).

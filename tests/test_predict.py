@@ -251,7 +251,7 @@ def test_export_missing_workdir_names_the_flag_typed(tmp_path, capsys):
 
 
 def test_finetuned_head_of_another_class_count_is_refused_before_the_pipeline(runs, tmp_path,
-                                                                               capsys):
+                                                                               capsys, write_images):
   """Checked on the launcher from the checkpoint's metadata, not by the workers loading it."""
   _, out = runs
   work = str(tmp_path / 'ft')
@@ -262,7 +262,7 @@ def test_finetuned_head_of_another_class_count_is_refused_before_the_pipeline(ru
     json.dump(m, fh)
   zoo = tmp_path / 'zoo'
   for name in ('cat', 'zebra'):  # classes the head's metrics.json knows: label_map passes
-    _images(str(zoo / 'test' / name), 1, 100, seed=3)
+    write_images(str(zoo / 'test' / name), 1, 100, seed=3)
   pred = tmp_path / 'pred'
   for mode in ('full', 'full+wise'):
     err = _error(capsys, predict.main, [f'--dataset=folder:{zoo}', f'--head=finetune:{work}',

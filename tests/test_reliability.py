@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import apache_beam as beam
 import pytest
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
@@ -232,8 +233,9 @@ def test_a_lost_input_fails_the_run_and_leaves_it_unreadable(small_folder, tmp_p
                                                             monkeypatch):
   process = read_common.ReadParts.process
 
-  def lose_one(self, part):  # a folder's parts are its listed entries
-    return [] if part.id == 'test/dog/b.png' else process(self, part)
+  def lose_one(self, part, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+    # A folder's parts are its listed entries; Beam fills the two params it finds declared.
+    return [] if part.id == 'test/dog/b.png' else process(self, part, timestamp, window)
   monkeypatch.setattr(read_common.ReadParts, 'process', lose_one)
   out = tmp_path / 'out'
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={out}',
