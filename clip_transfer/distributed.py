@@ -14,12 +14,16 @@ What the stages use: ``initialize`` (once, first thing in ``main``), ``mesh``
 rows this process reads), ``shard_rows`` (this process's rows → one global
 array, ``jax.make_array_from_process_local_data``), ``gather_rows`` and
 ``allgather`` (results every process agrees on) and ``is_writer`` (files are
-written by process 0 alone).
+written by process 0 alone). Fine-tune also uses ``global_rows`` (its part of a
+batch → the global batch), ``process_rows`` (its rows of a result),
+``put_replicated`` (a state on every device), ``on_writer`` and ``barrier``.
 
-A process that dies must not leave the others waiting forever: the
-coordination service's heartbeat timeout is a flag (short in tests), and a
-watchdog thread polls the service for live processes, so the others end with
-one line naming the lost process instead of hanging or dumping a C++ trace.
+A process that dies must not leave the others waiting forever: a watchdog
+thread in each process beats in the coordination service's key-value store and
+watches the others' beats; one silent for ``--heartbeat_timeout_s`` (short in
+tests) is lost, and the others end with one line naming it instead of hanging.
+JAX's own heartbeat gets twice that timeout: when it notices a death first it
+ends the other processes from C++ (a stack trace, SIGABRT), not in one line.
 """
 
 from __future__ import annotations
@@ -93,27 +97,57 @@ def _check(options: DistributedOptions) -> bool:
 
 _stop_watching = threading.Event()
 _heartbeat_timeout_s = None  # set by initialize: how long the service takes to notice a death
+_watchdog: Optional[threading.Thread] = None
+_client = None  # JAX's coordination client, once joined
+_BEAT = 'clip_transfer/beat/'  # + process index: a counter each process's watchdog advances
+_DONE = 'done'  # a process's last beat: it reached its end (never counted as lost)
 
 
 def _lost(message: str) -> None:
   # The main thread may be blocked inside a collective that will never
   # complete: leave at once, with the one line a user needs.
-  sys.stderr.write(f'error: {message}\n')
+  # On a line of its own: a progress bar may hold the current one (tqdm ends none).
+  sys.stderr.write(f'\nerror: {message}\n')
   sys.stderr.flush()
   os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
 
-def _watch(client, num_processes: int, me: int, address: str) -> None:
-  """Ends this process with one line when another one is gone (or the coordinator is)."""
-  everyone = list(range(num_processes))
+def _beat_of(client, process: int) -> Optional[str]:
+  try:
+    return client.key_value_try_get(_BEAT + str(process))
+  except Exception as e:  # pylint: disable=broad-except
+    if 'NOT_FOUND' in str(e):
+      return None  # it has not beaten yet
+    raise
+
+
+def _watch(client, num_processes: int, me: int, address: str, lost_after_s: float) -> None:
+  """Ends this process with one line when another one is gone (or the coordinator is).
+
+  Every poll this process advances its beat in the coordination service's
+  key-value store and reads the others'; a process whose beat has not moved
+  for ``lost_after_s`` is lost. (Not ``client.get_live_nodes``: it is a barrier
+  among live processes, so it blocks until JAX's own heartbeat declares the
+  dead one, which is when JAX ends this process from C++ anyway.)
+  """
+  others = [p for p in range(num_processes) if p != me]
+  start = time.monotonic()
+  last = {p: (None, start) for p in others}  # its beat, and when it last moved
+  beat = 0
   while not _stop_watching.wait(WATCH_EVERY_S):
+    beat += 1
     try:
-      live = client.get_live_nodes(everyone)
+      client.key_value_set(_BEAT + str(me), str(beat), allow_overwrite=True)
+      beats = {p: _beat_of(client, p) for p in others}
     except Exception:  # pylint: disable=broad-except
       if _stop_watching.is_set():
         return
       _lost(f'process {me}: lost the coordinator (process 0 at {address}); stopping')
-    missing = [p for p in everyone if p not in live]
+    now = time.monotonic()
+    for p, b in beats.items():
+      if b != last[p][0]:
+        last[p] = (b, now)
+    missing = [p for p in others if last[p][0] != _DONE and now - last[p][1] > lost_after_s]
     if missing and not _stop_watching.is_set():
       _lost(f'process {me}: process {missing[0]} of {num_processes} stopped (no heartbeat); '
             'stopping this one too')
@@ -121,6 +155,14 @@ def _watch(client, num_processes: int, me: int, address: str) -> None:
 
 def _at_exit() -> None:
   _stop_watching.set()
+  # JAX's own shutdown comes next and tears the client down: not under a call in flight.
+  if _watchdog is not None:
+    _watchdog.join(timeout=4 * WATCH_EVERY_S)
+  if _client is not None:
+    try:  # the others wait for this one at JAX's shutdown barrier: not lost
+      _client.key_value_set(_BEAT + str(process_index()), _DONE, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # the coordinator is gone: nobody is left to tell
   # JAX's shutdown barrier comes next and ends the process hard if a peer
   # never arrives: what the run printed must be out before that.
   sys.stdout.flush()
@@ -140,7 +182,10 @@ def initialize(options: DistributedOptions) -> None:
   # setting only concerns the CPU backend (GPUs use NCCL, TPUs ICI).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   kw = dict(initialization_timeout=options.initialization_timeout_s,
-            heartbeat_timeout_seconds=options.heartbeat_timeout_s,
+            # Thrice ours: the watchdog (its own beats, below) names a lost process first. When
+            # JAX's service notices one it ends every other process from C++ (a stack trace,
+            # SIGABRT), not in one line.
+            heartbeat_timeout_seconds=3 * options.heartbeat_timeout_s,
             # A finished process waits at most this long for the others at exit
             # (they may still be writing or tearing down).
             shutdown_timeout_seconds=max(options.heartbeat_timeout_s, SHUTDOWN_TIMEOUT_S))
@@ -157,13 +202,15 @@ def initialize(options: DistributedOptions) -> None:
                     f'{options.coordinator_address or "the auto-detected coordinator"}: '
                     f'{first}') from None
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  global _heartbeat_timeout_s  # pylint: disable=global-statement  (one run per process)
+  global _heartbeat_timeout_s, _watchdog, _client  # pylint: disable=global-statement  (one run per process)
   _heartbeat_timeout_s = options.heartbeat_timeout_s
-  client = jax_distributed.global_state.client
+  client = _client = jax_distributed.global_state.client
   me, n = jax.process_index(), jax.process_count()
   address = options.coordinator_address or jax_distributed.global_state.coordinator_address
-  threading.Thread(target=_watch, args=(client, n, me, address), daemon=True,
-                   name='peer-watchdog').start()
+  _watchdog = threading.Thread(target=_watch,
+                               args=(client, n, me, address, options.heartbeat_timeout_s),
+                               daemon=True, name='peer-watchdog')
+  _watchdog.start()
   # atexit runs last-registered first: stop watching before JAX's own shutdown
   # barrier, where the coordinator going away is the normal end of the run.
   atexit.register(_at_exit)
@@ -205,10 +252,52 @@ def is_writer() -> bool:
 
 
 def mesh():
-  """Every device of every process on one data axis (the local devices for one process)."""
+  """Every device of every process on one data axis (the local devices for one process).
+
+  Each process's devices sit side by side (ordered by process, then id), so a
+  process's part of a row-sharded array is one contiguous block of rows: what
+  ``jax.make_array_from_process_local_data`` assembles and ``local_range`` reads.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
-  return Mesh(np.asarray(jax.devices()), (AXIS,))
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def check_balanced() -> None:
+  """Every process must bring as many devices (each reads its devices' share of the rows)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  counts = allgather(np.int64(jax.local_device_count()))
+  if len(set(counts.tolist())) > 1:
+    raise UserError(f'the processes have different numbers of devices ({counts.tolist()}); '
+                    'give every process the same number')
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (a no-op for one process)."""
+  if process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices(name)
+
+
+def on_writer(fn, *args, **kwargs) -> None:
+  """``fn(*args, **kwargs)`` on process 0 alone; its UserError is then raised on every process.
+
+  Also a barrier: no process goes on before process 0 has finished ``fn``
+  (e.g. claimed the output directory the others then write into), and a refusal
+  reads the same one line everywhere instead of a lost peer.
+  """
+  error = ''
+  if is_writer():
+    try:
+      fn(*args, **kwargs)
+    except UserError as e:
+      error = str(e) or type(e).__name__
+  if process_count() > 1:
+    error = gather_strings([error])[0]
+  if error:
+    raise UserError(error)
 
 
 def rows_sharded() -> bool:
@@ -243,6 +332,8 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
   if process_count() == 1:
     return local
   counts = allgather(np.int64(len(local)))
+  if not counts.any():  # nothing anywhere (e.g. no dead inputs): no zero-size exchange
+    return local
   padded = np.zeros((int(counts.max()),) + local.shape[1:], local.dtype)
   padded[:len(local)] = local
   every = allgather(padded)
@@ -288,6 +379,54 @@ def shard_rows(arrays: Sequence[np.ndarray], the_mesh=None) -> tuple[list, int]:
     spec = PartitionSpec(AXIS, *([None] * (a.ndim - 1)))
     out.append(jax.make_array_from_process_local_data(NamedSharding(the_mesh, spec), padded))
   return out, rows
+
+
+def put_replicated(tree, the_mesh):
+  """``tree``'s arrays (the same values in every process) replicated over ``the_mesh``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  sharding = NamedSharding(the_mesh, PartitionSpec())
+  if process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    # Each process places its own copy on its devices; nothing crosses processes.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def global_rows(local, the_mesh):
+  """This process's rows of a batch (a pytree) → global arrays, rows split over ``the_mesh``.
+
+  Every process passes as many rows: its contiguous part of the global batch
+  (``mesh`` keeps a process's devices side by side). One process: ``device_put``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  sharding = NamedSharding(the_mesh, PartitionSpec(AXIS))
+  if process_count() == 1:
+    return jax.device_put(local, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+def process_rows(x, rows: range) -> np.ndarray:
+  """Rows ``rows`` of the global array ``x``, from the shards this process holds."""
+  if x.is_fully_addressable:
+    return np.asarray(x)[rows.start:rows.stop]
+  out = np.empty((len(rows),) + tuple(x.shape[1:]), x.dtype)
+  filled = np.zeros(len(rows), bool)
+  for shard in x.addressable_shards:
+    lo, hi, _ = shard.index[0].indices(x.shape[0]) if shard.index else (0, x.shape[0], 1)
+    a, b = max(lo, rows.start), min(hi, rows.stop)
+    if a < b:
+      out[a - rows.start:b - rows.start] = np.asarray(shard.data)[a - lo:b - lo]
+      filled[a - rows.start:b - rows.start] = True
+  if not filled.all():
+    raise ValueError(f'rows {rows.start}:{rows.stop} are not all on this process\'s devices')
+  return out
 
 
 def replicated(x):

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from finetune.config import Config, RESUME_KEYS
 from finetune.steps import TrainState
+from clip_transfer import distributed
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import rungs
 
@@ -65,7 +66,12 @@ def _restore(path: str, state: TrainState, mesh: Mesh) -> TrainState:
 
 @dataclasses.dataclass
 class Checkpoints:
-  """One configuration's directory: ``latest/`` (for --resume), ``best/``, ``curve.json``."""
+  """One configuration's directory: ``latest/`` (for --resume), ``best/``, ``curve.json``.
+
+  Over several processes every one calls ``save`` and ``restore`` (Orbax writes
+  and reads a global state together); process 0 alone clears the directory and
+  writes ``curve.json``. The workdir must be one filesystem every process sees.
+  """
 
   path: str
 
@@ -84,6 +90,11 @@ class Checkpoints:
         raise UserError(f'cannot --resume: {k} was {saved["config"].get(k)!r} in the '
                         f'checkpointed run, now {now.get(k)!r} (delete {self.path} to start over)')
       return saved
+    distributed.on_writer(self._clear)  # the others wait: nothing of theirs is removed
+    return {'config': _resume_config(config, weight_decay), 'curve': [], 'done': False,
+            'wall_s': 0.0}
+
+  def _clear(self) -> None:
     for name in SAVED:  # a fresh run: never mix its checkpoints with an older run's
       path = os.path.join(self.path, name)
       if os.path.isdir(path):
@@ -91,8 +102,6 @@ class Checkpoints:
       elif os.path.exists(path):
         os.remove(path)
     os.makedirs(self.path, exist_ok=True)
-    return {'config': _resume_config(config, weight_decay), 'curve': [], 'done': False,
-            'wall_s': 0.0}
 
   def save(self, record: dict, state: TrainState, best: bool) -> None:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -121,6 +130,8 @@ class Checkpoints:
       mgr.close()
 
   def save_record(self, record: dict) -> None:
+    if not distributed.is_writer():
+      return
     tmp = self.curve_file + '.tmp'
     with open(tmp, 'w') as fh:
       json.dump(record, fh, indent=1)
@@ -135,15 +146,13 @@ class Checkpoints:
 
 def load_checkpoint(workdir: str, mode: str, lr: float, which: str = 'latest',
                     weight_decay: Optional[float] = None) -> dict:
-  """A configuration's saved state as a plain tree (for inspection and tests)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """A configuration's saved state as a plain tree (for inspection and tests).
 
-  mgr = _manager(os.path.join(checkpoint_dir(workdir, mode, lr, weight_decay), which))
-  try:
-    step = mgr.latest_step()
-    if step is None:
-      raise UserError(f'no checkpoint for mode {mode}, lr {lr:g} in {workdir}')
-    return mgr.restore(step, args=ocp.args.StandardRestore())
-  finally:
-    mgr.close()
+  On this process's first device, whatever devices or processes saved it.
+  """
+  path = os.path.join(checkpoint_dir(workdir, mode, lr, weight_decay), which)
+  step, state = rungs.restore_here(path) if os.path.isdir(path) else (None, None)
+  if step is None:
+    raise UserError(f'no checkpoint for mode {mode}, lr {lr:g} in {workdir}')
+  return state
 

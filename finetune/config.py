@@ -8,6 +8,7 @@ import os
 from typing import Optional
 
 from finetune import groups
+from clip_transfer import distributed
 from clip_transfer import flags
 from clip_transfer import models
 from clip_transfer.data import sources
@@ -29,7 +30,7 @@ FINAL_FITS = ('fit', 'fit+validation')
 
 
 @dataclasses.dataclass
-class Config(sources.SourceOptions):
+class Config(sources.SourceOptions, distributed.DistributedOptions):
   """Everything a fine-tune run depends on; each field is also its CLI flag (clip_transfer.flags)."""
 
   dataset: str = flags.dataset('digits')
@@ -67,7 +68,8 @@ class Config(sources.SourceOptions):
   steps: Optional[int] = flags.field(None, 'total optimizer steps per configuration')
   eval_every: Optional[int] = flags.field(None, 'steps between validation scores (default: one '
                                           'epoch)')
-  batch_size: int = flags.field(64, 'global batch, divisible by the number of local devices')
+  batch_size: int = flags.field(64, 'global batch, divisible by the number of devices (of every '
+                                'process)')
   warmup: float = flags.field(0.1, 'fraction of the steps spent warming up linearly from 0')
   weight_decay: tuple[float, ...] = flags.field(
       (1e-4,), 'AdamW decay, on kernels only; several values (comma-separated) are a grid crossed '

@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from finetune import groups
 from finetune import input_pipeline
 from finetune.config import Config
 from finetune.splits import Data
-from finetune.steps import apply_to_split
+from finetune.steps import apply_to_rows
+from clip_transfer import distributed
 from clip_transfer import models
 from clip_transfer.models import forward
 from clip_transfer.protocol import heads
@@ -22,12 +22,12 @@ from clip_transfer.protocol import metrics as metrics_lib
 
 def frozen_features(pretrained: models.Pretrained, splits: Sequence[input_pipeline.Split],
              batch_size: int, mesh: Mesh) -> list[np.ndarray]:
-  """The frozen backbone's pooled features of every example (what the probe embeds), per split."""
+  """The frozen backbone's pooled features (what the probe embeds) of this process's rows, per split."""
   # The embed stage's function: one compilation for the fixed batch shape, every split.
   fn, weights = forward.vision_features(pretrained)
-  weights = jax.device_put(weights, NamedSharding(mesh, P()))  # replicated; batches sharded
+  weights = distributed.put_replicated(weights, mesh)  # replicated; batches sharded
   pooled = lambda w, batch: fn(w, batch['image'])[0]
-  return [apply_to_split(pooled, weights, split, batch_size, mesh) for split in splits]
+  return [apply_to_rows(pooled, weights, split, batch_size, mesh) for split in splits]
 
 
 def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data, config: Config,
@@ -37,12 +37,16 @@ def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data
   Standardised frozen features, the L2 grid in one vmapped L-BFGS solve, the
   L2 chosen on the validation split, the standardisation folded into the
   Dense head — so `linear` here and `probe:jax` agree up to float noise.
+  Over several processes each keeps its rows' features; the statistics, the
+  solve and the logits cover every process's rows (``methods.select_and_fit``).
   """
   t0 = time.perf_counter()
   x = dict(zip(('fit', 'val', 'eval'),
                frozen_features(pretrained, (data.fit, data.val, data.eval), config.batch_size, mesh)))
+  # Validation labels whole: the validation logits come back gathered, in process order,
+  # which is the validation split's order (its rows are sorted: clip_transfer.protocol.validation).
   fitted = methods.select_and_fit(methods.JaxMethod(), x['fit'], data.fit.labels, x['val'],
-                                  data.val.labels, x['eval'], len(data.class_names),
+                                  data.val.whole_labels, x['eval'], len(data.class_names),
                                   config.l2_grid, progress=config.progress)
   sweep = fitted.sweep  # the selection's record, whatever is fit last
   if config.final_fit == 'fit+validation':  # the chosen L2, fit again on fit ∪ validation
@@ -52,8 +56,8 @@ def solve_head_only(plan: groups.Plan, pretrained: models.Pretrained, data: Data
                                     len(data.class_names), [fitted.l2])
   kernel, bias = heads.fold(fitted.kernel, fitted.bias, fitted.standardizer.mean,
                              fitted.standardizer.std)
-  logits = x['eval'] @ kernel + bias  # = the Classifier with this head on the eval images
-  entry = metrics_lib.classification(logits, data.eval.labels, data.class_names)
+  logits = data.eval.gather(x['eval'] @ kernel + bias)  # = the Classifier with this head
+  entry = metrics_lib.classification(logits, data.eval.whole_labels, data.class_names)
   entry.update({
       'wall_s': data.wall_s + time.perf_counter() - t0,
       'cost': 'its own data preparation, one frozen-backbone pass over fit/validation/eval and '

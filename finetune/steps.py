@@ -18,6 +18,7 @@ from finetune import groups
 from finetune import input_pipeline
 from finetune import model as model_lib
 from finetune.config import Config
+from clip_transfer import distributed
 from clip_transfer import models
 from clip_transfer.data import preprocess
 from clip_transfer.errors import UserError
@@ -60,8 +61,8 @@ def eval_step(state: TrainState, batch, *, pre: preprocess.PreprocessConfig):
 
 
 def make_mesh() -> Mesh:
-  """A 1-D data-parallel mesh over all local devices."""
-  return Mesh(np.array(jax.local_devices()), ('data',))
+  """A 1-D data-parallel mesh over every device of every process (the local ones for one)."""
+  return distributed.mesh()
 
 
 def jit_steps(mesh: Mesh, trainable, pre: preprocess.PreprocessConfig):
@@ -79,12 +80,15 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   if batch_size < 1:
     raise UserError(f'--batch_size must be >= 1, got {batch_size}')
   if batch_size % n:
-    raise UserError(f'--batch_size {batch_size} is not divisible by the {n} local devices; '
+    where = ('local devices' if distributed.process_count() == 1 else
+             f'devices of the {distributed.process_count()} processes')
+    raise UserError(f'--batch_size {batch_size} is not divisible by the {n} {where}; '
                     f'use a multiple of {n}')
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  return jax.device_put(batch, NamedSharding(mesh, P('data')))
+  """A batch (this process's rows of it, over several processes) → global arrays on ``mesh``."""
+  return distributed.global_rows(batch, mesh)
 
 
 def schedule_for(config: Config, lr: float, total_steps: int):
@@ -119,7 +123,7 @@ def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, con
   state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rest=variables)
   state = state.replace(step=jnp.zeros((), jnp.int32))  # not a weak-typed Python int
   if mesh is not None:
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = distributed.put_replicated(state, mesh)
   return state, plan.trainable, plan
 
 
@@ -131,10 +135,30 @@ def total_steps_for(config: Config, num_train: int) -> int:
 
 
 def apply_to_split(fn, arg, split: input_pipeline.Split, batch_size: int, mesh: Mesh) -> np.ndarray:
-  """``fn(arg, batch)`` (logits, features) for every example of ``split``, in its order."""
+  """``fn(arg, batch)`` (logits, features) for every example of ``split``, in its order.
+
+  Over several processes: every process's rows, gathered, on every process.
+  """
+  return split.gather(apply_to_rows(fn, arg, split, batch_size, mesh))
+
+
+def apply_to_rows(fn, arg, split: input_pipeline.Split, batch_size: int, mesh: Mesh) -> np.ndarray:
+  """``fn(arg, batch)`` for this process's rows of ``split`` (all of them for one process)."""
   out = []
-  for batch in input_pipeline.eval_batches(split, batch_size):
-    got = np.asarray(jax.device_get(fn(arg, shard_batch(batch, mesh))))
+  processes = distributed.process_count()
+  if processes == 1:
+    for batch in input_pipeline.eval_batches(split, batch_size):
+      got = np.asarray(jax.device_get(fn(arg, shard_batch(batch, mesh))))
+      out.append(got[batch['mask']])
+    return np.concatenate(out)
+  # Each process brings batch_size / P rows to every global batch (padding once its rows
+  # run out), as many batches as the process with the most rows needs.
+  per_process = batch_size // processes
+  most = int(distributed.allgather(np.int64(len(split))).max())
+  mine = range(distributed.process_index() * per_process,
+               (distributed.process_index() + 1) * per_process)
+  for batch in input_pipeline.eval_batches(split, per_process, -(-most // per_process)):
+    got = distributed.process_rows(fn(arg, shard_batch(batch, mesh)), mine)
     out.append(got[batch['mask']])
   return np.concatenate(out)
 

@@ -30,8 +30,9 @@ def train_config(mode: str, lr: float, wd: float, pretrained: models.Pretrained,
                  config: Config, workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
   """Trains one (mode, lr, weight decay) with validation scores along the way; None when stopped early."""
   t0 = time.perf_counter()
-  total = total_steps_for(config, len(data.fit))
-  every = config.eval_every or input_pipeline.steps_per_epoch(len(data.fit), config.batch_size)
+  total = total_steps_for(config, data.fit.num_whole)
+  every = config.eval_every or input_pipeline.steps_per_epoch(data.fit.num_whole,
+                                                                config.batch_size)
   state, trainable, _ = create_state(pretrained, len(data.class_names), mode, config, total,
                                      initialised, mesh, lr, wd)
   swept = wd if config.decay_axis else None  # one weight decay: the folders and keys of old runs
@@ -47,7 +48,7 @@ def train_config(mode: str, lr: float, wd: float, pretrained: models.Pretrained,
     """The validation point at step ``done``, then the state (latest, best if better) and curve."""
     nonlocal best, t0
     top1, loss = val_score(apply_to_split(eval_fn, state, data.val, config.batch_size, mesh),
-                           data.val.labels)
+                           data.val.whole_labels)
     record['curve'].append({'step': done, 'val_top1': top1, 'val_loss': loss})
     improved = best is None or (top1, -loss) > best
     best = max(best, (top1, -loss)) if best is not None else (top1, -loss)
@@ -73,7 +74,8 @@ def train_config(mode: str, lr: float, wd: float, pretrained: models.Pretrained,
                   file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
   t_steady, steady, t_scoring = None, 0, 0.0  # scoring: validation + checkpoints, not training
   batches = input_pipeline.Prefetch(data.fit, config.batch_size, start, end, config.seed,
-                                    config.augment, place=lambda b: shard_batch(b, mesh))
+                                    config.augment, place=lambda b: shard_batch(b, mesh),
+                                    shards=data.fit.shards)
   try:
     for step, batch in zip(range(start, end), batches):
       state, m = train_fn(state, batch)
@@ -125,13 +127,13 @@ def refit(mode: str, lr: float, wd: float, steps: int, pretrained: models.Pretra
   since there is no held-out data left to score.
   """
   state, trainable, _ = create_state(pretrained, len(data.class_names), mode, config,
-                                     total_steps_for(config, len(data.fit)), initialised, mesh,
-                                     lr, wd)
+                                     total_steps_for(config, data.fit.num_whole), initialised,
+                                     mesh, lr, wd)
   train_fn, _ = jit_steps(mesh, trainable, pretrained.preprocess)
   for step in tqdm.trange(steps, desc=f'finetune {mode} final fit', unit='step', file=sys.stderr,
                           disable=not config.progress, dynamic_ncols=True):
     batch = input_pipeline.train_batch(data.fit_and_val, config.batch_size, step, config.seed,
-                                       config.augment)
+                                       config.augment, data.fit_and_val.shards)
     state, _ = train_fn(state, shard_batch(batch, mesh))
   return state
 
@@ -158,8 +160,8 @@ def finetune_mode(mode: str, pretrained: models.Pretrained, data: Data, config: 
   _, _, lr, wd, step = max(scored, key=lambda s: (s[0], s[1], -s[2], -s[3]))
   swept = wd if config.decay_axis else None
   state, trainable, plan = create_state(pretrained, len(data.class_names), mode, config,
-                                        total_steps_for(config, len(data.fit)), initialised,
-                                        mesh, lr, wd)
+                                        total_steps_for(config, data.fit.num_whole),
+                                        initialised, mesh, lr, wd)
   name = config.method_name(mode)
   ckpt = Checkpoints(checkpoint_dir(workdir, name, lr, swept))
   if config.final_fit == 'fit+validation':
@@ -172,7 +174,7 @@ def finetune_mode(mode: str, pretrained: models.Pretrained, data: Data, config: 
   _, eval_fn = jit_steps(mesh, trainable, pretrained.preprocess)
   t_eval = time.perf_counter()
   logits = apply_to_split(eval_fn, state, data.eval, config.batch_size, mesh)
-  entry = metrics_lib.classification(logits, data.eval.labels, data.class_names)
+  entry = metrics_lib.classification(logits, data.eval.whole_labels, data.class_names)
   now = time.perf_counter()
   sweep_s = sum(r['wall_s'] for r in records.values())
   entry.update({
@@ -191,7 +193,7 @@ def finetune_mode(mode: str, pretrained: models.Pretrained, data: Data, config: 
       'diverged': {key(k): r['diverged_at_step'] for k, r in records.items()
                    if 'diverged_at_step' in r},
       'config_wall_s': {key(k): r['wall_s'] for k, r in records.items()},
-      'steps': total_steps_for(config, len(data.fit)), 'batch_size': config.batch_size,
+      'steps': total_steps_for(config, data.fit.num_whole), 'batch_size': config.batch_size,
       'backbone_lr_factor': config.backbone_lr_factor if mode == 'differential' else None,
       'rules': [[r, s] for r, s in plan.rules], 'head_init': config.head_init,
       'final_fit': config.final_fit,

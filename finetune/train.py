@@ -8,7 +8,9 @@ validation split (--val_fraction of train, the probe's examples) every epoch,
 and keeps the best (lr, step); the eval split is scored once, for that one.
 Modes that train only the head (linear, last:0) are solved exactly as the
 probe solves them. Writes WORKDIR/metrics.json and Orbax checkpoints under
-WORKDIR/checkpoints/<mode>/lr=<lr>/{latest,best}. The logic lives in
+WORKDIR/checkpoints/<mode>/lr=<lr>/{latest,best}. Multi-host: start one process
+per host with --coordinator_address --num_processes --process_id (or let JAX
+auto-detect them on Slurm / TPU slices); see the README. The logic lives in
 the modules beside it so tests and notebooks can call
 ``finetune.trainer.train_and_evaluate(config, workdir)`` directly."""
 
@@ -19,6 +21,7 @@ import dataclasses
 import logging
 import sys
 
+from clip_transfer import distributed
 from clip_transfer import flags
 from clip_transfer.errors import cli_main
 from clip_transfer.protocol import metrics as metrics_lib
@@ -45,9 +48,13 @@ def main(argv=None):
   logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax logs every file it writes
   logging.getLogger('jax').setLevel(logging.WARNING)  # e.g. 'Unable to initialize backend tpu'
   config, workdir = parse_args(argv)
+  distributed.initialize(config)  # multi-host: joins the run (a no-op for one process)
   from finetune import trainer  # pylint: disable=g-import-not-at-top
 
-  out = trainer.train_and_evaluate(config, workdir)
+  with distributed.peer_failures():
+    out = trainer.train_and_evaluate(config, workdir)
+  if not distributed.is_writer():  # process 0 prints (and wrote) the results
+    return 0
   names = {config.method_name(mode) for mode in config.modes}
   for mode, m in out['methods'].items():
     if str(dataclasses.replace(metrics_lib.parse_method(mode), wise=False)) not in names:

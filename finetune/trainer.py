@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from typing import Optional
 
 import flax
 import jax
@@ -20,11 +21,13 @@ from finetune import checkpoints
 from finetune import groups
 from finetune import head_init
 from finetune import head_only
+from finetune import input_pipeline
 from finetune import model as model_lib
 from finetune import splits
 from finetune import sweep
 from finetune.config import Config
 from finetune.steps import check_batch_size, make_mesh
+from clip_transfer import distributed
 from clip_transfer import models
 from clip_transfer import outputs
 from clip_transfer.data import base as data_base
@@ -41,9 +44,15 @@ OWNED_FILES = ('metrics.json', 'metrics.json.tmp', '.scratch-*',
                  'dead_letters.*.jsonl') + checkpoints.OWNED_FILES
 
 
-def _write_metrics(workdir: str, header: dict, methods: dict) -> dict:
-  """Merges into an existing metrics.json of the same run (other modes kept)."""
+def _write_metrics(workdir: str, header: dict, methods: dict, before: Optional[dict] = None) -> dict:
+  """Merges into an existing metrics.json of the same run (other modes kept).
+
+  Process 0 alone writes; the others return what it writes of this run
+  (``before``: what the previous call returned).
+  """
   header = json.loads(json.dumps(header))  # tuples → lists, as read back from the file
+  if not distributed.is_writer():
+    return {**header, 'methods': {**(before or {}).get('methods', {}), **methods}}
   out = {**header, 'methods': {}}
   if os.path.exists(os.path.join(workdir, 'metrics.json')):
     try:
@@ -72,26 +81,43 @@ def _check_wise(config: Config, solved: list[str]) -> None:
            why)
 
 
-def fit_batch_size(config: Config, num_fit: int, num_devices: int) -> Config:
-  """The config with --batch_size at most the fit examples (a multiple of the devices), noted."""
-  if config.batch_size <= num_fit:
+def fit_batch_size(config: Config, num_fit: int, num_devices: int,
+                   smallest_share: Optional[int] = None) -> Config:
+  """The config with --batch_size at most the fit examples (a multiple of the devices), noted.
+
+  ``smallest_share``: the fewest fit examples one device draws its part of each
+  batch from (``input_pipeline.Shards``); the batch takes at most that many per device.
+  """
+  most = num_fit if smallest_share is None else min(num_fit, smallest_share * num_devices)
+  if config.batch_size <= most:
     return config
-  batch = num_fit - num_fit % num_devices
+  batch = most - most % num_devices
   if batch < 1:
     raise UserError(f'{num_fit} fit examples cannot fill one batch over the {num_devices} '
-                    'local devices; use more data or fewer devices')
-  log.info('--batch_size %d is larger than the %d fit examples: using %d', config.batch_size,
-           num_fit, batch)
+                    'devices; use more data or fewer devices')
+  if most == num_fit:
+    log.info('--batch_size %d is larger than the %d fit examples: using %d', config.batch_size,
+             num_fit, batch)
+  else:
+    log.info('--batch_size %d takes more than the %d fit examples the smallest of the %d '
+             "devices' shares holds per device: using %d", config.batch_size, smallest_share,
+             num_devices, batch)
   return dataclasses.replace(config, batch_size=batch)
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict:
   """Fine-tunes ``config.modes`` one after another; returns (and writes) metrics.json."""
+  if distributed.process_count() > 1:
+    distributed.check_balanced()
   mesh = make_mesh()
   check_batch_size(config.batch_size, mesh)
   # Refuses a file, a read-only directory or one holding files this tool did not write.
-  outputs.prepare_output_dir(workdir, overwrite=True, kind='fine-tune workdir',
-                             owned=OWNED_FILES, flag='--workdir', clear=False)
+  # Process 0 claims it; the others write only their scratch files and checkpoint shards.
+  distributed.on_writer(outputs.prepare_output_dir, workdir, overwrite=True,
+                        kind='fine-tune workdir', owned=OWNED_FILES, flag='--workdir',
+                        clear=False)
+  if not distributed.is_writer():  # one set of progress bars
+    config = dataclasses.replace(config, progress=False)
   source = sources.open_source(config.dataset, config.data_dir,
                                **sources.source_options(config))
   class_names = list(source.class_names)
@@ -115,7 +141,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
   _check_wise(config, solved)
   with tempfile.TemporaryDirectory(dir=workdir, prefix='.scratch-') as scratch:
     data = splits.prepare_data(source, pretrained, config, scratch)
-    config = fit_batch_size(config, len(data.fit), mesh.size)
+    for split in (data.fit, data.fit_and_val):
+      if split is not None:
+        split.shards = input_pipeline.device_shards(split, mesh.size)
+    config = fit_batch_size(config, data.fit.num_whole, mesh.size, data.fit.shards.smallest)
+    devices = {'count': mesh.size, 'platform': jax.local_devices()[0].platform}
+    if distributed.process_count() > 1:
+      devices['processes'] = distributed.process_count()
     header = metrics_lib.header(
         'finetune',
         dataset={'spec': config.dataset, 'name': source.name, 'version': source.version,
@@ -123,13 +155,15 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
         model={'name': pretrained.name, 'revision': pretrained.revision,
                metrics_lib.WEIGHTS_CHECKSUM: pretrained.checksum(),
                'preprocess': pretrained.preprocess.to_json(), 'dtype': config.dtype},
-        class_names=class_names, num_train=len(data.fit) + len(data.val),
-        num_eval=len(data.eval), num_fit=len(data.fit), validation=data.validation,
-        final_fit=config.final_fit, eval=validation.eval_record(data.eval.ids, data.eval.labels),
+        class_names=class_names, num_train=data.fit.num_whole + data.val.num_whole,
+        num_eval=data.eval.num_whole, num_fit=data.fit.num_whole, validation=data.validation,
+        final_fit=config.final_fit,
+        eval=validation.eval_record(data.eval.whole_ids, data.eval.whole_labels),
         dead_lettered={k: len(v) for k, v in data.dead.items()}, data_wall_s=data.wall_s,
-        devices={'count': mesh.size, 'platform': jax.local_devices()[0].platform})
-    for split, dead in data.dead.items():  # beside metrics.json, as embed writes them
-      data_base.write_dead_letters(workdir, split, dead)
+        devices=devices)
+    if distributed.is_writer():
+      for split, dead in data.dead.items():  # beside metrics.json, as embed writes them
+        data_base.write_dead_letters(workdir, split, dead)
     out = _write_metrics(workdir, header, {})
     for mode, plan in plans.items():
       if mode in solved:
@@ -137,5 +171,5 @@ def train_and_evaluate(config: Config, workdir: str) -> dict:
       else:
         entries = sweep.finetune_mode(mode, pretrained, data, config, workdir, mesh, initialised)
       if entries is not None:
-        out = _write_metrics(workdir, header, entries)
+        out = _write_metrics(workdir, header, entries, out)
   return out

@@ -299,21 +299,40 @@ def _missing_method(path: str, mode: str, methods: dict) -> str:
   return f'{path}/metrics.json has no method {mode!r} (has: {", ".join(methods) or "none"})'
 
 
+def restore_here(directory: str, step: Optional[int] = None):
+  """(step, state as a plain tree on this process's first device) of a fine-tune checkpoint.
+
+  Whatever devices and processes saved it (a 4-device or a multi-host run):
+  Orbax would otherwise refuse a checkpoint saved on other devices. ``step``:
+  the latest when None; (None, None) when the directory holds none.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  mgr = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      return None, None
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          mgr.item_metadata(step))
+    return step, mgr.restore(step, args=ocp.args.StandardRestore(target))
+  finally:
+    mgr.close()
+
+
 def _finetuned_params(rung: Rung, pretrained) -> dict:
   """The selected best/ state's params; mixed with the start for WiSE-FT, as fine-tune did."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  mgr = ocp.CheckpointManager(rung.checkpoint)
   try:
-    state = mgr.restore(rung.step, args=ocp.args.StandardRestore())
+    _, state = restore_here(rung.checkpoint, rung.step)
   except Exception as e:  # truncated files, another layout
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise UserError(f'cannot read checkpoint {rung.checkpoint}/{rung.step} '
                     f'({type(e).__name__}: {reason})') from None
-  finally:
-    mgr.close()
   params = jax.tree.map(jnp.asarray, state['params'])
   kernel = params['head']['kernel']
   if kernel.shape[-1] != len(rung.class_names):
