@@ -129,7 +129,8 @@ class ClassifierModelHandler(ClipVisionModelHandler):
   """uint8 HWC images → (logits (C,),): the rung's backbone and head in one jitted function."""
 
   def __init__(self, rung: rungs.Rung, model: str, batch_size: int, dtype: str = 'float32'):
-    super().__init__(model, batch_size, dtype=dtype)
+    # batched: each element is one stacked device batch (embed.Preprocess(batch=…)).
+    super().__init__(model, batch_size, dtype=dtype, batched=True)
     self._rung = rung
 
   def load_model(self) -> VisionModel:
@@ -143,7 +144,10 @@ class ClassifierModelHandler(ClipVisionModelHandler):
 
 
 class ToRow(beam.DoFn):
-  """((split, id, label), PredictionResult) → ((split, shard), row)."""
+  """((split, ids, labels), PredictionResult of n rows) → ((split, shard), [row, …]).
+
+  One output per shard the batch touches: the shard grouping moves lists, not single rows.
+  """
 
   def __init__(self, class_names: list[str], label_map: list[int], top_k: int,
                num_shards: dict[str, int]):
@@ -152,16 +156,21 @@ class ToRow(beam.DoFn):
     self._predicted = beam.metrics.Metrics.counter('predict', 'predicted')
 
   def process(self, element):
-    (split, ex_id, label), result = element
+    (split, ids, labels), result = element
     (logits,) = result.inference
-    head_label = self._label_map[label] if label is not None and label >= 0 else None
-    self._predicted.inc()
-    yield ((split, emb_lib.shard_index(ex_id, self._num_shards[split])),
-           rows_for([ex_id], logits, [head_label], self._names, self._top_k)[0])
+    head_labels = [self._label_map[label] if label is not None and label >= 0 else None
+                   for label in labels]
+    self._predicted.inc(len(ids))
+    by_shard: dict[int, list] = {}
+    for row in rows_for(ids, logits, head_labels, self._names, self._top_k):
+      by_shard.setdefault(emb_lib.shard_index(row['id'], self._num_shards[split]), []).append(row)
+    for index, rows in sorted(by_shard.items()):
+      yield (split, index), rows
 
 
 def _write(element, output_dir, num_shards):
-  (split, index), rows = element
+  (split, index), row_lists = element
+  rows = [row for rows in row_lists for row in rows]
   return split, index, write_shard(output_dir, split, index, num_shards[split], rows)
 
 
@@ -178,11 +187,12 @@ def build(p: beam.Pipeline, args: PredictConfig, source: sources_lib.Source, run
     totals.append(total)
     num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
                          if total is not None else max(1, source.num_parts(split) or 1))
-    read = reads.read_split(p, source, split, args.data_dir)
+    read = reads.read_split(p, source, split, args.data_dir, threads)
     founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
     ok_and_dead = read.examples | f'Preprocess[{split}]' >> beam.ParDo(
-        embed.Preprocess(cfg.to_json(), split, threads, window)).with_outputs(DEAD, main='ok')
+        embed.Preprocess(cfg.to_json(), split, threads, window, args.batch_size)).with_outputs(
+            DEAD, main='ok')
     prepared.append(ok_and_dead.ok)
     dead_counts.append(
         (read.dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
@@ -195,7 +205,8 @@ def build(p: beam.Pipeline, args: PredictConfig, source: sources_lib.Source, run
   results = (prepared
              | 'FlattenSplits' >> beam.Flatten()
              | 'RunInference' >> RunInference(handler)
-             | 'Progress' >> beam.ParDo(embed.Progress(total, 'predict', show_progress))
+             | 'Progress' >> beam.ParDo(embed.Progress(total, 'predict', show_progress,
+                                                      batched=True))
              | 'ToRow' >> beam.ParDo(ToRow(rung.class_names, label_map, args.top_k, num_shards))
              | 'GroupShards' >> beam.GroupByKey()
              | 'WriteShard' >> beam.Map(_write, args.output_dir, num_shards))
