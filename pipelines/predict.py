@@ -187,7 +187,7 @@ def build(p: beam.Pipeline, args: PredictConfig, source: sources_lib.Source, run
     totals.append(total)
     num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
                          if total is not None else max(1, source.num_parts(split) or 1))
-    read = reads.read_split(p, source, split, args.data_dir, threads)
+    read = reads.read_split(p, source, split, args.data_dir)
     founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
     ok_and_dead = read.examples | f'Preprocess[{split}]' >> beam.ParDo(
