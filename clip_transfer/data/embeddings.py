@@ -10,7 +10,8 @@ Dataflow. ``dataset_info.json`` is written last: a directory without it is an
 incomplete run that TFDS (and ``read_split``) refuses to read.
 
 The Beam sink (``pipelines.embed``) and ``write_dataset`` share ``Encoder``,
-``shard_index``, ``write_shard`` and ``finalize``: same inputs, same bytes.
+``group_by_shard`` (``shard_index``), ``write_shard`` and ``finalize``: same
+inputs, same bytes. ``pipelines.predict`` shards its rows with ``group_by_shard`` too.
 """
 
 from __future__ import annotations
