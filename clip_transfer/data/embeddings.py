@@ -116,7 +116,6 @@ class Encoder:
     # protobuf writes a negative int64 as its 64-bit two's complement varint.
     self._labels = [_entry('label', _INT64S, _varint(label & 0xFFFFFFFFFFFFFFFF))
                     for label in range(-1, len(class_names))]
-    self._id_key = _field(b'\x0a', b'id')
 
   @staticmethod
   def _float_head(key: str, size: int) -> bytes:
@@ -132,9 +131,7 @@ class Encoder:
 
   def _example(self, ex_id: str, embedding: bytes, label, projected: Optional[bytes]) -> bytes:
     # Strict UTF-8, as TFDS' Text feature encodes (an unpaired surrogate raises).
-    data = ex_id.encode()
-    parts = [self._embedding_head, embedding,
-             _field(b'\x0a', self._id_key + _field(b'\x12', _field(_BYTES, _field(b'\x0a', data)))),
+    parts = [self._embedding_head, embedding, _entry('id', _BYTES, ex_id.encode()),
              self._label(label)]
     if projected is not None:
       parts += [self._projected_head, projected]
