@@ -266,7 +266,7 @@ def decode_bound(args) -> dict:
       seconds = pipeline_seconds(root, os.path.join(tmp, f'out{r}'), args.decode_model,
                                  args.batch_size)
       # CPU per image past start-up, all threads and the main thread alone.
-      cpu.append([(b - a - s) / max(1, args.decode_images - 8)
+      cpu.append([(b - a - s) / (args.decode_images - 8)
                   for a, b, s in zip(before, _cpu_seconds(), startup_cpu)])
       pairs.append((limit, args.decode_images / seconds))
       steady.append(args.decode_images / max(seconds - startup, 1e-9) / limit)
