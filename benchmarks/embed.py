@@ -17,10 +17,8 @@ r"""Benchmarks pipelines.embed: throughput vs the raw jitted backbone, and peak 
    512-px JPEGs, whole-run pipeline images/s (Beam start-up included) ÷ the
    all-core preprocessing limit, a process pool on every core doing only read +
    decode + resize + crop to the model's resolution of the same files and
-   returning nothing (a float per image: no pixels copied back), its start-up
-   not timed (target ≥ 0.85). Beside it, CPU seconds per image (past start-up):
-   the pool's over the pipeline's (every thread; the main thread's shown apart),
-   a ratio a shared machine's load moves far less than it moves images/s.
+   returning nothing (an int per image: no pixels copied back), its start-up
+   not timed (target ≥ 0.85).
 4. ``--fast_decode``: host preprocessing (one core) of 1024- and 2048-px JPEGs
    made from real photos (scikit-learn's china.jpg and flower.jpg, four crops
    each, upscaled), exact vs fast, and the cosine similarity (mean, min) of
@@ -38,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import numpy as np
 from benchmarks import write_json  # pylint: disable=g-import-not-at-top
@@ -210,21 +207,17 @@ def _pool_init(cfg_json):
   _POOL_CFG = preprocess.PreprocessConfig.from_json(cfg_json)
 
 
-def _pool_prepare(path: str) -> float:
+def _pool_prepare(path: str) -> int:
   from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
-  start = time.thread_time()
   with open(path, 'rb') as fh:
-    preprocess.prepare(fh.read(), _POOL_CFG)
-  # A float goes back (the CPU seconds this image took), not the pixels: the
-  # limit pays no inter-process copy.
-  return time.thread_time() - start
+    # An int goes back, not the pixels: the limit pays no inter-process copy.
+    return preprocess.prepare(fh.read(), _POOL_CFG).shape[0]
 
 
-def preprocessing_limit(root: str, cfg, processes: int, cpu: Optional[list] = None) -> float:
+def preprocessing_limit(root: str, cfg, processes: int) -> float:
   """images/s of a process pool on every core doing only read + decode + resize + crop.
 
   The processes are started (and have imported everything) before the clock starts.
-  ``cpu``: the CPU seconds per image the pool's work took is appended to it.
   """
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import multiprocessing  # pylint: disable=g-import-not-at-top
@@ -235,11 +228,8 @@ def preprocessing_limit(root: str, cfg, processes: int, cpu: Optional[list] = No
                                               (cfg.to_json(),)) as pool:
     list(pool.map(_pool_prepare, paths[:4 * processes]))  # start every process first
     t = time.perf_counter()
-    seconds = list(pool.map(_pool_prepare, paths, chunksize=16))
-    rate = len(paths) / (time.perf_counter() - t)
-  if cpu is not None:
-    cpu.append(sum(seconds) / len(paths))
-  return rate
+    list(pool.map(_pool_prepare, paths, chunksize=16))
+    return len(paths) / (time.perf_counter() - t)
 
 
 def decode_bound(args) -> dict:
@@ -255,39 +245,21 @@ def decode_bound(args) -> dict:
     # Imports, model load and compilation happen once per process: not measured;
     # the second run on 8 images is Beam's fixed start-up.
     for r in range(2):
-      startup_cpu = _cpu_seconds()
       startup = pipeline_seconds(few, os.path.join(tmp, f'few_out{r}'), args.decode_model,
                                  args.batch_size)
-      startup_cpu = [b - a for a, b in zip(startup_cpu, _cpu_seconds())]
-    pairs, steady, pool_cpu, cpu = [], [], [], []
+    pairs, steady = [], []
     for r in range(args.repeats):  # back to back: each ratio under one load
-      limit = preprocessing_limit(root, cfg, cores, pool_cpu)
-      before = _cpu_seconds()
+      limit = preprocessing_limit(root, cfg, cores)
       seconds = pipeline_seconds(root, os.path.join(tmp, f'out{r}'), args.decode_model,
                                  args.batch_size)
-      # CPU per image past start-up, all threads and the main thread alone.
-      cpu.append([(b - a - s) / (args.decode_images - 8)
-                  for a, b, s in zip(before, _cpu_seconds(), startup_cpu)])
       pairs.append((limit, args.decode_images / seconds))
       steady.append(args.decode_images / max(seconds - startup, 1e-9) / limit)
   ratios = sorted(p / l for l, p in pairs)
-  median = lambda xs: sorted(xs)[len(xs) // 2]
   return {'model': args.decode_model, 'images': args.decode_images,
           'image_size': args.decode_image_size, 'cores': cores,
           'pairs_limit_pipeline_images_per_s': pairs, 'ratios': ratios,
           'ratio_median': ratios[len(ratios) // 2], 'startup_s': startup,
-          'ratio_steady_median': median(steady),
-          # CPU time is what a loaded machine distorts least: the pool's CPU per image
-          # over the pipeline's (every thread), and where the pipeline's goes.
-          'cpu_ms_per_image_pool': [1e3 * c for c in pool_cpu],
-          'cpu_ms_per_image_pipeline': [1e3 * c for c, _ in cpu],
-          'cpu_ms_per_image_pipeline_main_thread': [1e3 * m for _, m in cpu],
-          'cpu_ratio_median': median([p / c for p, (c, _) in zip(pool_cpu, cpu)])}
-
-
-def _cpu_seconds() -> tuple[float, float]:
-  """(this process's CPU seconds, every thread; the main thread's), for decode_bound."""
-  return time.process_time(), time.thread_time()
+          'ratio_steady_median': sorted(steady)[len(steady) // 2]}
 
 
 def photo_jpegs(side: int) -> list[bytes]:
@@ -419,11 +391,7 @@ def main(argv=None):
     print(f"decode-bound ({d['model']}, {d['images']} JPEGs of {d['image_size']} px, "
           f"{d['cores']} cores): pool limit/pipeline img/s per pair {pairs}; ratio median "
           f"{d['ratio_median']:.2f} (target >= 0.85); without Beam's {d['startup_s']:.1f} s "
-          f"start-up {d['ratio_steady_median']:.2f}; CPU ms per image past start-up: pool "
-          f"{', '.join(f'{x:.2f}' for x in d['cpu_ms_per_image_pool'])}, pipeline "
-          f"{', '.join(f'{x:.2f}' for x in d['cpu_ms_per_image_pipeline'])} (main thread "
-          f"{', '.join(f'{x:.2f}' for x in d['cpu_ms_per_image_pipeline_main_thread'])}): "
-          f"CPU ratio median {d['cpu_ratio_median']:.2f}")
+          f"start-up {d['ratio_steady_median']:.2f}")
   if not args.skip_fast_decode:
     results['fast_decode'] = f = fast_decode(args)
     for side, r in f['sizes'].items():
