@@ -191,14 +191,11 @@ class Encode(beam.DoFn):
   def process(self, element):
     (split, ids, labels), result = element
     pooled, projected = result.inference
-    by_shard: dict[int, list] = {}
-    for i, (ex_id, label) in enumerate(zip(ids, labels)):
-      row = (ex_id, self._encoder.encode(ex_id, pooled[i], label,
-                                         None if projected is None else projected[i]))
-      by_shard.setdefault(emb_lib.shard_index(ex_id, self._num_shards[split]), []).append(row)
+    rows = zip(ids, self._encoder.encode_batch(ids, pooled, labels, projected))
     self._written.inc(len(ids))
-    for index, rows in sorted(by_shard.items()):
-      yield (split, index), rows
+    for index, shard_rows in emb_lib.group_by_shard(rows, lambda row: row[0],
+                                                    self._num_shards[split]):
+      yield (split, index), shard_rows
 
 
 class Progress(beam.DoFn):

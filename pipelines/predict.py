@@ -161,10 +161,9 @@ class ToRow(beam.DoFn):
     head_labels = [self._label_map[label] if label is not None and label >= 0 else None
                    for label in labels]
     self._predicted.inc(len(ids))
-    by_shard: dict[int, list] = {}
-    for row in rows_for(ids, logits, head_labels, self._names, self._top_k):
-      by_shard.setdefault(emb_lib.shard_index(row['id'], self._num_shards[split]), []).append(row)
-    for index, rows in sorted(by_shard.items()):
+    for index, rows in emb_lib.group_by_shard(
+        rows_for(ids, logits, head_labels, self._names, self._top_k), lambda row: row['id'],
+        self._num_shards[split]):
       yield (split, index), rows
 
 
