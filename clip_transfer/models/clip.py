@@ -116,15 +116,27 @@ class Attention(nn.Module):
     k = dense('k_proj')(x)
     v = dense('v_proj')(x)
     q, k, v = (t.reshape(b, l, h, d // h) for t in (q, k, v))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
     if self.causal:
       causal = jnp.tril(jnp.ones((l, l), bool))[None, None]
       mask = causal if mask is None else jnp.logical_and(mask, causal)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    # Softmax in float32 even for bf16 compute.
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return dense('out_proj')(attend(probs, v))
+    return dense('out_proj')(dot_product_attention(q, k, v, mask=mask))
+
+
+def dot_product_attention(q, k, v, *, scale: Optional[float] = None, mask=None):
+  """softmax(q·kᵀ·scale [masked]) · v per head: (B, Q|K, H, Dh) in, (B, Q, H·Dh) out.
+
+  The one attention core of every family. ``scale=None``: q comes pre-scaled (CLIP's
+  and SigLIP's references scale q, DINOv2's the logits: the same rounding as each).
+  ``mask``: broadcastable to (B, H, Q, K), True where a key may be attended. The
+  softmax runs in float32 even for bf16 compute.
+  """
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+  if scale is not None:
+    logits = logits * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return attend(probs, v)
 
 
 def attend(probs, v):

@@ -176,9 +176,7 @@ class SelfAttention(nn.Module):
     h = c.num_attention_heads
     dense = lambda name: nn.Dense(d, use_bias=c.qkv_bias, dtype=self.dtype, name=name)
     q, k, v = (dense(n)(x).reshape(b, l, h, d // h) for n in ('query', 'key', 'value'))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * ((d // h) ** -0.5)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return clip.attend(probs, v)
+    return clip.dot_product_attention(q, k, v, scale=(d // h) ** -0.5)
 
 
 class Attention(nn.Module):

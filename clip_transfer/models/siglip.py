@@ -92,9 +92,7 @@ class PoolingAttention(nn.Module):
     k, v = dense('k_proj')(x), dense('v_proj')(x)
     q = q.reshape(b, -1, h, d // h)
     k, v = (t.reshape(b, l, h, d // h) for t in (k, v))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return dense('out_proj')(clip.attend(probs, v))
+    return dense('out_proj')(clip.dot_product_attention(q, k, v))
 
 
 class PoolingHead(nn.Module):
