@@ -92,6 +92,23 @@ def test_finetuned_model_reproduces_its_predictions(runs, tmp_path, mode):
   assert [r['prediction'] for r in predict.read_predictions(pred, 'test')] == m['predictions']
 
 
+def test_one_program_per_rung_structure_per_process(runs, tmp_path, count_compiles):
+  """A second run of a rung compiles nothing; another rung on the same model gets its own."""
+  data, out = runs
+  flags = [f'--dataset=folder:{data}', '--splits=test', f'--head=probe:{out["probe"]}']
+  _predict(*flags, f'--output_dir={tmp_path / "a"}')
+  with count_compiles('with_head') as compiles:  # clip_transfer/protocol/rungs.py
+    _predict(*flags, f'--output_dir={tmp_path / "b"}')
+  assert compiles.count == 0
+  assert (predict.read_predictions(str(tmp_path / 'a'), 'test')
+          == predict.read_predictions(str(tmp_path / 'b'), 'test'))
+  # The zero-shot head from the images, in the same process: its own program, its predictions.
+  _predict(f'--dataset=folder:{data}', '--splits=test', f'--head=zeroshot:{out["zs"]}',
+           f'--output_dir={tmp_path / "zs"}')
+  assert ([r['prediction'] for r in predict.read_predictions(str(tmp_path / 'zs'), 'test')]
+          == _metrics(out['zs'])['methods']['zeroshot']['predictions'])
+
+
 def test_stored_embeddings_need_no_backbone(runs, tmp_path):
   _, out = runs
   for run, method in ((out['zs'], 'zeroshot'), (out['probe'], 'jax')):
