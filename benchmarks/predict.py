@@ -9,7 +9,10 @@ stage with a probe head (a head of the model's width: its values do not change
 the cost):
 1. Throughput: whole-run images/s (Beam start-up included; Parquet written) ÷
    the raw jitted vision tower's images/s on the same images and batch, back to
-   back, median over ``--repeats`` (target ≥ 0.9).
+   back, median over ``--repeats`` (target ≥ 0.9). Compilation is out of both,
+   as in ``benchmarks.embed``: the raw side compiles in its warm-up, and the
+   pipeline's program (backbone and head) is compiled by the first start-up run
+   and kept for the process (``pipelines.predict.logits_jit``).
 2. Peak memory: predict on M and 10M JPEGs, each in its own subprocess, peak RSS
    compared (streaming: ≤ 1.2x).
 """
