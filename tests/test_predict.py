@@ -109,6 +109,19 @@ def test_one_program_per_rung_structure_per_process(runs, tmp_path, count_compil
           == _metrics(out['zs'])['methods']['zeroshot']['predictions'])
 
 
+def test_multi_processing_writes_the_in_process_bytes(runs, tmp_path):
+  """A worker in another process unpickles the handler and builds its own program (Dataflow)."""
+  data, out = runs
+  flags = [f'--dataset=folder:{data}', '--splits=test', f'--head=probe:{out["probe"]}']
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  _predict(*flags, f'--output_dir={a}')
+  _predict(*flags, f'--output_dir={b}', '--direct_running_mode=multi_processing',
+           '--direct_num_workers=1')
+  files = lambda d: {f: open(os.path.join(d, f), 'rb').read() for f in sorted(os.listdir(d))
+                     if f != predict.RUN_FILE}
+  assert files(a) == files(b) and any(f.endswith('.parquet') for f in files(a))
+
+
 def test_stored_embeddings_need_no_backbone(runs, tmp_path):
   _, out = runs
   for run, method in ((out['zs'], 'zeroshot'), (out['probe'], 'jax')):
