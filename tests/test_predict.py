@@ -122,6 +122,21 @@ def test_multi_processing_writes_the_in_process_bytes(runs, tmp_path):
   assert files(a) == files(b) and any(f.endswith('.parquet') for f in files(a))
 
 
+def test_workers_are_shipped_the_head_not_the_metrics(runs):
+  """The handler pickled into the job carries the head, not metrics.json's per-example lists."""
+  from apache_beam.internal import pickler  # what Beam pickles DoFns and handlers with
+  _, out = runs
+  rung = predict.open_head(f'probe:{out["probe"]}', None)
+  assert rung.entry['predictions'] and rung.header['eval']['labels']  # on the launcher
+  shipped = pickler.loads(pickler.dumps(predict.ClassifierModelHandler(rung, MODEL, 4)))
+  assert shipped._rung.entry == {} and shipped._rung.header == {}  # pylint: disable=protected-access
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  (got,) = shipped.load_model().forward(pixels)
+  pre = models.load(MODEL)
+  want = rung.logits_fn(pre)(rung.params(pre), pixels)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_stored_embeddings_need_no_backbone(runs, tmp_path):
   _, out = runs
   for run, method in ((out['zs'], 'zeroshot'), (out['probe'], 'jax')):
