@@ -92,7 +92,8 @@ def test_finetuned_model_reproduces_its_predictions(runs, tmp_path, mode):
   assert [r['prediction'] for r in predict.read_predictions(pred, 'test')] == m['predictions']
 
 
-def test_one_program_per_rung_structure_per_process(runs, tmp_path, count_compiles):
+def test_one_program_per_rung_structure_per_process(runs, tmp_path, count_compiles,
+                                                   monkeypatch):
   """A second run of a rung compiles nothing; another rung on the same model gets its own."""
   data, out = runs
   flags = [f'--dataset=folder:{data}', '--splits=test', f'--head=probe:{out["probe"]}']
@@ -107,6 +108,15 @@ def test_one_program_per_rung_structure_per_process(runs, tmp_path, count_compil
            f'--output_dir={tmp_path / "zs"}')
   assert ([r['prediction'] for r in predict.read_predictions(str(tmp_path / 'zs'), 'test')]
           == _metrics(out['zs'])['methods']['zeroshot']['predictions'])
+  # Programs kept are bounded: with room for one, the zero-shot program pushes the probe's out.
+  monkeypatch.setattr(predict, '_LOGITS', {})
+  monkeypatch.setattr(predict, '_LOGITS_KEPT', 1)
+  _predict(*flags, f'--output_dir={tmp_path / "c1"}')
+  _predict(f'--dataset=folder:{data}', '--splits=test', f'--head=zeroshot:{out["zs"]}',
+           f'--output_dir={tmp_path / "zs2"}')
+  with count_compiles('with_head') as compiles:
+    _predict(*flags, f'--output_dir={tmp_path / "c"}')
+  assert compiles.count == 1 and len(predict._LOGITS) == 1  # pylint: disable=protected-access
 
 
 def test_multi_processing_writes_the_in_process_bytes(runs, tmp_path):
