@@ -133,8 +133,8 @@ class ClassifierModelHandler(ClipVisionModelHandler):
     # batched: each element is one stacked device batch (embed.Preprocess(batch=…)).
     super().__init__(model, batch_size, dtype=dtype, batched=True)
     # Workers need the head and what the network is built from, not metrics.json (its
-    # per-example lists): a handler is pickled into the job and bz2-compressed at level 9,
-    # on the launcher, and unpickled by each worker (a 50k-image eval split: 40% of that).
+    # per-example lists): Beam pickles the handler into the job, bz2 at level 9, on the
+    # launcher, and each worker unpickles it; the time grows with every byte shipped.
     self._rung = dataclasses.replace(rung, header={}, entry={})
 
   def load_model(self) -> VisionModel:
@@ -152,7 +152,7 @@ class ClassifierModelHandler(ClipVisionModelHandler):
 # builds the program from (the params' pytree and shapes are jit's own key).
 _LOGITS: dict[tuple, Any] = {}
 _LOGITS_LOCK = threading.Lock()  # RunInference may load from several threads at once
-_LOGITS_KEPT = 8  # programs kept per process (each holds its executables, not weights)
+_LOGITS_KEPT = 8  # programs kept per process (executables and a head; no backbone weights)
 
 
 def logits_jit(rung: rungs.Rung, pretrained):
