@@ -92,6 +92,61 @@ def test_finetuned_model_reproduces_its_predictions(runs, tmp_path, mode):
   assert [r['prediction'] for r in predict.read_predictions(pred, 'test')] == m['predictions']
 
 
+def test_one_program_per_rung_structure_per_process(runs, tmp_path, count_compiles,
+                                                   monkeypatch):
+  """A second run of a rung compiles nothing; another rung on the same model gets its own."""
+  data, out = runs
+  flags = [f'--dataset=folder:{data}', '--splits=test', f'--head=probe:{out["probe"]}']
+  _predict(*flags, f'--output_dir={tmp_path / "a"}')
+  with count_compiles('with_head') as compiles:  # clip_transfer/protocol/rungs.py
+    _predict(*flags, f'--output_dir={tmp_path / "b"}')
+  assert compiles.count == 0
+  assert (predict.read_predictions(str(tmp_path / 'a'), 'test')
+          == predict.read_predictions(str(tmp_path / 'b'), 'test'))
+  # The zero-shot head from the images, in the same process: its own program, its predictions.
+  _predict(f'--dataset=folder:{data}', '--splits=test', f'--head=zeroshot:{out["zs"]}',
+           f'--output_dir={tmp_path / "zs"}')
+  assert ([r['prediction'] for r in predict.read_predictions(str(tmp_path / 'zs'), 'test')]
+          == _metrics(out['zs'])['methods']['zeroshot']['predictions'])
+  # Programs kept are bounded: with room for one, the zero-shot program pushes the probe's out.
+  monkeypatch.setattr(predict, '_LOGITS', {})
+  monkeypatch.setattr(predict, '_LOGITS_KEPT', 1)
+  _predict(*flags, f'--output_dir={tmp_path / "c1"}')
+  _predict(f'--dataset=folder:{data}', '--splits=test', f'--head=zeroshot:{out["zs"]}',
+           f'--output_dir={tmp_path / "zs2"}')
+  with count_compiles('with_head') as compiles:
+    _predict(*flags, f'--output_dir={tmp_path / "c"}')
+  assert compiles.count == 1 and len(predict._LOGITS) == 1  # pylint: disable=protected-access
+
+
+def test_multi_processing_writes_the_in_process_bytes(runs, tmp_path):
+  """A worker in another process unpickles the handler and builds its own program (Dataflow)."""
+  data, out = runs
+  flags = [f'--dataset=folder:{data}', '--splits=test', f'--head=probe:{out["probe"]}']
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  _predict(*flags, f'--output_dir={a}')
+  _predict(*flags, f'--output_dir={b}', '--direct_running_mode=multi_processing',
+           '--direct_num_workers=1')
+  files = lambda d: {f: open(os.path.join(d, f), 'rb').read() for f in sorted(os.listdir(d))
+                     if f != predict.RUN_FILE}
+  assert files(a) == files(b) and any(f.endswith('.parquet') for f in files(a))
+
+
+def test_workers_are_shipped_the_head_not_the_metrics(runs):
+  """The handler pickled into the job carries the head, not metrics.json's per-example lists."""
+  from apache_beam.internal import pickler  # what Beam pickles DoFns and handlers with
+  _, out = runs
+  rung = predict.open_head(f'probe:{out["probe"]}', None)
+  assert rung.entry['predictions'] and rung.header['eval']['labels']  # on the launcher
+  shipped = pickler.loads(pickler.dumps(predict.ClassifierModelHandler(rung, MODEL, 4)))
+  assert shipped._rung.entry == {} and shipped._rung.header == {}  # pylint: disable=protected-access
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  (got,) = shipped.load_model().forward(pixels)
+  pre = models.load(MODEL)
+  want = rung.logits_fn(pre)(rung.params(pre), pixels)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_stored_embeddings_need_no_backbone(runs, tmp_path):
   _, out = runs
   for run, method in ((out['zs'], 'zeroshot'), (out['probe'], 'jax')):
