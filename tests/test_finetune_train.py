@@ -112,13 +112,19 @@ def _resume_args(workdir, data_dir):
           '--augment', '--no_progress']
 
 
-def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
+def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog, monkeypatch,
+                                          count_compiles):
   straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
   assert _cli(*_resume_args(straight, data_dir)) == 0
   assert _cli(*_resume_args(interrupted, data_dir), '--stop_after=3') == 0
   assert not json.load(open(os.path.join(interrupted, 'metrics.json')))['methods']
-  assert checkpoints.load_checkpoint(interrupted, 'full', 3e-3)['step'] == 3
-  assert _cli(*_resume_args(interrupted, data_dir), '--resume') == 0
+  saved = checkpoints.load_checkpoint(interrupted, 'full', 3e-3)
+  assert saved['step'] == 3
+  assert saved['opt_state']['hyperparams'] == {'learning_rate': np.float32(3e-3),
+                                               'weight_decay': np.float32(1e-4)}
+  with count_compiles('train_step') as compiles:
+    assert _cli(*_resume_args(interrupted, data_dir), '--resume') == 0
+  assert compiles.count == 1  # the restored state fits the step compiled for a fresh one
   a = checkpoints.load_checkpoint(straight, 'full', 3e-3)
   b = checkpoints.load_checkpoint(interrupted, 'full', 3e-3)
   assert a['step'] == b['step'] == 8
@@ -135,6 +141,29 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
                a['params'], c['params'])
   assert (json.load(open(os.path.join(early, 'metrics.json')))['methods']['full']['top1'] ==
           json.load(open(os.path.join(straight, 'metrics.json')))['methods']['full']['top1'])
+
+  # Checkpoints from before the lr was data hold the optimizer state without hyperparams
+  # (chain(clip, multi_transform), the inner state of today's): written so here, they are
+  # carried over, and the resumed run is still the uninterrupted one.
+  old = str(tmp_path / 'old')
+  save = checkpoints.Checkpoints.save
+  monkeypatch.setattr(checkpoints.Checkpoints, 'save', lambda self, record, state, best: save(
+      self, record, state.replace(opt_state=state.opt_state.inner_state), best))
+  assert _cli(*_resume_args(old, data_dir), '--stop_after=3') == 0
+  monkeypatch.undo()
+  assert isinstance(checkpoints.load_checkpoint(old, 'full', 3e-3)['opt_state'], list)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='finetune.checkpoints'), \
+      count_compiles('train_step') as compiles:
+    assert _cli(*_resume_args(old, data_dir), '--resume') == 0
+  assert 'an optimizer state from before the lr was data; carried over' in caplog.text
+  assert compiles.count == 1
+  d = checkpoints.load_checkpoint(old, 'full', 3e-3)
+  assert d['step'] == 8 and 'hyperparams' in d['opt_state']
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               a['params'], d['params'])
+  assert (json.load(open(os.path.join(old, 'metrics.json')))['methods']['full']['curves'] ==
+          json.load(open(os.path.join(straight, 'metrics.json')))['methods']['full']['curves'])
 
   # A changed hyperparameter refuses to resume …
   capsys.readouterr()
@@ -257,9 +286,10 @@ def test_default_batch_size_fits_small_data_with_a_note(tmp_path, data_dir, capl
   assert f'--batch_size 64 is larger than the {fit["num_fit"]} fit examples' in caplog.text
 
 
-def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog):
+def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog, count_compiles):
   work = str(tmp_path / 'w')
-  with caplog.at_level(logging.INFO, logger='finetune.trainer'):
+  with caplog.at_level(logging.INFO, logger='finetune.trainer'), \
+      count_compiles('eval_step') as evals:
     assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
                 f'--workdir={work}', '--mode=linear,full', '--steps=2', '--lr=1e-3',
                 '--batch_size=16', '--limit_train=64', '--limit_eval=16', '--wise=0,1',
@@ -267,15 +297,21 @@ def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog):
   assert '--wise applies to full only: --mode linear trains only the head' in caplog.text
   methods = json.load(open(os.path.join(work, 'metrics.json')))['methods']
   assert set(methods) == {'linear', 'full', 'full+wise'}
+  assert evals.count == 1  # validation, the eval and every α of WiSE-FT: one compiled eval step
 
 
-def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, data_dir):
+def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, data_dir,
+                                                                   count_compiles):
   """Issue 21: --weight_decay takes a list, crossed with --lr; the choice is recorded."""
   work = str(tmp_path / 'w')
-  assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
-              f'--workdir={work}', '--mode=full', '--steps=4', '--eval_every=2',
-              '--lr=1e-3,3e-3', '--weight_decay=0,0.5', '--batch_size=16', '--limit_train=64',
-              '--limit_eval=16', '--no_progress') == 0
+  with count_compiles('train_step') as train_compiles, count_compiles('eval_step') as evals:
+    assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
+                f'--workdir={work}', '--mode=full', '--steps=4', '--eval_every=2',
+                '--lr=1e-3,3e-3', '--weight_decay=0,0.5', '--batch_size=16', '--limit_train=64',
+                '--limit_eval=16', '--no_progress') == 0
+  # The lr and the weight decay are data in the optimizer state: the four configurations,
+  # their validation scores and the final eval run one compiled train step and one eval step.
+  assert (train_compiles.count, evals.count) == (1, 1)
   full = json.load(open(os.path.join(work, 'metrics.json')))['methods']['full']
   keys = {'0.001,wd=0', '0.003,wd=0', '0.001,wd=0.5', '0.003,wd=0.5'}
   assert set(full['curves']) == keys and full['weight_decay_grid'] == [0.0, 0.5]
@@ -293,13 +329,16 @@ def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, da
   assert not np.allclose(a['head']['kernel'], b['head']['kernel'])
 
 
-def test_final_fit_on_fit_and_validation_is_labelled_and_refits(tmp_path, data_dir):
+def test_final_fit_on_fit_and_validation_is_labelled_and_refits(tmp_path, data_dir,
+                                                                count_compiles):
   """Issue 21: the chosen configuration trained again on fit ∪ validation, and said so."""
   work = str(tmp_path / 'w')
   common = ['--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
             '--mode=linear,full', '--steps=4', '--eval_every=2', '--lr=1e-3', '--batch_size=16',
             '--limit_train=96', '--limit_eval=32', '--no_progress']
-  assert _cli(*common, f'--workdir={work}', '--final_fit=fit+validation') == 0
+  with count_compiles('train_step') as train_compiles, count_compiles('eval_step') as evals:
+    assert _cli(*common, f'--workdir={work}', '--final_fit=fit+validation') == 0
+  assert (train_compiles.count, evals.count) == (1, 1)  # the refit and its eval reuse them
   m = json.load(open(os.path.join(work, 'metrics.json')))
   assert m['final_fit'] == 'fit+validation'
   assert {e['final_fit'] for e in m['methods'].values()} == {'fit+validation'}
