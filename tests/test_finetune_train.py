@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+def data_dir(digits_data_dir):
+  return digits_data_dir  # tests/conftest.py: prepared once per session, shared with other modules
 
 
 def _cli(*argv):
@@ -112,10 +112,17 @@ def _resume_args(workdir, data_dir):
           '--augment', '--no_progress']
 
 
-def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog, monkeypatch,
-                                          count_compiles):
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  assert _cli(*_resume_args(straight, data_dir)) == 0
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, data_dir):
+  """The uninterrupted run (``_resume_args``) the resume tests compare with."""
+  work = str(tmp_path_factory.mktemp('straight') / 'work')
+  assert _cli(*_resume_args(work, data_dir)) == 0
+  return work
+
+
+def test_stop_resume_equals_uninterrupted(straight, tmp_path, data_dir, capsys, caplog,
+                                          monkeypatch, count_compiles):
+  interrupted = str(tmp_path / 'interrupted')
   assert _cli(*_resume_args(interrupted, data_dir), '--stop_after=3') == 0
   assert not json.load(open(os.path.join(interrupted, 'metrics.json')))['methods']
   saved = checkpoints.load_checkpoint(interrupted, 'full', 3e-3)
@@ -219,10 +226,10 @@ def test_a_diverging_lr_is_dropped_and_all_diverging_stops_in_one_line(tmp_path,
   assert err.startswith('error: ') and 'every learning rate diverged' in err
 
 
-def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(tmp_path, data_dir):
+def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(
+    straight, tmp_path, data_dir, xla_cache_env):
   """Killed after step 6's state was saved but before its validation point was (issue 22 #9)."""
-  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-  assert _cli(*_resume_args(straight, data_dir)) == 0
+  killed = str(tmp_path / 'killed')
   # The real CLI in a subprocess whose curve write at step 6 is replaced by SIGKILL.
   script = (
       'import os, signal, sys\n'
@@ -234,7 +241,8 @@ def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(t
       '  save_record(self, record)\n'
       'checkpoints.Checkpoints.save_record = killing\n'
       'sys.exit(train.main(sys.argv[1:]))\n')
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
+  # The session's compilation cache: the subprocess reads back what ``straight`` compiled.
+  env = {**os.environ, **xla_cache_env, 'PYTHONPATH': os.pathsep.join(filter(None, [
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get('PYTHONPATH')]))}
   p = subprocess.run([sys.executable, '-c', script, *_resume_args(killed, data_dir)], env=env,
                      capture_output=True, text=True, timeout=600)
