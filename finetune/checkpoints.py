@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from typing import Optional
@@ -12,10 +13,13 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from finetune.config import Config, RESUME_KEYS
+from finetune import steps
 from finetune.steps import TrainState
 from clip_transfer import distributed
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import rungs
+
+log = logging.getLogger(__name__)
 
 # What a configuration's directory holds: Orbax's folders and the curve (fnmatch patterns
 # relative to the workdir; '*' crosses '/'). Only these are ever removed.
@@ -36,8 +40,9 @@ def checkpoint_dir(workdir: str, mode: str, lr: Optional[float] = None,
 def _manager(path: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                                                          create=True))
+  # The handler named: item_metadata (the saved tree's layout) needs it.
+  return ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler(),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
 
 def _resume_config(config: Config, weight_decay: float) -> dict:
@@ -53,9 +58,18 @@ def _restore(path: str, state: TrainState, mesh: Mesh) -> TrainState:
   mgr = _manager(path)
   step = mgr.latest_step()
   repl = NamedSharding(mesh, P())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), state)
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), tree)
   try:
-    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    if steps.legacy_checkpoint(mgr.item_metadata(step)):
+      # Written before the lr and weight decay were data in the optimizer state: its state
+      # is the inner one of today's, restored as such; lr and decay are this run's (the same,
+      # as Checkpoints.start checked).
+      log.info('%s/%d: an optimizer state from before the lr was data; carried over', path, step)
+      legacy = mgr.restore(step, args=ocp.args.StandardRestore(abstract(
+          steps.legacy_layout(state))))
+      return steps.from_legacy(legacy, state)
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract(state)))
   except Exception as e:  # truncated files, wrong shapes, another model's checkpoint
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise UserError(f'cannot read checkpoint {path}/{step} ({type(e).__name__}: {reason}); '

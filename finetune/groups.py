@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -184,22 +185,48 @@ class Plan:
     return all(path.startswith('head/') for path, t in zip(paths(params),
                                                             jax.tree.leaves(self.trainable)) if t)
 
-  def optimizer(self, schedule: Callable[[Any], Any], *, weight_decay: float = 1e-4,
-                clip_norm: Optional[float] = 1.0, b1: float = 0.9,
-                b2: float = 0.999) -> optax.GradientTransformation:
-    """AdamW per group (lr = schedule × multiplier), frozen groups set to zero, clipped first."""
-    transforms = {}
-    for i, (_, mult) in enumerate(self.rules):
-      if mult is None:
-        transforms[f'g{i}'] = optax.set_to_zero()
-      else:
-        transforms[f'g{i}'] = optax.adamw(lambda step, m=mult: m * schedule(step), b1=b1, b2=b2,
-                                          weight_decay=weight_decay, mask=decay_mask)
-    tx = optax.multi_transform(transforms, self.labels)
-    if clip_norm:
-      # Frozen leaves get zero gradients (stop_gradient), so they add nothing to the norm.
-      tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    return tx
+  def optimizer(self, schedule: Callable[[Any], Any], *, clip_norm: Optional[float] = 1.0,
+                b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """AdamW per group (lr = peak × schedule × multiplier), frozen groups set to zero, clipped first.
+
+    ``schedule``: the lr's shape over the steps, peak 1. The peak lr and the weight
+    decay are data, not constants baked into the program: they live in the state
+    (``opt_state.hyperparams``, set by ``with_hyperparams``), so one transform, and one
+    compiled step, serves every (lr, weight decay) of a grid.
+    """
+
+    def transform(learning_rate, weight_decay):
+      transforms = {}
+      for i, (_, mult) in enumerate(self.rules):
+        if mult is None:
+          transforms[f'g{i}'] = optax.set_to_zero()
+        else:
+          transforms[f'g{i}'] = optax.adamw(
+              lambda step, m=mult: m * (learning_rate * schedule(step)), b1=b1, b2=b2,
+              weight_decay=weight_decay, mask=decay_mask)
+      tx = optax.multi_transform(transforms, self.labels)
+      if clip_norm:
+        # Frozen leaves get zero gradients (stop_gradient), so they add nothing to the norm.
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+      return tx
+
+    # float32 whatever the params' dtype (a bfloat16 lr would lose two digits). NaN until
+    # with_hyperparams sets them: a state that skipped it diverges at once, never trains at
+    # a made-up rate.
+    return optax.inject_hyperparams(transform, hyperparam_dtype=jnp.float32)(
+        learning_rate=math.nan, weight_decay=math.nan)
+
+
+def with_hyperparams(opt_state, learning_rate: float, weight_decay: float):
+  """``Plan.optimizer``'s state with its peak lr and weight decay set (as float32 scalars)."""
+  if not (math.isfinite(learning_rate) and learning_rate > 0):
+    # Config checks --lr; this guards library callers (optax would happily step at lr 0).
+    raise UserError(f'the learning rate must be finite and > 0, got {learning_rate}')
+  if not (math.isfinite(weight_decay) and weight_decay >= 0):
+    raise UserError(f'the weight decay must be finite and >= 0, got {weight_decay}')
+  hyperparams = {'learning_rate': jnp.asarray(learning_rate, jnp.float32),
+                 'weight_decay': jnp.asarray(weight_decay, jnp.float32)}
+  return opt_state._replace(hyperparams=hyperparams)
 
 
 def plan(mode: str, params, *, backbone_lr_factor: float = 0.1,

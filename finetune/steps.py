@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Optional
@@ -91,11 +92,74 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   return distributed.global_rows(batch, mesh)
 
 
-def schedule_for(config: Config, lr: float, total_steps: int):
+def schedule_for(config: Config, total_steps: int):
+  """The lr's shape over a configuration's steps: warmup then cosine decay, peak 1.
+
+  The peak lr multiplies it inside the optimizer (``groups.Plan.optimizer``), as
+  data: optax's schedule branches in Python on ``peak_value == 0``, which a traced
+  peak cannot do.
+  """
   warmup = int(round(config.warmup * total_steps))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup,
+      init_value=0.0, peak_value=1.0, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+
+
+@dataclasses.dataclass
+class ModeSteps:
+  """One mode's optimizer and jitted steps, built once for its whole (lr, weight decay) grid.
+
+  The lr and weight decay are data in each state's opt_state, and every state's
+  static part (apply_fn, tx) is this object's, so every configuration, the
+  refit, the final eval and WiSE-FT run the same two compiled programs (a new
+  tx or a new ``jax.jit`` per configuration would trace and compile again).
+  """
+
+  plan: groups.Plan
+  model: Any  # the Classifier
+  variables: Any  # its initialised variables (copied into each state, never donated)
+  tx: optax.GradientTransformation
+  mesh: Optional[Mesh]
+  train: Any  # jitted train_step: (state, batch) → (state, metrics); None without a mesh
+  evaluate: Any  # jitted eval_step: (state, batch) → logits; None without a mesh
+
+  @property
+  def trainable(self):
+    return self.plan.trainable
+
+  def state(self, lr: float, weight_decay: float) -> TrainState:
+    """A fresh TrainState (pretrained weights, step 0) training at peak ``lr``, ``weight_decay``."""
+    # Copies: the train step donates the state's buffers.
+    variables = jax.tree.map(jnp.copy, flax.core.unfreeze(self.variables))
+    params = variables.pop('params')
+    state = TrainState.create(apply_fn=self.model.apply, params=params, tx=self.tx,
+                              rest=variables)
+    state = state.replace(step=jnp.zeros((), jnp.int32),  # not a weak-typed Python int
+                          opt_state=groups.with_hyperparams(state.opt_state, lr, weight_decay))
+    if self.mesh is not None:
+      # Placed as the jitted step returns it (else the second step would compile again for
+      # the changed input shardings).
+      state = distributed.put_replicated(state, self.mesh)
+    return state
+
+
+def mode_steps(pretrained: models.Pretrained, num_classes: int, mode: str, config: Config,
+               total_steps: int, initialised=None, mesh: Optional[Mesh] = None) -> ModeSteps:
+  """``ModeSteps`` for one mode: its plan, its one optimizer, its steps jitted for ``mesh``.
+
+  ``initialised``: a ``(model, variables)`` from ``model.create`` to reuse
+  across modes (it is copied, never donated).
+  """
+  if initialised is None:
+    initialised = model_lib.create(pretrained, num_classes, config.seed)
+  model, variables = initialised
+  params = flax.core.unfreeze(variables)['params']
+  plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
+                     custom_rules=config.rules)
+  tx = plan.optimizer(schedule_for(config, total_steps), clip_norm=config.clip_norm)
+  train, evaluate = (jit_steps(mesh, plan.trainable, pretrained.preprocess) if mesh is not None
+                     else (None, None))
+  return ModeSteps(plan, model, variables, tx, mesh, train, evaluate)
 
 
 def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, config: Config,
@@ -103,28 +167,34 @@ def create_state(pretrained: models.Pretrained, num_classes: int, mode: str, con
                  lr: Optional[float] = None, weight_decay: Optional[float] = None):
   """(TrainState with pretrained weights, trainable mask, groups.Plan) for one mode and lr.
 
-  ``initialised``: a ``(model, variables)`` from ``model.create`` to reuse
-  across modes (it is copied, never donated). With ``mesh`` the state is
-  placed replicated on it, as the jitted step returns it (else the second step
-  would compile again for the changed input shardings).
+  For one-off callers (tests, benchmarks); a sweep builds ``mode_steps`` once and
+  asks it for each configuration's state. With ``mesh`` the state is placed
+  replicated on it.
   """
-  if initialised is None:
-    initialised = model_lib.create(pretrained, num_classes, config.seed)
-  model, variables = initialised
-  # Copies: the train step donates the state's buffers.
-  variables = jax.tree.map(jnp.copy, flax.core.unfreeze(variables))
-  params = variables.pop('params')
-  plan = groups.plan(mode, params, backbone_lr_factor=config.backbone_lr_factor,
-                     custom_rules=config.rules)
+  steps = mode_steps(pretrained, num_classes, mode, config, total_steps, initialised, mesh)
   lr = config.lrs[0] if lr is None else lr
   weight_decay = config.weight_decay[0] if weight_decay is None else weight_decay
-  tx = plan.optimizer(schedule_for(config, lr, total_steps), weight_decay=weight_decay,
-                      clip_norm=config.clip_norm)
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rest=variables)
-  state = state.replace(step=jnp.zeros((), jnp.int32))  # not a weak-typed Python int
-  if mesh is not None:
-    state = distributed.put_replicated(state, mesh)
-  return state, plan.trainable, plan
+  return steps.state(lr, weight_decay), steps.trainable, steps.plan
+
+
+def legacy_checkpoint(metadata) -> bool:
+  """True for a checkpoint (its Orbax tree metadata) written before the lr was data."""
+  opt_state = metadata['opt_state']
+  return not (isinstance(opt_state, dict) and 'hyperparams' in opt_state)
+
+
+def legacy_layout(state: TrainState) -> TrainState:
+  """``state`` as checkpoints written before the lr was data hold it (no hyperparams)."""
+  # Plan.optimizer's inner transform is exactly the optimizer of those runs.
+  return state.replace(opt_state=state.opt_state.inner_state)
+
+
+def from_legacy(restored: TrainState, state: TrainState) -> TrainState:
+  """A ``legacy_layout`` state restored from an old checkpoint, with ``state``'s hyperparams."""
+  # The count (how many updates the wrapper saw) only feeds schedules given as hyperparams,
+  # none here; still the true one: the step, copied (the train step donates both buffers).
+  return restored.replace(opt_state=state.opt_state._replace(
+      count=jnp.copy(restored.step), inner_state=restored.opt_state))
 
 
 def total_steps_for(config: Config, num_train: int) -> int:

@@ -19,29 +19,28 @@ from clip_transfer.protocol.rungs import config_key
 from finetune.checkpoints import Checkpoints, checkpoint_dir
 from finetune.config import Config
 from finetune.splits import Data
-from finetune.steps import apply_to_split, create_state, jit_steps, shard_batch, total_steps_for, val_score
+from finetune.steps import ModeSteps, apply_to_split, mode_steps, shard_batch, total_steps_for, val_score
 from clip_transfer import models
 from clip_transfer.errors import UserError
 from clip_transfer.protocol import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
-def train_config(mode: str, lr: float, wd: float, pretrained: models.Pretrained, data: Data,
-                 config: Config, workdir: str, mesh: Mesh, initialised) -> Optional[dict]:
+def train_config(mode: str, lr: float, wd: float, steps: ModeSteps, data: Data, config: Config,
+                 workdir: str, mesh: Mesh) -> Optional[dict]:
   """Trains one (mode, lr, weight decay) with validation scores along the way; None when stopped early."""
   t0 = time.perf_counter()
   total = total_steps_for(config, data.fit.num_whole)
   every = config.eval_every or input_pipeline.steps_per_epoch(data.fit.num_whole,
                                                                 config.batch_size)
-  state, trainable, _ = create_state(pretrained, len(data.class_names), mode, config, total,
-                                     initialised, mesh, lr, wd)
+  state = steps.state(lr, wd)
   swept = wd if config.decay_axis else None  # one weight decay: the folders and keys of old runs
   ckpt = Checkpoints(checkpoint_dir(workdir, config.method_name(mode), lr, swept))
   what = f'{mode} lr {config_key(lr, swept)}'  # for the log
   record = ckpt.start(config, wd)
   if record['done']:
     return record
-  train_fn, eval_fn = jit_steps(mesh, trainable, pretrained.preprocess)
+  train_fn, eval_fn = steps.train, steps.evaluate  # the mode's: compiled once for the grid
   best = max((p['val_top1'], -p['val_loss']) for p in record['curve']) if record['curve'] else None
 
   def score(state, done: int) -> None:
@@ -79,7 +78,7 @@ def train_config(mode: str, lr: float, wd: float, pretrained: models.Pretrained,
   try:
     for step, batch in zip(range(start, end), batches):
       state, m = train_fn(state, batch)
-      if step == start:  # the first step compiles: time the rest
+      if step == start:  # the mode's first step compiles (its first configuration's): time the rest
         jax.block_until_ready(state)
         t_steady = time.perf_counter()
       else:
@@ -119,22 +118,19 @@ def train_config(mode: str, lr: float, wd: float, pretrained: models.Pretrained,
   return record
 
 
-def refit(mode: str, lr: float, wd: float, steps: int, pretrained: models.Pretrained, data: Data,
-          config: Config, mesh: Mesh, initialised):
-  """The chosen configuration trained again on fit ∪ validation for its chosen ``steps``.
+def refit(mode: str, lr: float, wd: float, num_steps: int, steps: ModeSteps, data: Data,
+          config: Config, mesh: Mesh):
+  """The chosen configuration trained again on fit ∪ validation for its chosen ``num_steps``.
 
-  The same schedule (its length is the sweep's) and seed; no validation scores,
-  since there is no held-out data left to score.
+  The same schedule (its length is the sweep's), seed and compiled step; no
+  validation scores, since there is no held-out data left to score.
   """
-  state, trainable, _ = create_state(pretrained, len(data.class_names), mode, config,
-                                     total_steps_for(config, data.fit.num_whole), initialised,
-                                     mesh, lr, wd)
-  train_fn, _ = jit_steps(mesh, trainable, pretrained.preprocess)
-  for step in tqdm.trange(steps, desc=f'finetune {mode} final fit', unit='step', file=sys.stderr,
+  state = steps.state(lr, wd)
+  for step in tqdm.trange(num_steps, desc=f'finetune {mode} final fit', unit='step', file=sys.stderr,
                           disable=not config.progress, dynamic_ncols=True):
     batch = input_pipeline.train_batch(data.fit_and_val, config.batch_size, step, config.seed,
                                        config.augment, data.fit_and_val.shards)
-    state, _ = train_fn(state, shard_batch(batch, mesh))
+    state, _ = steps.train(state, shard_batch(batch, mesh))
   return state
 
 
@@ -145,9 +141,12 @@ def finetune_mode(mode: str, pretrained: models.Pretrained, data: Data, config: 
   Returns ``{name: entry}`` (plus ``name+wise`` with ``--wise``), None when stopped early.
   """
   t0 = time.perf_counter()
+  # Once for the mode: the lr and weight decay are data in each configuration's state.
+  steps = mode_steps(pretrained, len(data.class_names), mode, config,
+                     total_steps_for(config, data.fit.num_whole), initialised, mesh)
   records = {}
   for lr, wd in config.configurations():
-    record = train_config(mode, lr, wd, pretrained, data, config, workdir, mesh, initialised)
+    record = train_config(mode, lr, wd, steps, data, config, workdir, mesh)
     if record is None:
       return None  # stopped early (--stop_after): resume finishes the grid
     records[lr, wd] = record
@@ -159,19 +158,16 @@ def finetune_mode(mode: str, pretrained: models.Pretrained, data: Data, config: 
   # Ties: the smaller lr, then the smaller weight decay.
   _, _, lr, wd, step = max(scored, key=lambda s: (s[0], s[1], -s[2], -s[3]))
   swept = wd if config.decay_axis else None
-  state, trainable, plan = create_state(pretrained, len(data.class_names), mode, config,
-                                        total_steps_for(config, data.fit.num_whole),
-                                        initialised, mesh, lr, wd)
   name = config.method_name(mode)
   ckpt = Checkpoints(checkpoint_dir(workdir, name, lr, swept))
   if config.final_fit == 'fit+validation':
-    del state  # the chosen configuration again, from the start, on fit ∪ validation
-    state = refit(mode, lr, wd, step, pretrained, data, config, mesh, initialised)
+    # The chosen configuration again, from the start, on fit ∪ validation.
+    state = refit(mode, lr, wd, step, steps, data, config, mesh)
     ckpt.save_final(state)
   else:
-    state = ckpt.restore('best', state, mesh)
+    state = ckpt.restore('best', steps.state(lr, wd), mesh)
   key = lambda lr_wd: config_key(lr_wd[0], lr_wd[1] if config.decay_axis else None)
-  _, eval_fn = jit_steps(mesh, trainable, pretrained.preprocess)
+  eval_fn, trainable, plan = steps.evaluate, steps.trainable, steps.plan
   t_eval = time.perf_counter()
   logits = apply_to_split(eval_fn, state, data.eval, config.batch_size, mesh)
   entry = metrics_lib.classification(logits, data.eval.whole_labels, data.class_names)

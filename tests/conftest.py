@@ -88,6 +88,14 @@ def session_xla_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
+@pytest.fixture(scope='session')
+def xla_cache_env(session_xla_cache):
+  """Environment variables that point a subprocess's jax at this session's compilation cache
+  (a CLI run in a subprocess then reads back what the same run in this process compiled)."""
+  return {'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+
+
 @pytest.fixture(scope='module')
 def xla_cache(session_xla_cache):
   """Modules that recompile the same programs name this (``pytestmark =

@@ -4,6 +4,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from finetune import groups
@@ -185,3 +186,34 @@ def test_last_0_is_exactly_linear_and_zero_rates_are_refused(initialised):
     groups.parse_rules('[["backbone/.*", 0], ["head/.*", 1]]')
   with pytest.raises(UserError, match='backbone_lr_factor must be > 0'):
     groups.mode_rules('differential', params, backbone_lr_factor=0.0)
+
+
+def test_lr_and_decay_are_data_around_the_optimizer_of_before(pretrained, initialised):
+  """The peak lr and weight decay live in opt_state.hyperparams; inside is the optimizer of
+  earlier versions (lr and decay constants), state for state and update for update."""
+  cfg = config.Config(model='micro', lr=(1e-2,), weight_decay=(0.5,), warmup=0.1)
+  state, _, plan = steps_lib.create_state(pretrained, NUM_CLASSES, 'last:1', cfg, 20, initialised)
+  assert state.opt_state.hyperparams == {'learning_rate': np.float32(1e-2),
+                                         'weight_decay': np.float32(0.5)}
+  # What Plan.optimizer built before: the schedule's peak and the decay as constants.
+  schedule = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1e-2, warmup_steps=2,
+                                                decay_steps=20, end_value=0.0)
+  before = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+      {f'g{i}': optax.set_to_zero() if m is None else optax.adamw(
+          lambda step, m=m: m * schedule(step), weight_decay=0.5, mask=groups.decay_mask)
+       for i, (_, m) in enumerate(plan.rules)}, plan.labels))
+  old_state = before.init(state.params)
+  # Checkpoints of those versions restore as the inner state (finetune/checkpoints.py).
+  assert jax.tree.structure(old_state) == jax.tree.structure(state.opt_state.inner_state)
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), state.params)
+  new_state, params = state.opt_state, state.params
+  for _ in range(3):  # past the warmup's first (zero-lr) step
+    old_u, old_state = jax.jit(before.update)(grads, old_state, params)
+    new_u, new_state = jax.jit(state.tx.update)(grads, new_state, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                 old_u, new_u)
+  assert np.abs(_flat(new_u)['head/kernel']).max() > 0
+  for lr in (0.0, -1e-3):
+    with pytest.raises(UserError, match='learning rate must be finite and > 0'):
+      steps_lib.create_state(pretrained, NUM_CLASSES, 'full', cfg, 20, initialised, lr=lr)

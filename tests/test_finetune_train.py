@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures('xla_cache')  # tests/conftest.py
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+def data_dir(digits_data_dir):
+  return digits_data_dir  # tests/conftest.py: prepared once per session, shared with other modules
 
 
 def _cli(*argv):
@@ -112,13 +112,26 @@ def _resume_args(workdir, data_dir):
           '--augment', '--no_progress']
 
 
-def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
-  straight, interrupted = str(tmp_path / 'straight'), str(tmp_path / 'interrupted')
-  assert _cli(*_resume_args(straight, data_dir)) == 0
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, data_dir):
+  """The uninterrupted run (``_resume_args``) the resume tests compare with."""
+  work = str(tmp_path_factory.mktemp('straight') / 'work')
+  assert _cli(*_resume_args(work, data_dir)) == 0
+  return work
+
+
+def test_stop_resume_equals_uninterrupted(straight, tmp_path, data_dir, capsys, caplog,
+                                          monkeypatch, count_compiles):
+  interrupted = str(tmp_path / 'interrupted')
   assert _cli(*_resume_args(interrupted, data_dir), '--stop_after=3') == 0
   assert not json.load(open(os.path.join(interrupted, 'metrics.json')))['methods']
-  assert checkpoints.load_checkpoint(interrupted, 'full', 3e-3)['step'] == 3
-  assert _cli(*_resume_args(interrupted, data_dir), '--resume') == 0
+  saved = checkpoints.load_checkpoint(interrupted, 'full', 3e-3)
+  assert saved['step'] == 3
+  assert saved['opt_state']['hyperparams'] == {'learning_rate': np.float32(3e-3),
+                                               'weight_decay': np.float32(1e-4)}
+  with count_compiles('train_step') as compiles:
+    assert _cli(*_resume_args(interrupted, data_dir), '--resume') == 0
+  assert compiles.count == 1  # the restored state fits the step compiled for a fresh one
   a = checkpoints.load_checkpoint(straight, 'full', 3e-3)
   b = checkpoints.load_checkpoint(interrupted, 'full', 3e-3)
   assert a['step'] == b['step'] == 8
@@ -135,6 +148,29 @@ def test_stop_resume_equals_uninterrupted(tmp_path, data_dir, capsys, caplog):
                a['params'], c['params'])
   assert (json.load(open(os.path.join(early, 'metrics.json')))['methods']['full']['top1'] ==
           json.load(open(os.path.join(straight, 'metrics.json')))['methods']['full']['top1'])
+
+  # Checkpoints from before the lr was data hold the optimizer state without hyperparams
+  # (chain(clip, multi_transform), the inner state of today's): written so here, they are
+  # carried over, and the resumed run is still the uninterrupted one.
+  old = str(tmp_path / 'old')
+  save = checkpoints.Checkpoints.save
+  monkeypatch.setattr(checkpoints.Checkpoints, 'save', lambda self, record, state, best: save(
+      self, record, state.replace(opt_state=state.opt_state.inner_state), best))
+  assert _cli(*_resume_args(old, data_dir), '--stop_after=3') == 0
+  monkeypatch.undo()
+  assert isinstance(checkpoints.load_checkpoint(old, 'full', 3e-3)['opt_state'], list)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='finetune.checkpoints'), \
+      count_compiles('train_step') as compiles:
+    assert _cli(*_resume_args(old, data_dir), '--resume') == 0
+  assert 'an optimizer state from before the lr was data; carried over' in caplog.text
+  assert compiles.count == 1
+  d = checkpoints.load_checkpoint(old, 'full', 3e-3)
+  assert d['step'] == 8 and 'hyperparams' in d['opt_state']
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               a['params'], d['params'])
+  assert (json.load(open(os.path.join(old, 'metrics.json')))['methods']['full']['curves'] ==
+          json.load(open(os.path.join(straight, 'metrics.json')))['methods']['full']['curves'])
 
   # A changed hyperparameter refuses to resume …
   capsys.readouterr()
@@ -190,10 +226,10 @@ def test_a_diverging_lr_is_dropped_and_all_diverging_stops_in_one_line(tmp_path,
   assert err.startswith('error: ') and 'every learning rate diverged' in err
 
 
-def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(tmp_path, data_dir):
+def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(
+    straight, tmp_path, data_dir, xla_cache_env):
   """Killed after step 6's state was saved but before its validation point was (issue 22 #9)."""
-  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
-  assert _cli(*_resume_args(straight, data_dir)) == 0
+  killed = str(tmp_path / 'killed')
   # The real CLI in a subprocess whose curve write at step 6 is replaced by SIGKILL.
   script = (
       'import os, signal, sys\n'
@@ -205,7 +241,8 @@ def test_resume_is_exact_after_a_sigkill_between_the_state_and_its_curve_point(t
       '  save_record(self, record)\n'
       'checkpoints.Checkpoints.save_record = killing\n'
       'sys.exit(train.main(sys.argv[1:]))\n')
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [
+  # The session's compilation cache: the subprocess reads back what ``straight`` compiled.
+  env = {**os.environ, **xla_cache_env, 'PYTHONPATH': os.pathsep.join(filter(None, [
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get('PYTHONPATH')]))}
   p = subprocess.run([sys.executable, '-c', script, *_resume_args(killed, data_dir)], env=env,
                      capture_output=True, text=True, timeout=600)
@@ -257,9 +294,10 @@ def test_default_batch_size_fits_small_data_with_a_note(tmp_path, data_dir, capl
   assert f'--batch_size 64 is larger than the {fit["num_fit"]} fit examples' in caplog.text
 
 
-def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog):
+def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog, count_compiles):
   work = str(tmp_path / 'w')
-  with caplog.at_level(logging.INFO, logger='finetune.trainer'):
+  with caplog.at_level(logging.INFO, logger='finetune.trainer'), \
+      count_compiles('eval_step') as evals:
     assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
                 f'--workdir={work}', '--mode=linear,full', '--steps=2', '--lr=1e-3',
                 '--batch_size=16', '--limit_train=64', '--limit_eval=16', '--wise=0,1',
@@ -267,15 +305,21 @@ def test_wise_with_a_solved_mode_is_explained(tmp_path, data_dir, caplog):
   assert '--wise applies to full only: --mode linear trains only the head' in caplog.text
   methods = json.load(open(os.path.join(work, 'metrics.json')))['methods']
   assert set(methods) == {'linear', 'full', 'full+wise'}
+  assert evals.count == 1  # validation, the eval and every α of WiSE-FT: one compiled eval step
 
 
-def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, data_dir):
+def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, data_dir,
+                                                                   count_compiles):
   """Issue 21: --weight_decay takes a list, crossed with --lr; the choice is recorded."""
   work = str(tmp_path / 'w')
-  assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
-              f'--workdir={work}', '--mode=full', '--steps=4', '--eval_every=2',
-              '--lr=1e-3,3e-3', '--weight_decay=0,0.5', '--batch_size=16', '--limit_train=64',
-              '--limit_eval=16', '--no_progress') == 0
+  with count_compiles('train_step') as train_compiles, count_compiles('eval_step') as evals:
+    assert _cli('--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
+                f'--workdir={work}', '--mode=full', '--steps=4', '--eval_every=2',
+                '--lr=1e-3,3e-3', '--weight_decay=0,0.5', '--batch_size=16', '--limit_train=64',
+                '--limit_eval=16', '--no_progress') == 0
+  # The lr and the weight decay are data in the optimizer state: the four configurations,
+  # their validation scores and the final eval run one compiled train step and one eval step.
+  assert (train_compiles.count, evals.count) == (1, 1)
   full = json.load(open(os.path.join(work, 'metrics.json')))['methods']['full']
   keys = {'0.001,wd=0', '0.003,wd=0', '0.001,wd=0.5', '0.003,wd=0.5'}
   assert set(full['curves']) == keys and full['weight_decay_grid'] == [0.0, 0.5]
@@ -293,13 +337,16 @@ def test_weight_decay_grid_crossed_with_lr_and_chosen_on_validation(tmp_path, da
   assert not np.allclose(a['head']['kernel'], b['head']['kernel'])
 
 
-def test_final_fit_on_fit_and_validation_is_labelled_and_refits(tmp_path, data_dir):
+def test_final_fit_on_fit_and_validation_is_labelled_and_refits(tmp_path, data_dir,
+                                                                count_compiles):
   """Issue 21: the chosen configuration trained again on fit ∪ validation, and said so."""
   work = str(tmp_path / 'w')
   common = ['--dataset=digits', f'--data_dir={data_dir}', '--model=random:tiny',
             '--mode=linear,full', '--steps=4', '--eval_every=2', '--lr=1e-3', '--batch_size=16',
             '--limit_train=96', '--limit_eval=32', '--no_progress']
-  assert _cli(*common, f'--workdir={work}', '--final_fit=fit+validation') == 0
+  with count_compiles('train_step') as train_compiles, count_compiles('eval_step') as evals:
+    assert _cli(*common, f'--workdir={work}', '--final_fit=fit+validation') == 0
+  assert (train_compiles.count, evals.count) == (1, 1)  # the refit and its eval reuse them
   m = json.load(open(os.path.join(work, 'metrics.json')))
   assert m['final_fit'] == 'fit+validation'
   assert {e['final_fit'] for e in m['methods'].values()} == {'fit+validation'}
