@@ -304,7 +304,7 @@ def test_finetune_cli_runs_on_each_family(name, tmp_path, digits_data_dir):
   argv = ['--dataset=digits', f'--data_dir={digits_data_dir}', f'--model={name}',
           f'--workdir={tmp_path}', '--mode=last:1', '--steps=2', '--batch_size=16',
           '--limit_train=64', '--limit_eval=32', '--no_progress',
-          '--lr=1e-3']  # one configuration: each lr compiles its own train and eval steps
+          '--lr=1e-3']  # one configuration: this checks the family, not the sweep
   assert train.main(argv) in (None, 0)
   with open(tmp_path / 'metrics.json') as fh:
     m = json.load(fh)
