@@ -212,6 +212,17 @@ def _on_sigint(signum, frame):
   signal.default_int_handler(signum, frame)
 
 
+def check_interrupted() -> None:
+  """Raises KeyboardInterrupt if Ctrl-C was pressed during this run, even if a library swallowed it.
+
+  Called just before a stage marks its output finished: a Ctrl-C that landed in an
+  import guard (or any code that caught the exception and went on) must not leave a
+  directory that reads as a finished result.
+  """
+  if _interrupted:
+    raise KeyboardInterrupt
+
+
 if (threading.current_thread() is threading.main_thread()
     and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # not when ignored (&)
   signal.signal(signal.SIGINT, _on_sigint)

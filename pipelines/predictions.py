@@ -13,6 +13,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from clip_transfer.data import embeddings as emb_lib
+from clip_transfer import errors
 from clip_transfer.errors import UserError
 
 SUMMARY_FILE = 'predictions.json'  # written last: its presence marks a complete run
@@ -98,6 +99,7 @@ def write_summary(output_dir: str, written: dict[str, dict[int, int]],
       if i not in written.get(split, {}):  # no id hashed here: the file still exists
         write_shard(output_dir, split, i, n, [])
   summary = {**summary, 'num_shards': dict(sorted(num_shards.items()))}
+  errors.check_interrupted()  # a swallowed Ctrl-C must not read as a finished run
   with FileSystems.create(FileSystems.join(output_dir, SUMMARY_FILE),
                           compression_type=CompressionTypes.UNCOMPRESSED) as fh:
     fh.write(json.dumps(summary, indent=1, sort_keys=True).encode())

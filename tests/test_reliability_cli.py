@@ -238,6 +238,31 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_reads_as_finished(tmp_path, dig
   assert not embeddings.is_complete(str(out))
 
 
+def test_a_ctrl_c_a_library_swallowed_still_leaves_nothing_finished(tmp_path, digits_data_dir,
+                                                                    monkeypatch, capsys):
+  # A Ctrl-C can land where a library catches it and carries on (an import guard: CI saw
+  # embed exit 0 after SIGINT on a loaded machine). The handler remembers it; the run must
+  # not then mark its output finished.
+  from clip_transfer import models  # pylint: disable=g-import-not-at-top
+  from pipelines import embed  # pylint: disable=g-import-not-at-top
+
+  load = models.load
+  monkeypatch.setattr(errors, '_interrupted', False)
+
+  def load_then_swallowed_ctrl_c(*args, **kwargs):
+    errors._interrupted = True  # what _on_sigint records before the exception is swallowed
+    return load(*args, **kwargs)
+
+  monkeypatch.setattr(models, 'load', load_then_swallowed_ctrl_c)
+  out = tmp_path / 'emb'
+  with pytest.raises(SystemExit) as e:
+    embed.main(['--dataset=digits', '--model=random:tiny', f'--data_dir={digits_data_dir}',
+                f'--output_dir={out}', '--splits=test'])
+  assert e.value.code == errors.INTERRUPTED_EXIT
+  assert capsys.readouterr().err.strip().splitlines()[-1] == f'error: {errors.INTERRUPTED}'
+  assert not embeddings.is_complete(str(out))
+
+
 def _in_tiny_filesystem(tmp_path, size_kb, script):
   """Runs ``script`` (bash) with a ``size_kb`` tmpfs mounted at $FULL; skips when it cannot."""
   full = tmp_path / 'full'

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from clip_transfer import errors
 from clip_transfer import outputs
 from clip_transfer.errors import UserError
 
@@ -254,6 +255,7 @@ def finalize(out_dir: str, shards: dict[str, dict[int, tuple[int, int]]],
     info.set_splits(tfds.core.SplitDict(split_infos))
     info.write_to_directory(tmp)
     # dataset_info.json last: its presence is what makes the directory complete.
+    errors.check_interrupted()
     names = sorted(os.listdir(tmp), key=lambda n: (n == INFO_FILE, n))
     for name in names:
       _copy_to(os.path.join(tmp, name), _fs().join(out_dir, name))
