@@ -220,12 +220,25 @@ def _wait_for(path, proc, timeout=300):
     time.sleep(0.2)
 
 
+def _terminal_sigint():
+  """In the child: SIGINT as a terminal delivers it (default action, not blocked).
+
+  A child inherits an ignored SIGINT and the signal mask from the process that starts
+  it, and the stages rightly leave an ignored SIGINT alone (a shell's background job).
+  Earlier tests in the same pytest worker can leave it ignored (CI saw this run exit 0,
+  silent, after the signal), so the child is given a terminal's disposition explicitly.
+  """
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_is_one_line_exit_130_and_nothing_reads_as_finished(tmp_path, digits_data_dir):
   out = tmp_path / 'emb'
   proc = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.embed', '--dataset=digits', '--model=random:tiny',
        f'--data_dir={digits_data_dir}', f'--output_dir={out}', '--batch_size=1'],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+      preexec_fn=_terminal_sigint)
   _wait_for(out / outputs.MARKER, proc)  # the run has started: imports done, directory claimed
   # Mid-run: batch 1 makes the 1,797 digits take far longer than this wait (at batch 8 a quiet
   # machine could finish within 3 s of the claim, and the signal came after the run).
@@ -240,9 +253,9 @@ def test_ctrl_c_is_one_line_exit_130_and_nothing_reads_as_finished(tmp_path, dig
 
 def test_a_ctrl_c_a_library_swallowed_still_leaves_nothing_finished(tmp_path, digits_data_dir,
                                                                     monkeypatch, capsys):
-  # A Ctrl-C can land where a library catches it and carries on (an import guard: CI saw
-  # embed exit 0 after SIGINT on a loaded machine). The handler remembers it; the run must
-  # not then mark its output finished.
+  # A Ctrl-C can land where a library catches it and carries on (an import guard turning
+  # KeyboardInterrupt into ImportError). The handler remembers it; the run must not then
+  # mark its output finished.
   from clip_transfer import models  # pylint: disable=g-import-not-at-top
   from pipelines import embed  # pylint: disable=g-import-not-at-top
 
