@@ -386,11 +386,9 @@ def _run_embeddings(args: PredictConfig, rung: rungs.Rung) -> dict[str, Any]:
     num_shards[split] = emb_lib.num_shards_for(len(ids), args.examples_per_shard)
     rows = rows_for(ids, rung.feature_logits(x), [labels[v] for v in y], rung.class_names,
                     args.top_k)
-    by_shard: dict[int, list] = {}
-    for r in rows:
-      by_shard.setdefault(emb_lib.shard_index(r['id'], num_shards[split]), []).append(r)
     written[split] = {i: write_shard(args.output_dir, split, i, num_shards[split], rs)
-                      for i, rs in by_shard.items()}
+                      for i, rs in emb_lib.group_by_shard(rows, lambda r: r['id'],
+                                                          num_shards[split])}
     counts[split] = {'read': len(ids), 'written': len(ids), 'dead_lettered': 0}
   summary = _summary(args, rung, metadata.get('model'),
                      {'embeddings': args.embeddings, 'splits': splits})
