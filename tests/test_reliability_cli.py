@@ -276,6 +276,38 @@ def test_a_ctrl_c_a_library_swallowed_still_leaves_nothing_finished(tmp_path, di
   assert not embeddings.is_complete(str(out))
 
 
+
+@pytest.mark.parametrize('stage', ['probe', 'finetune'])
+def test_a_swallowed_ctrl_c_leaves_no_metrics_json(stage, small_ds, tmp_path, cat_dog_folder,
+                                                   monkeypatch, capsys):
+  # The same for the stages whose metrics.json marks them finished (one writer,
+  # metrics_lib.write, serves probe, zero-shot and fine-tune): the Ctrl-C lands mid-run
+  # (while the embeddings or the model load) and is swallowed there.
+  from clip_transfer import models  # pylint: disable=g-import-not-at-top
+  from finetune import train as ft_train  # pylint: disable=g-import-not-at-top
+  from probe import train  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(errors, '_interrupted', False)
+  module, name = (models, 'load') if stage == 'finetune' else (embeddings, 'read_split')
+  real = getattr(module, name)
+
+  def then_swallowed_ctrl_c(*args, **kwargs):
+    errors._interrupted = True  # what _on_sigint records before the exception is swallowed
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(module, name, then_swallowed_ctrl_c)
+  out = tmp_path / 'out'
+  main, argv = {
+      'probe': (train.main, [f'--embeddings={small_ds}', f'--output_dir={out}', '--baselines=']),
+      'finetune': (ft_train.main, [f'--dataset=folder:{cat_dog_folder(tmp_path / "images", train=6, test=2)}',
+                                   '--model=random:tiny', f'--workdir={out}', '--mode=linear',
+                                   '--steps=1']),
+  }[stage]
+  code, _, err = _main(main, argv, capsys)
+  assert code == errors.INTERRUPTED_EXIT, err[-5:]
+  assert err[-1] == f'error: {errors.INTERRUPTED}'
+  assert not (out / 'metrics.json').exists()
+
 def _in_tiny_filesystem(tmp_path, size_kb, script):
   """Runs ``script`` (bash) with a ``size_kb`` tmpfs mounted at $FULL; skips when it cannot."""
   full = tmp_path / 'full'

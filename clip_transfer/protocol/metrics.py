@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from clip_transfer.protocol import stats
+from clip_transfer import errors
 from clip_transfer.errors import UserError
 
 # The one name of the weights checksum in every file the project writes (metrics.json's and the
@@ -77,7 +78,12 @@ def header(stage: str, *, dataset: dict, model: dict, class_names: Sequence[str]
 
 
 def write(output_dir: str, metrics: dict) -> str:
-  """Writes ``output_dir/metrics.json`` atomically (readers never see half a file)."""
+  """Writes ``output_dir/metrics.json`` atomically (readers never see half a file).
+
+  Every stage's metrics.json is what marks its output finished: after a Ctrl-C that a
+  library swallowed, the run stops here (KeyboardInterrupt) rather than write it.
+  """
+  errors.check_interrupted()
   path = os.path.join(output_dir, 'metrics.json')
   tmp = path + '.tmp'
   try:
