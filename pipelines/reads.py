@@ -65,17 +65,29 @@ class Chunks:
   found: beam.PCollection  # ints (each chunk's length); their sum is the split's inputs
 
 
+class _ListFolder(beam.PTransform):
+  """Lists the split on a worker (every file, at any depth) in chunks: {'parts', 'found'}."""
+
+  def __init__(self, source: folder.FolderSource, split: str):
+    super().__init__()
+    self._root, self._optional, self._split = source.root, source.labels_optional, split
+
+  def expand(self, pbegin):
+    listed = (pbegin
+              | 'Split' >> beam.Create([self._split])
+              | 'List' >> beam.FlatMap(
+                  lambda s, root=self._root, opt=self._optional:
+                  chunked(folder.list_split(root, s, opt))))
+    # The listing comes from one element: the reshuffle keeps the reads off one worker.
+    return {'parts': listed | 'SpreadParts' >> beam.Reshuffle(),
+            'found': listed | 'CountFound' >> beam.Map(len)}
+
+
 def _list_folder(p, source: folder.FolderSource, split: str) -> Chunks:
-  """Lists the split on a worker (every file, at any depth) in chunks."""
-  listed = (p
-            | f'Split[{split}]' >> beam.Create([split])
-            | f'List[{split}]' >> beam.FlatMap(
-                lambda s, root=source.root, opt=source.labels_optional:
-                chunked(folder.list_split(root, s, opt))))
-  # The listing comes from one element: the reshuffle keeps the reads off one worker.
-  return Chunks(listed | f'SpreadParts[{split}]' >> beam.Reshuffle(),
-                EachPart(source.part_reader(split)),
-                listed | f'CountFound[{split}]' >> beam.Map(len))
+  # 'Read[split]', as every source's read is labelled; the files themselves are read by
+  # the consumer of the chunks (embed.Preprocess, or ReadParts in read_folder).
+  listed = p | f'Read[{split}]' >> _ListFolder(source, split)
+  return Chunks(listed['parts'], EachPart(source.part_reader(split)), listed['found'])
 
 
 # Sources whose part is one small input (a folder's file): listed in chunks.
@@ -95,7 +107,7 @@ def read_folder(p, source: folder.FolderSource, split: str, data_dir=None,
                 threads: int = 1) -> Read:
   """The listed chunks read in parallel."""
   chunks = _list_folder(p, source, split)
-  read = chunks.parts | f'Read[{split}]' >> beam.ParDo(
+  read = chunks.parts | f'ReadChunks[{split}]' >> beam.ParDo(
       ReadParts(chunks.reader, split, threads, READ_WINDOW if threads != 1 else 1)).with_outputs(
           DEAD, main='ok')
   return Read(read.ok, [read[DEAD]], chunks.found)
