@@ -10,7 +10,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import embed, reads
-from clip_transfer.data import folder
+from clip_transfer.data import folder, paths
 from clip_transfer.data.sources import open_source
 
 MODEL = 'random:tiny'
@@ -76,3 +76,20 @@ def test_chunk_size_and_threads_change_no_byte(mixed_folder, tmp_path, monkeypat
   assert sorted(r['id'] for r in rows) == sorted(BAD)  # each once
   for r in rows:
     assert BAD[r['id']] in r['reason'], r
+
+
+def test_a_file_that_grew_after_its_stat_is_read_whole_and_still_bounded(tmp_path,
+                                                                        monkeypatch):
+  # read_input reads st_size + 1 bytes (not MAX_FILE_BYTES + 1: read(n) allocates n).
+  path = tmp_path / 'a.png'
+  path.write_bytes(bytes(range(100)))
+  real_stat = os.stat
+
+  def stale_stat(p, *args, **kwargs):  # the size seen before the file grew
+    st = real_stat(p, *args, **kwargs)
+    return os.stat_result(tuple(st)[:6] + (40,) + tuple(st)[7:10])
+  monkeypatch.setattr(paths.os, 'stat', stale_stat)
+  assert paths.read_input(str(path), 'a') == bytes(range(100))
+  monkeypatch.setattr(paths, 'MAX_FILE_BYTES', 60)
+  dead = paths.read_input(str(path), 'a')
+  assert dead.id == 'a' and dead.reason == 'file too large: over 60 bytes'
