@@ -18,7 +18,8 @@ r"""Benchmarks pipelines.embed: throughput vs the raw jitted backbone, and peak 
    all-core preprocessing limit, a process pool on every core doing only read +
    decode + resize + crop to the model's resolution of the same files and
    returning nothing (an int per image: no pixels copied back), its start-up
-   not timed (target ≥ 0.85).
+   not timed (target ≥ 0.85); and the pipeline's main-thread CPU per image, the
+   per-element cost the pool cannot hide (less load-sensitive than the ratio).
 4. ``--fast_decode``: host preprocessing (one core) of 1024- and 2048-px JPEGs
    made from real photos (scikit-learn's china.jpg and flower.jpg, four crops
    each, upscaled), exact vs fast, and the cosine similarity (mean, min) of
