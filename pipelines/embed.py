@@ -115,35 +115,68 @@ class Preprocess(beam.DoFn):
   (fewer at a bundle's end), as ``((split, ids, labels), uint8 (n, H, W, 3))``:
   every later step pays Beam's per-element cost once per batch. A failed image
   is still dead-lettered alone; its batch is filled by the next images.
+
+  ``reader`` (``reads.Chunks.reader``): elements are chunks of a source's parts, each
+  read by the source's reader and prepared in one pool task (``read_prepared``), so a
+  folder's file costs no Beam element and no pool task of its own; its dead inputs,
+  unreadable or undecodable, leave one by one on the dead-letter output.
   """
 
   def __init__(self, preprocess_json: dict, split: str, threads: int = 1, window: int = 1,
-               batch: int = 0):
+               batch: int = 0, reader=None):
     self._cfg_json, self._split = preprocess_json, split
     self._threads, self._window, self._batch = threads, window, batch
+    self._reader = reader
     self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+    self._read = Metrics.counter(NAMESPACE, f'read_{split}')  # as CountedRead counts
 
   def setup(self):
     from clip_transfer.data.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top
     self._cfg = PreprocessConfig.from_json(self._cfg_json)
 
   def start_bundle(self):
-    from clip_transfer.data.preprocess import ParallelPrepare  # pylint: disable=g-import-not-at-top
-    self._prepare = ParallelPrepare(self._cfg, self._threads, self._window)
+    from clip_transfer.data.preprocess import ParallelPrepare, host_cores  # pylint: disable=g-import-not-at-top
+    # A chunk holds many images: two chunks per thread keep every thread busy while the
+    # oldest one's results leave.
+    window = 2 * (self._threads or host_cores()) if self._reader else self._window
+    self._prepare = ParallelPrepare(self._cfg, self._threads, window)
     self._batches: dict = {}  # window → ([ids], [labels], [images]) not yet emitted
 
   def process(self, element, timestamp=beam.DoFn.TimestampParam,
               window=beam.DoFn.WindowParam):
-    ex_id, label, image = element
-    for tag, result in self._prepare.put((ex_id, label, timestamp, window), image):
-      yield from self._output(tag, result)
+    if self._reader is not None:
+      ready = self._prepare.call((timestamp, window), read_prepared, self._reader, element,
+                                 self._cfg)
+    else:
+      ex_id, label, image = element
+      ready = self._prepare.put((ex_id, label, timestamp, window), image)
+    for tag, result in ready:
+      yield from self._ready(tag, result)
 
   def finish_bundle(self):
     for tag, result in self._prepare.drain():
-      yield from self._output(tag, result)
+      yield from self._ready(tag, result)
     for window, rows in self._batches.items():
       yield self._stacked(window, rows)
     self._batches = {}
+
+  def _ready(self, tag, result):
+    if self._reader is None:
+      yield from self._output(tag, result)
+      return
+    if isinstance(result, Exception):
+      raise result  # the source's reader failed: the bundle fails, as an inline read does
+    from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
+
+    timestamp, window = tag
+    self._read.inc(len(result))
+    for item in result:
+      if isinstance(item, data_base.Dead):
+        self._dead.inc()
+        yield beam.pvalue.TaggedOutput(DEAD, WindowedValue(item, timestamp, [window]))
+      else:
+        ex_id, label, pixels = item
+        yield from self._output((ex_id, label, timestamp, window), pixels)
 
   def _output(self, tag, result):
     from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
@@ -171,6 +204,43 @@ class Preprocess(beam.DoFn):
     ids, labels, images = rows
     return WindowedValue(((self._split, tuple(ids), tuple(labels)), np.stack(images)),
                          window.max_timestamp(), [window])
+
+
+def read_prepared(reader, parts, cfg) -> list:
+  """A chunk's inputs (the source's reader) prepared: each a Dead input, or
+  ``(id, label, pixels or the exception prepare raised)``."""
+  from clip_transfer.data import preprocess  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for item in reader(parts):
+    if not isinstance(item, data_base.Example):
+      out.append(data_base.Dead(*item))
+      continue
+    try:
+      out.append((item.id, item.label, preprocess.prepare(item.image, cfg)))
+    except Exception as e:  # pylint: disable=broad-except  (dead-lettered by Preprocess)
+      out.append((item.id, item.label, e))
+  return out
+
+
+def read_and_prepare(p, source: sources_lib.Source, split: str, data_dir: Optional[str],
+                     preprocess_json: dict, threads: int, window: int, batch: int):
+  """A split read and prepared for RunInference (embed and predict): (stacked batches,
+  [PCollections of Dead inputs], found: ints summing to the split's inputs).
+
+  A folder's files come in chunks, each read and prepared in one pool task
+  (``reads.read_chunks``); every other source through ``reads.read_split``.
+  """
+  chunks = reads.read_chunks(p, source, split)
+  if chunks is not None:
+    out = chunks.parts | f'Preprocess[{split}]' >> beam.ParDo(
+        Preprocess(preprocess_json, split, threads, window, batch, chunks.reader)).with_outputs(
+            DEAD, main='ok')
+    return out.ok, [out[DEAD]], chunks.found
+  read = reads.read_split(p, source, split, data_dir, threads)
+  out = read.examples | f'Preprocess[{split}]' >> beam.ParDo(
+      Preprocess(preprocess_json, split, threads, window, batch)).with_outputs(DEAD, main='ok')
+  return out.ok, read.dead + [out[DEAD]], read.found
 
 
 class Encode(beam.DoFn):
@@ -273,16 +343,13 @@ def build(p: beam.Pipeline, args, source: sources_lib.Source, pretrained,
     # An unknown count (WebDataset without a label scan): one output shard per input file.
     num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
                          if total is not None else max(1, source.num_parts(split) or 1))
-    read = reads.read_split(p, source, split, args.data_dir, threads)
-    examples, load_dead = read.examples, read.dead
-    founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
+    ok, dead, found = read_and_prepare(p, source, split, args.data_dir, cfg.to_json(), threads,
+                                       window, args.batch_size)
+    founds.append(found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
-    ok_and_dead = examples | f'Preprocess[{split}]' >> beam.ParDo(
-        Preprocess(cfg.to_json(), split, threads, window, args.batch_size)).with_outputs(
-            DEAD, main='ok')
-    prepared.append(ok_and_dead.ok)
+    prepared.append(ok)
     dead_counts.append(
-        (load_dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
+        dead | f'FlattenDead[{split}]' >> beam.Flatten()
         | f'KeyDead[{split}]' >> beam.Map(lambda row, split=split: (split, row))
         | f'GroupDead[{split}]' >> _GroupWithEmpty(split)
         | f'WriteDead[{split}]' >> beam.Map(write_dead_letters, args.output_dir))

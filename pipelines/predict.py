@@ -45,14 +45,12 @@ from clip_transfer.errors import UserError, cli_main
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import rungs
 from pipelines import embed
-from pipelines import reads
 from pipelines import summaries
 # read_predictions, RUN_FILE: where callers of this CLI have always found them.
 from pipelines.predictions import (OWNED_FILES, RUN_FILE, SUMMARY_FILE, finalize,  # pylint: disable=unused-import
                                    read_predictions, read_summary, rows_for, write_shard,
                                    write_summary)
 from pipelines.jax_handler import ClipVisionModelHandler, VisionModel
-from pipelines.read_common import DEAD
 
 EXAMPLES_PER_SHARD = 100_000  # Parquet rows per shard (a few MB)
 
@@ -212,15 +210,13 @@ def build(p: beam.Pipeline, args: PredictConfig, source: sources_lib.Source, run
     totals.append(total)
     num_shards[split] = (emb_lib.num_shards_for(total, args.examples_per_shard)
                          if total is not None else max(1, source.num_parts(split) or 1))
-    read = reads.read_split(p, source, split, args.data_dir)
-    founds.append(read.found | f'KeyFound[{split}]' >> beam.Map(
+    ok, dead, found = embed.read_and_prepare(p, source, split, args.data_dir, cfg.to_json(),
+                                             threads, window, args.batch_size)
+    founds.append(found | f'KeyFound[{split}]' >> beam.Map(
         lambda n, split=split: (split, int(n))))
-    ok_and_dead = read.examples | f'Preprocess[{split}]' >> beam.ParDo(
-        embed.Preprocess(cfg.to_json(), split, threads, window, args.batch_size)).with_outputs(
-            DEAD, main='ok')
-    prepared.append(ok_and_dead.ok)
+    prepared.append(ok)
     dead_counts.append(
-        (read.dead + [ok_and_dead[DEAD]]) | f'FlattenDead[{split}]' >> beam.Flatten()
+        dead | f'FlattenDead[{split}]' >> beam.Flatten()
         | f'KeyDead[{split}]' >> beam.Map(lambda row, split=split: (split, row))
         | f'GroupDead[{split}]' >> embed._GroupWithEmpty(split)  # pylint: disable=protected-access
         | f'WriteDead[{split}]' >> beam.Map(embed.write_dead_letters, args.output_dir))

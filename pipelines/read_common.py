@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Callable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -23,6 +24,17 @@ class Read:
   examples: beam.PCollection  # (id, label, image bytes or HWC uint8)
   dead: list  # PCollections of Dead inputs
   found: beam.PCollection  # ints; their sum is the number of inputs the split holds
+
+
+@dataclasses.dataclass(frozen=True)
+class EachPart:
+  """A reader of a chunk (a list of parts): the source's ``reader`` over each part in turn."""
+
+  reader: Callable  # the source's part_reader
+
+  def __call__(self, parts):
+    for part in parts:
+      yield from self.reader(part)
 
 
 class CountedRead(beam.DoFn):

@@ -8,16 +8,18 @@ parsed, Parquet rows from the file footers, tar member groups from the tar heade
 
 Every input is turned into an example or a dead input by the source's own
 ``part_reader``, the function ``Source.inputs`` (fine-tune, in-process) calls too. Parts
-are reshuffled so Dataflow spreads them over workers.
+are reshuffled so Dataflow spreads them over workers. A folder's files are listed in
+chunks (``read_chunks``), which embed and predict read and prepare a chunk per pool task.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import apache_beam as beam
 
-from pipelines.read_common import DEAD, Read, ReadParts
+from pipelines.read_common import DEAD, EachPart, Read, ReadParts
 from clip_transfer.data import catalog, folder, manifest, parquet, webdataset
 from clip_transfer.data.base import Source
 
@@ -30,7 +32,7 @@ def _read_parts(parts, source: Source, split: str, threads: int = 1):
                         else 1)).with_outputs(DEAD, main='ok'))
 
 
-# Parts read ahead on the pool when a part is one input (folder entries, manifest ids).
+# Parts read ahead on the pool when a part is small (a folder's chunk, a manifest id).
 READ_WINDOW = 16
 
 
@@ -41,18 +43,74 @@ def read_parts(p, source: Source, split: str, count: Callable) -> Read:
   return Read(read.ok, [read[DEAD]], parts | f'CountFound[{split}]' >> beam.Map(count))
 
 
+# A folder's files are listed CHUNK to an element (fewer per chunk in small splits, so
+# there are at least MIN_CHUNKS for the cores of every worker): the reshuffle, the found
+# count and the read each pay Beam's per-element cost once per chunk, not once per file.
+CHUNK = 16
+MIN_CHUNKS = 64
+
+
+def chunked(parts: list) -> list[list]:
+  """``parts`` in order, in lists of up to ``CHUNK``."""
+  size = min(CHUNK, max(1, len(parts) // MIN_CHUNKS))
+  return [parts[i:i + size] for i in range(0, len(parts), size)]
+
+
+@dataclasses.dataclass
+class Chunks:
+  """A split's parts still to be read, a list of them per element, reshuffled."""
+
+  parts: beam.PCollection  # lists of parts
+  reader: Callable  # a chunk → its inputs: EachPart(source.part_reader(split))
+  found: beam.PCollection  # ints (each chunk's length); their sum is the split's inputs
+
+
+class _ListFolder(beam.PTransform):
+  """Lists the split on a worker (every file, at any depth) in chunks: {'parts', 'found'}."""
+
+  def __init__(self, source: folder.FolderSource, split: str):
+    super().__init__()
+    self._root, self._optional, self._split = source.root, source.labels_optional, split
+
+  def expand(self, pbegin):
+    listed = (pbegin
+              | 'Split' >> beam.Create([self._split])
+              | 'List' >> beam.FlatMap(
+                  lambda s, root=self._root, opt=self._optional:
+                  chunked(folder.list_split(root, s, opt))))
+    # The listing comes from one element: the reshuffle keeps the reads off one worker.
+    return {'parts': listed | 'SpreadParts' >> beam.Reshuffle(),
+            'found': listed | 'CountFound' >> beam.Map(len)}
+
+
+def _list_folder(p, source: folder.FolderSource, split: str) -> Chunks:
+  # 'Read[split]', as every source's read is labelled; the files themselves are read by
+  # the consumer of the chunks (embed.Preprocess, or ReadParts in read_folder).
+  listed = p | f'Read[{split}]' >> _ListFolder(source, split)
+  return Chunks(listed['parts'], EachPart(source.part_reader(split)), listed['found'])
+
+
+# Sources whose part is one small input (a folder's file): listed in chunks.
+CHUNKED: dict[type, Callable[..., Chunks]] = {folder.FolderSource: _list_folder}
+
+
+def read_chunks(p, source: Source, split: str) -> Optional[Chunks]:
+  """The split in chunks of parts for a consumer that reads and prepares a chunk in one
+  task (embed.Preprocess); None for sources whose parts already hold many inputs."""
+  for cls in type(source).__mro__:
+    if cls in CHUNKED:
+      return CHUNKED[cls](p, source, split)
+  return None
+
+
 def read_folder(p, source: folder.FolderSource, split: str, data_dir=None,
                 threads: int = 1) -> Read:
-  """Lists the split on a worker (every file, at any depth), then reads them in parallel."""
-  listed = (p
-            | f'Split[{split}]' >> beam.Create([split])
-            | f'List[{split}]' >> beam.FlatMap(
-                lambda s, root=source.root, opt=source.labels_optional:
-                folder.list_split(root, s, opt)))
-  # The listing comes from one element: the reshuffle keeps the reads off one worker.
-  read = _read_parts(listed, source, split, threads)
-  found = listed | f'CountFound[{split}]' >> beam.combiners.Count.Globally()
-  return Read(read.ok, [read[DEAD]], found)
+  """The listed chunks read in parallel."""
+  chunks = _list_folder(p, source, split)
+  read = chunks.parts | f'ReadChunks[{split}]' >> beam.ParDo(
+      ReadParts(chunks.reader, split, threads, READ_WINDOW if threads != 1 else 1)).with_outputs(
+          DEAD, main='ok')
+  return Read(read.ok, [read[DEAD]], chunks.found)
 
 
 def read_tfds(p, source: catalog.TfdsSource, split: str, data_dir=None, threads=1) -> Read:

@@ -8,14 +8,14 @@ import shutil
 import subprocess
 import sys
 
-import apache_beam as beam
 import pytest
 from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
-from pipelines import embed, read_common
+from pipelines import embed
 from clip_transfer import models
 from clip_transfer.data import embeddings
+from clip_transfer.data import folder
 from clip_transfer import outputs
 from clip_transfer.data import sources
 from clip_transfer.errors import UserError
@@ -231,12 +231,12 @@ def test_every_file_of_a_folder_is_accounted_for(odd_folder, tmp_path):
 
 def test_a_lost_input_fails_the_run_and_leaves_it_unreadable(small_folder, tmp_path, capsys,
                                                             monkeypatch):
-  process = read_common.ReadParts.process
+  read = folder.ReadEntry.__call__
 
-  def lose_one(self, part, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-    # A folder's parts are its listed entries; Beam fills the two params it finds declared.
-    return [] if part.id == 'test/dog/b.png' else process(self, part, timestamp, window)
-  monkeypatch.setattr(read_common.ReadParts, 'process', lose_one)
+  def lose_one(self, entry):
+    # A folder's entries are read by the source's reader on every path (chunked or not).
+    return iter(()) if entry.id == 'test/dog/b.png' else read(self, entry)
+  monkeypatch.setattr(folder.ReadEntry, '__call__', lose_one)
   out = tmp_path / 'out'
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={out}',
                    '--splits=test')

@@ -61,6 +61,7 @@ def read_input(path: str, ex_id: str) -> Union[bytes, Dead]:
   Missing, not a regular file (FIFO, device, directory), larger than ``MAX_FILE_BYTES``
   or unreadable: every stage dead-letters it with the same reason.
   """
+  limit = MAX_FILE_BYTES + 1  # bounded even where the size was not known
   if is_local(path):
     try:
       st = os.stat(path)  # follows symlinks: a link to a regular file is fine
@@ -72,9 +73,13 @@ def read_input(path: str, ex_id: str) -> Union[bytes, Dead]:
       return Dead(ex_id, f'not a regular file: {path}')
     if st.st_size > MAX_FILE_BYTES:
       return Dead(ex_id, f'file too large: {st.st_size} bytes (limit {MAX_FILE_BYTES})')
+    # read(n) allocates n bytes up front: 256 MB per file costs more than the read.
+    limit = st.st_size + 1
   try:
     with open_binary(path) as fh:
-      data = fh.read(MAX_FILE_BYTES + 1)  # bounded even where the size was not known
+      data = fh.read(limit)
+      if len(data) == limit and limit <= MAX_FILE_BYTES:  # grew since the stat: read on
+        data += fh.read(MAX_FILE_BYTES + 1 - len(data))
   except Exception as e:  # not found, permissions, network: Beam wraps them in BeamIOError
     if not exists(path):
       return Dead(ex_id, f'missing file: {path}')

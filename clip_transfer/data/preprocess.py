@@ -289,9 +289,13 @@ class ParallelPrepare:
     self._pending: collections.deque = collections.deque()
 
   def put(self, tag, image) -> list[tuple[Any, Any]]:
+    return self.call(tag, prepare, image, self._cfg)
+
+  def call(self, tag, fn, *args) -> list[tuple[Any, Any]]:
+    """As ``put``, for any ``fn(*args)`` (e.g. a chunk of inputs read and prepared together)."""
     if self._pool is None:
-      return [(tag, _call(prepare, image, self._cfg))]
-    self._pending.append((tag, self._pool.submit(prepare, image, self._cfg)))
+      return [(tag, _call(fn, *args))]
+    self._pending.append((tag, self._pool.submit(fn, *args)))
     out = []
     while self._pending and (len(self._pending) > self._window or self._pending[0][1].done()):
       out.append(self._pop())
