@@ -99,9 +99,20 @@ def session_xla_cache(tmp_path_factory):
   """
   old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp('xla_cache')))
+  path = str(tmp_path_factory.mktemp('xla_cache'))
+  compilation_cache.set_cache_dir(path)
   compilation_cache.reset_cache()  # (re)initialise it with this directory
+  # Every process the tests start inherits it too: Beam's multi_processing workers, CLI
+  # subprocesses (they compile what this process compiled for the in-process run beside them).
+  env = {'JAX_COMPILATION_CACHE_DIR': path, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  old_env = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
   yield
+  for k, v in old_env.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
   jax.config.update('jax_compilation_cache_dir', old[0])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
   compilation_cache.reset_cache()
