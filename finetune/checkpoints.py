@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 # What a configuration's directory holds: Orbax's folders and the curve (fnmatch patterns
 # relative to the workdir; '*' crosses '/'). Only these are ever removed.
-SAVED = ('latest', 'best', 'final', 'curve.json', 'curve.json.tmp')
+BEST_TMP = 'best.tmp'  # best/'s next step while its files are linked in (Checkpoints.save)
+SAVED = ('latest', 'best', BEST_TMP, 'final', 'curve.json', 'curve.json.tmp')
 OWNED_FILES = ('checkpoints/*/lr=*/curve.json', 'checkpoints/*/lr=*/curve.json.tmp',
                'checkpoints/*/lr=*/latest/*', 'checkpoints/*/lr=*/best/*',
+               f'checkpoints/*/lr=*/{BEST_TMP}/*',
                'checkpoints/*/lr=*/final/*',
                'checkpoints/*/lr=*/')  # the empty folder of a configuration killed before it saved
 
@@ -43,6 +45,15 @@ def _manager(path: str):
   # The handler named: item_metadata (the saved tree's layout) needs it.
   return ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler(),
                                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  # Orbax never rewrites a committed step's files (a new step is a new folder), so latest/
+  # and best/ may share them; a filesystem without hard links gets copies.
+  try:
+    os.link(src, dst)
+  except OSError:
+    shutil.copy2(src, dst)
 
 
 def _resume_config(config: Config, weight_decay: float) -> dict:
@@ -121,16 +132,35 @@ class Checkpoints:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
     step = int(state.step)
-    for name in ('latest',) + (('best',) if best else ()):
-      mgr = _manager(os.path.join(self.path, name))
-      try:
-        if mgr.latest_step() == step:
-          continue  # saved before a crash cut the curve's write (this very state): keep it
+    mgr = _manager(os.path.join(self.path, 'latest'))
+    try:
+      if mgr.latest_step() != step:  # else saved before a crash cut the curve's write: keep it
         mgr.save(step, args=ocp.args.StandardSave(state), force=True)
         mgr.wait_until_finished()
-      finally:
-        mgr.close()
+    finally:
+      mgr.close()
+    if best:
+      # best/ holds the very state latest/ now holds: its files linked, not a second save (an
+      # Orbax save is most of a small run's checkpoint time and a big model's disk).
+      distributed.on_writer(self._link_best, step)
     self.save_record(record)  # after the states: the curve never names a missing step
+
+  def _link_best(self, step: int) -> None:
+    """latest/STEP as best/STEP (the only step there), files hard-linked where the disk can."""
+    src = os.path.join(self.path, 'latest', str(step))
+    best = os.path.join(self.path, 'best')
+    if os.path.isdir(os.path.join(best, str(step))):
+      return  # linked before a crash cut the curve's write (this very state): keep it
+    tmp = os.path.join(self.path, BEST_TMP)
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)  # a copy a crash cut short
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    os.makedirs(best, exist_ok=True)
+    old = [n for n in os.listdir(best) if n != str(step)]
+    os.rename(tmp, os.path.join(best, str(step)))  # whole or absent, as Orbax's own commits
+    for name in old:  # max_to_keep=1, as Orbax keeps it: the older best after the newer lands
+      path = os.path.join(best, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
   def save_final(self, state: TrainState) -> None:
     """The model --final_fit=fit+validation trained again (what its eval score is of)."""

@@ -11,6 +11,25 @@ from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 
+# The slowest files first, longest first (per-file seconds of a whole `make test`, 2026-12-02),
+# with the Makefile's --no-loadscope-reorder: xdist then hands files out in this order to
+# whichever process is free, so no long file starts last while the other process idles
+# (by default it orders by test count: the 1-test, 90 s test_finetune_devices went last).
+# A file missing here runs after these, in the usual order; a stale list costs balance only.
+SLOWEST_FIRST = ('test_finetune_train.py', 'test_families.py', 'test_finetune_multihost.py',
+                 'test_predict.py', 'test_reliability_cli.py', 'test_probe.py', 'test_embed.py',
+                 'test_open_clip.py', 'test_clip.py', 'test_new_sources.py',
+                 'test_finetune_devices.py', 'test_fewshot.py', 'test_distributed.py',
+                 'test_bad_checkpoints.py', 'test_embed_speed.py', 'test_finetune_groups.py',
+                 'test_reliability.py', 'test_data_contract.py', 'test_export_families.py',
+                 'test_ladder.py', 'test_zeroshot.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
+
+
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory):
   """A TFDS data_dir with the built-in digits prepared (once per test session)."""
@@ -80,9 +99,20 @@ def session_xla_cache(tmp_path_factory):
   """
   old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp('xla_cache')))
+  path = str(tmp_path_factory.mktemp('xla_cache'))
+  compilation_cache.set_cache_dir(path)
   compilation_cache.reset_cache()  # (re)initialise it with this directory
+  # Every process the tests start inherits it too: Beam's multi_processing workers, CLI
+  # subprocesses (they compile what this process compiled for the in-process run beside them).
+  env = {'JAX_COMPILATION_CACHE_DIR': path, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  old_env = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
   yield
+  for k, v in old_env.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
   jax.config.update('jax_compilation_cache_dir', old[0])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
   compilation_cache.reset_cache()

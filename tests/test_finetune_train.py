@@ -365,3 +365,34 @@ def test_final_fit_on_fit_and_validation_is_labelled_and_refits(tmp_path, data_d
   assert (p['methods']['linear']['predictions'] != m['methods']['linear']['predictions']
           or p['methods']['linear']['top1'] != m['methods']['linear']['top1']
           or p['methods']['full']['predictions'] != full['predictions'])
+
+
+def test_best_is_latest_s_files_linked_one_step_kept(tmp_path):
+  """best/ is latest/'s step hard-linked in (no second Orbax save); an older best and a copy a
+  crash cut short are gone; both restore the same state."""
+  import flax  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class State:
+    step: jax.Array
+    params: dict
+
+  ckpt = checkpoints.Checkpoints(str(tmp_path / 'lr=0.1'))
+  os.makedirs(ckpt.path)
+  state = lambda step: State(np.int32(step), {'w': np.full((3, 4), step, np.float32)})
+  ckpt.save({'curve': []}, state(2), best=True)
+  ckpt.save({'curve': []}, state(4), best=False)
+  os.makedirs(os.path.join(ckpt.path, checkpoints.BEST_TMP, 'default'))  # a crash's leftover
+  ckpt.save({'curve': []}, state(6), best=True)
+  assert os.listdir(os.path.join(ckpt.path, 'best')) == ['6']
+  assert os.listdir(os.path.join(ckpt.path, 'latest')) == ['6']
+  assert not os.path.exists(os.path.join(ckpt.path, checkpoints.BEST_TMP))
+  for root, _, files in os.walk(os.path.join(ckpt.path, 'latest', '6')):
+    for name in files:
+      linked = os.path.join(ckpt.path, 'best', os.path.relpath(os.path.join(root, name),
+                                                               os.path.join(ckpt.path, 'latest')))
+      assert os.path.samefile(os.path.join(root, name), linked)
+  for which in ('latest', 'best'):
+    step, saved = checkpoints.rungs.restore_here(os.path.join(ckpt.path, which))
+    assert step == 6
+    np.testing.assert_array_equal(saved['params']['w'], np.full((3, 4), 6, np.float32))
