@@ -36,8 +36,11 @@ def create(pretrained: Pretrained, num_classes: int, seed: int = 0, *,
                      projection_dim=pretrained.projection_dim if project else None,
                      normalize=projected)
   h, w, c = pretrained.preprocess.output_shape
-  # jit: initialising op by op is slow for a ViT-B; the head is zeros anyway.
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, c), jnp.float32))
+  # Shapes only: every leaf but the zero-initialised head is replaced by ``transfer`` below, so
+  # running ``model.init`` (jitted: seconds of compiling, even for a micro model) would build a
+  # whole random backbone only to discard it.
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(seed),
+                             jnp.zeros((1, h, w, c), jnp.float32))
   variables = transfer(variables, backbone_vars)
   if project:
     variables = transfer(variables, {'params': pretrained.variables['params']['visual_projection']},
@@ -47,6 +50,10 @@ def create(pretrained: Pretrained, num_classes: int, seed: int = 0, *,
     variables = transfer(variables, {'params': {'kernel': np.asarray(kernel, np.float32),
                                                 'bias': np.asarray(bias, np.float32)}},
                          name='head')
+  # What no transfer replaced (the head, unless given) starts as Classifier's init: zeros.
+  variables = jax.tree.map(
+      lambda v: jnp.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v,
+      variables)
   return model, variables
 
 

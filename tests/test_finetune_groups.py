@@ -66,6 +66,18 @@ def test_backbone_is_the_pretrained_one_and_head_is_zero(pretrained, initialised
   for k, v in _flat(vision_vars['params']).items():
     np.testing.assert_array_equal(_flat(variables['params']['backbone'])[k], v)
   assert not np.any(np.asarray(variables['params']['head']['kernel']))
+  # create skips running the classifier's init (shapes only): still exactly what running it
+  # and transferring gives, leaf for leaf, dtype for dtype (fails should init ever add a
+  # leaf that is not zeros).
+  model, _ = initialised
+  ran = model_lib.transfer(
+      jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3), jnp.float32)),
+      vision_vars)
+  assert _flat(ran).keys() == _flat(variables).keys()
+  for k, v in _flat(ran).items():
+    got = _flat(variables)[k]
+    assert isinstance(got, jax.Array) and got.dtype == v.dtype, k
+    np.testing.assert_array_equal(got, v)
 
 
 def test_transfer_accepts_frozendict_and_names_first_mismatch(pretrained, initialised):

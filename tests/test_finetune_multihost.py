@@ -32,7 +32,7 @@ def shared_xla_cache(tmp_path_factory):
 
 def _argv(data_dir, workdir, *extra):
   return ['-m', 'finetune.train', '--dataset=digits', f'--data_dir={data_dir}',
-          '--model=random:tiny', f'--workdir={workdir}', '--steps=6', '--batch_size=16',
+          '--model=random:tiny', f'--workdir={workdir}', '--steps=4', '--batch_size=16',
           '--limit_train=128', '--limit_eval=32', '--eval_every=2', f'--lr={LR}', '--augment',
           '--l2_grid=1e-2,1', *extra]
 

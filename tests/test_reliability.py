@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from apache_beam.io.localfilesystem import LocalFileSystem
 from PIL import Image
 
 from pipelines import embed
@@ -127,13 +126,13 @@ def test_read_only_output_dir_fails_before_the_model_loads(small_folder, tmp_pat
   out.mkdir()
   out.chmod(0o555)
   if ROOT_USER:  # root writes anywhere: make the filesystem say what a read-only one says
-    create = LocalFileSystem.create
+    create = outputs.create_file  # where the claim marker is created
 
-    def refuse(self, path, *a, **k):
+    def refuse(path):
       if path.startswith(str(out)):
         raise PermissionError(13, 'Permission denied', path)
-      return create(self, path, *a, **k)
-    monkeypatch.setattr(LocalFileSystem, 'create', refuse)
+      return create(path)
+    monkeypatch.setattr(outputs, 'create_file', refuse)
   code, err = _cli(capsys, f'--dataset=folder:{small_folder}', f'--output_dir={out}',
                    '--splits=test')
   out.chmod(0o755)

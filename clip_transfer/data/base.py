@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Unio
 import numpy as np
 
 from clip_transfer import flags
+from clip_transfer import outputs
 from clip_transfer.errors import UserError
 
 
@@ -152,13 +153,9 @@ def dead_letter_lines(rows: Iterable[Dead]) -> list[bytes]:
 
 
 def write_dead_letters(output_dir: str, split: str, rows: Iterable[Dead]) -> int:
-  """``OUTPUT_DIR/dead_letters.<split>.jsonl`` through Beam's FileSystems; returns the count."""
-  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-
+  """``OUTPUT_DIR/dead_letters.<split>.jsonl`` (local or a Beam filesystem); returns the count."""
   lines = dead_letter_lines(rows)
-  path = FileSystems.join(output_dir, f'dead_letters.{split}.jsonl')
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+  with outputs.create_file(outputs.join(output_dir, f'dead_letters.{split}.jsonl')) as fh:
     for line in lines:
       fh.write(line)
   return len(lines)
