@@ -242,8 +242,7 @@ def cli_main(fn):
   def wrapper(*args, **kwargs):
     try:
       _quiet_reraised_errors()
-      if _interrupted:  # Ctrl-C while the stage was importing, swallowed by an import guard
-        raise KeyboardInterrupt
+      check_interrupted()  # Ctrl-C while the stage was importing, swallowed by an import guard
       return fn(*args, **kwargs)
     except UserError as e:
       _fail(str(e), 2, process_exit)

@@ -24,12 +24,16 @@ from clip_transfer.data import catalog, folder, manifest, parquet, webdataset
 from clip_transfer.data.base import Source
 
 
+def _read(parts, reader: Callable, split: str, threads: int, label: str):
+  """``parts`` through ``ReadParts(reader)``: the examples ('ok') and the DEAD output."""
+  return parts | label >> beam.ParDo(
+      ReadParts(reader, split, threads, READ_WINDOW if threads != 1 else 1)).with_outputs(
+          DEAD, main='ok')
+
+
 def _read_parts(parts, source: Source, split: str, threads: int = 1):
-  return (parts
-          | f'SpreadParts[{split}]' >> beam.Reshuffle()
-          | f'Read[{split}]' >> beam.ParDo(
-              ReadParts(source.part_reader(split), split, threads, READ_WINDOW if threads != 1
-                        else 1)).with_outputs(DEAD, main='ok'))
+  spread = parts | f'SpreadParts[{split}]' >> beam.Reshuffle()
+  return _read(spread, source.part_reader(split), split, threads, f'Read[{split}]')
 
 
 # Parts read ahead on the pool when a part is small (a folder's chunk, a manifest id).
@@ -94,22 +98,23 @@ def _list_folder(p, source: folder.FolderSource, split: str) -> Chunks:
 CHUNKED: dict[type, Callable[..., Chunks]] = {folder.FolderSource: _list_folder}
 
 
+def _for_source(table: dict[type, Callable], source: Source) -> Optional[Callable]:
+  """``table``'s entry for the source's class, looked up along its MRO (subclasses too)."""
+  return next((table[cls] for cls in type(source).__mro__ if cls in table), None)
+
+
 def read_chunks(p, source: Source, split: str) -> Optional[Chunks]:
   """The split in chunks of parts for a consumer that reads and prepares a chunk in one
   task (embed.Preprocess); None for sources whose parts already hold many inputs."""
-  for cls in type(source).__mro__:
-    if cls in CHUNKED:
-      return CHUNKED[cls](p, source, split)
-  return None
+  lister = _for_source(CHUNKED, source)
+  return lister(p, source, split) if lister else None
 
 
 def read_folder(p, source: folder.FolderSource, split: str, data_dir=None,
                 threads: int = 1) -> Read:
   """The listed chunks read in parallel."""
   chunks = _list_folder(p, source, split)
-  read = chunks.parts | f'ReadChunks[{split}]' >> beam.ParDo(
-      ReadParts(chunks.reader, split, threads, READ_WINDOW if threads != 1 else 1)).with_outputs(
-          DEAD, main='ok')
+  read = _read(chunks.parts, chunks.reader, split, threads, f'ReadChunks[{split}]')
   return Read(read.ok, [read[DEAD]], chunks.found)
 
 
@@ -176,7 +181,7 @@ READERS: dict[type, Callable[..., Read]] = {
 def read_split(p, source: Source, split: str, data_dir: Optional[str],
                threads: int = 1) -> Read:
   """``threads``: ``ReadParts``' pool for sources whose part is one input (others read inline)."""
-  for cls in type(source).__mro__:
-    if cls in READERS:
-      return READERS[cls](p, source, split, data_dir, threads=threads)
-  raise TypeError(f'no Beam reader for {type(source).__name__}')
+  reader = _for_source(READERS, source)
+  if reader is None:
+    raise TypeError(f'no Beam reader for {type(source).__name__}')
+  return reader(p, source, split, data_dir, threads=threads)
