@@ -5,7 +5,8 @@
 Random base-size weights are made in PyTorch (CLIP ViT-B/32, SigLIP B/16-224,
 DINOv2 B/14 at 224 input: its 37x37 position grid interpolated), saved with
 save_pretrained and loaded with clip_transfer.models.load, so both sides run the
-same network, side by side in one process. Both take float32 NCHW/NHWC pixels
+same network, side by side in one process, calls alternating (JAX, torch, JAX, …;
+the figure is the ratio of the median times, each round's ratio beside it). Both take float32 NCHW/NHWC pixels
 already normalised (preprocessing excluded); the compared output is each
 family's pooled feature (CLIP: pooler_output; SigLIP: the MAP head; DINOv2:
 class token ‖ mean patch token). JAX runs as the product does: importing
@@ -53,13 +54,18 @@ def _reference(family):
   return ref.eval(), pooled
 
 
-def _time(fn, iters):
-  fn()  # warm-up (and compile)
-  fn()
-  t = time.perf_counter()
-  for _ in range(iters):
+def _time_pairs(fn_a, fn_b, iters):
+  """Seconds per call of each, measured alternately (a, b, a, b, …) after two warm-up
+  calls each, so a shared machine's slow and quick spells fall on both sides alike."""
+  for fn in (fn_a, fn_a, fn_b, fn_b):  # warm-up (and compile)
     fn()
-  return (time.perf_counter() - t) / iters
+  a, b = [], []
+  for _ in range(iters):
+    for fn, out in ((fn_a, a), (fn_b, b)):
+      t = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - t)
+  return a, b
 
 
 def main(argv=None):
@@ -103,7 +109,6 @@ def _one(family, args):
 
   forward = jax.jit(lambda v, x: backbone.apply(v, x.astype(dtype)).pooler_output)
   xj = jnp.asarray(x)
-  t_jax = _time(lambda: forward(bvars, xj).block_until_ready(), args.iters)
 
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[args.dtype]
@@ -117,7 +122,10 @@ def _one(family, args):
       torch.cuda.synchronize()
     return out
 
-  t_torch = _time(torch_forward, args.iters)
+  jax_s, torch_s = _time_pairs(lambda: forward(bvars, xj).block_until_ready(), torch_forward,
+                               args.iters)
+  t_jax, t_torch = float(np.median(jax_s)), float(np.median(torch_s))
+  round_ratios = sorted(t / j for j, t in zip(jax_s, torch_s))
   err = float(np.abs(np.asarray(forward(bvars, xj), np.float32)
                      - torch_forward().float().cpu().numpy()).max())
 
@@ -125,7 +133,8 @@ def _one(family, args):
   gflops = lambda ips: 2 * GMACS_PER_IMAGE[family] * ips
   result = dict(family=family, model=LABELS[family], batch_size=b,
                 jax_images_per_s=round(jax_ips, 2), torch_images_per_s=round(torch_ips, 2),
-                ratio=round(jax_ips / torch_ips, 3), jax_gflops=round(gflops(jax_ips), 1),
+                ratio=round(jax_ips / torch_ips, 3),
+                ratio_per_round=[round(r, 3) for r in round_ratios], jax_gflops=round(gflops(jax_ips), 1),
                 torch_gflops=round(gflops(torch_ips), 1), max_abs_diff=err, dtype=args.dtype,
                 jax_device=str(jax.devices()[0].device_kind), torch_device=device,
                 torch_threads=torch.get_num_threads(), xla_flags=os.environ.get('XLA_FLAGS', ''))
@@ -134,7 +143,8 @@ def _one(family, args):
     result['torch_mfu'] = round(gflops(torch_ips) / 1e3 / args.peak_tflops, 4)
   print(f'backbone {LABELS[family]} {args.dtype}, batch {b}: flax {jax_ips:.2f} img/s '
         f'({gflops(jax_ips):.0f} GFLOP/s), torch {torch_ips:.2f} img/s '
-        f'({gflops(torch_ips):.0f} GFLOP/s), ratio {jax_ips / torch_ips:.3f}x, '
+        f'({gflops(torch_ips):.0f} GFLOP/s), ratio {jax_ips / torch_ips:.3f}x '
+        f'(rounds {round_ratios[0]:.2f}-{round_ratios[-1]:.2f}), '
         f'max |diff| {err:.2e}', file=sys.stderr)
   del ref, bvars
   return result

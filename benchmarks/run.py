@@ -21,8 +21,10 @@ def _backbone(r):
   # One row per family (benchmarks.backbone runs them side by side in one process).
   return [(f"Flax backbone vs PyTorch {f['model']} forward (batch {f['batch_size']}, "
            f"{f['dtype']})", f"{f['ratio']:.2f}x", '>= 1.0',
-           f"{f['jax_images_per_s']:.1f} vs {f['torch_images_per_s']:.1f} images/s; "
-           f"max |diff| {f['max_abs_diff']:.1e}")
+           f"{f['jax_images_per_s']:.1f} vs {f['torch_images_per_s']:.1f} images/s"
+           + (f"; alternating rounds {min(f['ratio_per_round']):.2f}-"
+              f"{max(f['ratio_per_round']):.2f}" if f.get('ratio_per_round') else '')
+           + f"; max |diff| {f['max_abs_diff']:.1e}")
           for f in r.get('families', {'clip': r}).values()]
 
 
@@ -114,7 +116,7 @@ def _finetune_input(r):
 
 # name: (module, full-run args, quick-run args, rows from the JSON)
 BENCHES = {
-    'backbone': ('benchmarks.backbone', ['--iters', '5'], ['--iters', '1', '--batch_size', '4'],
+    'backbone': ('benchmarks.backbone', ['--iters', '7'], ['--iters', '1', '--batch_size', '4'],
                  _backbone),
     'embed': ('benchmarks.embed', ['--images', '640', '--repeats', '1'],
               ['--images', '16', '--repeats', '1', '--model', 'random:tiny',

@@ -3,11 +3,14 @@
 ``cli_main`` wraps every stage's ``main``: a ``UserError`` is ``error: …`` and
 exit 2; a full disk (ENOSPC, EDQUOT, or EFBIG from the file size limit) is one
 line naming the filesystem and what is left on it, exit 2; Ctrl-C is one line,
-exit 130. Importing this module also silences the import-time log lines of our
-dependencies (Beam's "apitools not found", TFDS' "OpenCV is not installed"),
-so that an error really is the only line a failed run prints.
+exit 130. ``Parser`` is every CLI's argparse parser: no prefix matching, and an
+unknown flag's error names the closest one. Importing this module also silences the
+import-time log lines of our dependencies (Beam's "apitools not found", TFDS' "OpenCV
+is not installed"), so that an error really is the only line a failed run prints.
 """
 
+import argparse
+import difflib
 import errno
 import functools
 import logging
@@ -261,3 +264,38 @@ def cli_main(fn):
         outputs.release_all()
 
   return wrapper
+
+
+class Parser(argparse.ArgumentParser):
+  """Every CLI's parser: argparse without prefix matching, so a mistyped ``--output`` is
+  refused instead of taken for ``--output_dir`` (and a Beam option such as ``--project``
+  is not taken for embed's ``--projected``); an unknown flag's error names the closest
+  one."""
+
+  def __init__(self, **kwargs):
+    super().__init__(allow_abbrev=False, **kwargs)
+
+  def parse_args(self, args=None, namespace=None):  # pylint: disable=signature-differs
+    known, rest = self.parse_known_args(args, namespace)
+    if rest:
+      self.error('unrecognized arguments: ' + ' '.join(
+          f'{a} (did you mean --{c}?)' if (c := closest_flag(self, a)) else a for a in rest))
+    return known
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> list[str]:
+  return sorted({s[2:] for s in parser._option_string_actions if s.startswith('--')})  # pylint: disable=protected-access
+
+
+def closest_flag(parser: argparse.ArgumentParser, arg: str, cutoff: float = 0.6) -> Optional[str]:
+  """The parser's flag ``arg`` (``--name[=value]``) most likely meant, or None: one it
+  abbreviates, else the closest spelling."""
+  if not arg.startswith('--') or arg == '--':
+    return None
+  name = arg[2:].split('=', 1)[0]
+  ours = _flag_names(parser)
+  longer = [f for f in ours if f.startswith(name)]
+  if len(longer) == 1:
+    return longer[0]
+  close = difflib.get_close_matches(name, ours, n=1, cutoff=cutoff)
+  return close[0] if close else None

@@ -5,7 +5,7 @@
       lr: float = flags.field(1e-3, 'peak learning rate')
       modes: tuple[str, ...] = flags.field(('linear',), 'comma-separated modes', flag='mode')
 
-    parser = argparse.ArgumentParser()
+    parser = Parser()  # clip_transfer.errors.Parser
     flags.add_flags(parser, Config)
     config = flags.from_args(Config, parser.parse_args(argv))
 
@@ -20,14 +20,13 @@ flags several stages share (``--dataset``, ``--data_dir``, ``--model``,
 from __future__ import annotations
 
 import argparse
-import difflib
 import dataclasses
 import types
 import typing
 from typing import Any, Callable, Optional
 
 from clip_transfer import models
-from clip_transfer.errors import UserError
+from clip_transfer.errors import UserError, closest_flag
 from clip_transfer.protocol import validation
 
 REQUIRED = dataclasses.MISSING
@@ -125,16 +124,15 @@ def refuse_near_misses(parser: argparse.ArgumentParser, rest: list[str],
   unchanged. Without this a typo such as ``--bacth_size=8`` would only be a Beam
   warning, and the run would go ahead with the default.
   """
-  ours = sorted({s[2:] for s in parser._option_string_actions if s.startswith('--')})  # pylint: disable=protected-access
   for arg in rest:
     if not arg.startswith('--') or arg == '--':
       continue
     name = arg[2:].split('=', 1)[0]
     if name.replace('-', '_') in passed_on:
       continue
-    close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
+    close = closest_flag(parser, arg, cutoff=0.75)
     if close:
-      raise UserError(f'unknown flag --{name}; did you mean --{close[0]}?')
+      raise UserError(f'unknown flag --{name}; did you mean --{close}?')
 
 
 # --------------------------------------------------------------------------

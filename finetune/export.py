@@ -23,7 +23,6 @@ An interrupted or diverged run is refused in one line.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,7 +33,7 @@ import numpy as np
 from clip_transfer import flags
 from clip_transfer import models
 from clip_transfer import outputs
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import Parser, UserError, cli_main
 from clip_transfer.protocol import rungs
 
 HEAD_WEIGHTS, HEAD_JSON, JAX_FILE, CARD = ('head.safetensors', 'head.json', 'logits.jax_export',
@@ -200,8 +199,7 @@ def export(config: ExportConfig) -> dict:
 
 @cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(prog='python -m finetune.export',
-                              description=__doc__.split('\n\n')[0])
+  p = Parser(prog='python -m finetune.export', description=__doc__.split('\n\n')[0])
   flags.add_flags(p, ExportConfig)
   info = export(flags.from_args(ExportConfig, p.parse_args(argv)))
   print(f'{info["run"]} ({info["method"]}, top1 {info["top1"]:.4f}) → {info["output_dir"]}: '

@@ -23,7 +23,7 @@ import sys
 
 from clip_transfer import distributed
 from clip_transfer import flags
-from clip_transfer.errors import cli_main
+from clip_transfer.errors import Parser, cli_main
 from clip_transfer.protocol import metrics as metrics_lib
 
 
@@ -31,8 +31,8 @@ def parse_args(argv=None):
   """(Config, workdir) from the command line; every Config field is a flag."""
   from finetune.config import Config  # pylint: disable=g-import-not-at-top
 
-  p = argparse.ArgumentParser(prog='python -m finetune.train', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = Parser(prog='python -m finetune.train', description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--workdir', required=True, help='metrics.json and checkpoints go here')
   flags.add_flags(p, Config)
   p.add_argument('--smoke', action='store_true',

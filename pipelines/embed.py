@@ -14,7 +14,6 @@ Any Beam option (``--runner=DataflowRunner``, ``--project``, …) is passed on.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import re
@@ -37,7 +36,7 @@ from clip_transfer.data import embeddings as emb_lib
 from clip_transfer import flags
 from clip_transfer.data import base as data_base
 from clip_transfer.data import sources as sources_lib
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import Parser, UserError, cli_main
 
 SPLIT_NAME = re.compile(r'[\w-]+')  # what TFDS' shard file names can hold
 
@@ -89,8 +88,7 @@ class EmbedConfig(sources_lib.SourceOptions):
 
 def parse_args(argv) -> tuple[EmbedConfig, list[str]]:
   """(our config, the remaining flags for Beam)."""
-  # No abbreviations: Beam's --project would otherwise be taken for our --projected.
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], allow_abbrev=False)
+  p = Parser(description=__doc__.split('\n\n')[0])  # no abbreviations: see Parser
   flags.add_flags(p, EmbedConfig)
   args, beam_args = p.parse_known_args(argv)
   # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.

@@ -22,7 +22,6 @@ predicted + dead-lettered). Any Beam option (``--runner=DataflowRunner`` …) is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import threading
@@ -41,7 +40,7 @@ from clip_transfer import models
 from clip_transfer import outputs
 from clip_transfer.data import embeddings as emb_lib
 from clip_transfer.data import sources as sources_lib
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import Parser, UserError, cli_main
 from clip_transfer.protocol import metrics as metrics_lib
 from clip_transfer.protocol import rungs
 from pipelines import embed
@@ -103,10 +102,7 @@ class PredictConfig(sources_lib.SourceOptions):
 
 def parse_args(argv) -> tuple[PredictConfig, list[str]]:
   """(our config, the remaining flags for Beam)."""
-  # No abbreviations: a Beam option that is a prefix of one of ours (as --project is of
-  # embed's --projected) must pass on to Beam, not be taken for ours.
-  p = argparse.ArgumentParser(prog='python -m pipelines.predict',
-                              description=__doc__.split('\n\n')[0], allow_abbrev=False)
+  p = Parser(prog='python -m pipelines.predict', description=__doc__.split('\n\n')[0])
   flags.add_flags(p, PredictConfig)
   args, beam_args = p.parse_known_args(argv)
   # Beam's own options pass on; a near miss of ours (--bacth_size) is refused, not ignored.

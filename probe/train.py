@@ -26,7 +26,6 @@ multi-process path), ``probe.core`` (the methods on arrays, scikit-learn's inclu
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
@@ -39,7 +38,7 @@ from probe.processes import train_probe_processes
 from clip_transfer import distributed
 from clip_transfer import flags
 from clip_transfer import outputs
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import Parser, UserError, cli_main
 
 
 def train_probe(config: ProbeConfig) -> dict:
@@ -103,7 +102,7 @@ def summary_table(metrics: dict) -> str:
 
 @cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = Parser(description=__doc__.split('\n\n')[0])
   flags.add_flags(p, ProbeConfig)
   config = flags.from_args(ProbeConfig, p.parse_args(argv))
   distributed.initialize(config)

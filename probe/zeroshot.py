@@ -17,7 +17,6 @@ class names, templates), which a fine-tune can start its head from.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from clip_transfer.models import templates as templates_lib
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import Parser, UserError, cli_main
 from clip_transfer import flags
 from clip_transfer.protocol import heads
 from clip_transfer.protocol import metrics as metrics_lib
@@ -265,7 +264,7 @@ class ZeroshotConfig:
 
 @cli_main
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = Parser(description=__doc__.splitlines()[0])
   flags.add_flags(p, ZeroshotConfig)
   c = flags.from_args(ZeroshotConfig, p.parse_args(argv))
   out = run_zeroshot(c.embeddings, c.output_dir, model=c.model, templates=c.templates,

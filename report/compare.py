@@ -24,13 +24,12 @@ claims the output and writes both.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional
 
 from clip_transfer import outputs
-from clip_transfer.errors import UserError, cli_main
+from clip_transfer.errors import Parser, UserError, cli_main
 from report.plot import plot
 from report.rows import rows_from
 from report.runs import check_comparable, find_metrics, load, run_of, task
@@ -85,7 +84,7 @@ def compare(paths: list[str], output_dir: Optional[str] = None) -> str:
 
 @cli_main
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = Parser(description=__doc__.splitlines()[0])
   parser.add_argument('runs', nargs='+', help='run directories (or metrics.json files)')
   parser.add_argument('--output_dir', default=None,
                       help='where report.md/report.png go (default: the first run directory)')

@@ -207,6 +207,23 @@ def test_a_misspelled_embed_flag_is_refused_and_beam_options_pass(tmp_path, caps
                        '--direct_running_mode', 'multi_processing']
 
 
+def test_an_abbreviated_or_mistyped_flag_is_refused_not_guessed(small_ds, tmp_path, capsys):
+  # argparse's prefix matching took --output for --output_dir and wrote report.md/report.md.
+  from probe import train
+  from report import compare
+  out = tmp_path / 'report.md'
+  code, _, err = _main(compare.main, [str(small_ds), f'--output={out}'], capsys)
+  assert code == 2 and err[-1].endswith(
+      f'error: unrecognized arguments: --output={out} (did you mean --output_dir?)'), err
+  assert not out.exists()
+  code, _, err = _main(train.main, [f'--embeddings={small_ds}', f'--output_dir={tmp_path}/p',
+                                    '--solv=adam', '--basline='], capsys)
+  assert code == 2 and err[-1].endswith(
+      'error: unrecognized arguments: --solv=adam (did you mean --solver?) '
+      '--basline= (did you mean --baselines?)'), err
+  assert not (tmp_path / 'p').exists()
+
+
 # --------------------------------------------------------------------------
 # Real processes: Ctrl-C and a full disk
 # --------------------------------------------------------------------------
