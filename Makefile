@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 RUN_DIR ?= runs/demo-$(DEMO_STAMP)
 # Test processes (pytest-xdist; a file runs whole in one of them, so its fixtures run once).
-# Files go out slowest first (tests/conftest.py's SLOWEST_FIRST), not by xdist's test count.
+# Files go out slowest first (tests/conftest.py's SLOWEST_FIRST), not by xdist's test count;
+# the 20 slowest tests are listed at the end, for whoever trims the suite next.
 TEST_WORKERS ?= 2
 DEMO_MODEL ?= random:tiny
 # A second family, embedded and probed too, so the report compares backbones.
@@ -24,7 +25,7 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 # The whole comparison on the built-in digits dataset with random weights
 # (the machinery, not CLIP's quality). Everything lands in $(RUN_DIR).
