@@ -29,7 +29,6 @@ import time
 from typing import Any, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
@@ -353,8 +352,7 @@ def _finish(args, start: float, runner: str) -> dict[str, Any]:
   total = sum(c['read'] for c in counts.values())
   info = {'wall_s': seconds, 'num_images': total, 'images_per_s': total / seconds if seconds
           else 0.0, 'runner': runner, 'batch_size': args.batch_size}
-  with FileSystems.create(FileSystems.join(args.output_dir, RUN_FILE),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+  with outputs.create_file(FileSystems.join(args.output_dir, RUN_FILE)) as fh:
     fh.write(json.dumps(info, indent=1, sort_keys=True).encode())
   return {'output_dir': args.output_dir, 'counts': counts, 'seconds': seconds,
           'images_per_second': info['images_per_s']}

@@ -9,11 +9,12 @@ import io
 import json
 
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from clip_transfer.data import embeddings as emb_lib
+from clip_transfer.data import paths
 from clip_transfer import errors
+from clip_transfer import outputs
 from clip_transfer.errors import UserError
 
 SUMMARY_FILE = 'predictions.json'  # written last: its presence marks a complete run
@@ -64,7 +65,7 @@ def write_shard(output_dir: str, split: str, index: int, num_shards: int, rows) 
   buf = io.BytesIO()
   pq.write_table(pa.Table.from_pylist(rows, schema=schema()), buf)
   path = FileSystems.join(output_dir, shard_name(split, index, num_shards))
-  with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+  with outputs.create_file(path) as fh:
     fh.write(buf.getvalue())
   return len(rows)
 
@@ -100,8 +101,7 @@ def write_summary(output_dir: str, written: dict[str, dict[int, int]],
         write_shard(output_dir, split, i, n, [])
   summary = {**summary, 'num_shards': dict(sorted(num_shards.items()))}
   errors.check_interrupted()  # a swallowed Ctrl-C must not read as a finished run
-  with FileSystems.create(FileSystems.join(output_dir, SUMMARY_FILE),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+  with outputs.create_file(FileSystems.join(output_dir, SUMMARY_FILE)) as fh:
     fh.write(json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
@@ -113,9 +113,8 @@ def read_predictions(output_dir: str, split: str) -> list[dict]:
   n = summary['num_shards'][split]
   rows = []
   for i in range(n):
-    with FileSystems.open(FileSystems.join(output_dir, shard_name(split, i, n)),
-                          compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-      rows += pq.read_table(io.BytesIO(fh.read())).to_pylist()
+    data = paths.read_bytes(FileSystems.join(output_dir, shard_name(split, i, n)))
+    rows += pq.read_table(io.BytesIO(data)).to_pylist()
   return sorted(rows, key=lambda r: r['id'])
 
 

@@ -192,10 +192,7 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 
 def _copy_to(local: str, dest: str) -> None:
-  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
-
-  with open(local, 'rb') as src, _fs().create(
-      dest, compression_type=CompressionTypes.UNCOMPRESSED) as dst:
+  with open(local, 'rb') as src, outputs.create_file(dest) as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 
 
@@ -296,10 +293,7 @@ def check_counts(out_dir: str, counts: dict[str, dict[str, int]]) -> Optional[st
 
 def write_failure(out_dir: str, message: str) -> None:
   """Marks a run that must not be read, with its one-line reason (instead of the metadata)."""
-  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
-
-  with _fs().create(_fs().join(out_dir, FAILURE_FILE),
-                    compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+  with outputs.create_file(_fs().join(out_dir, FAILURE_FILE)) as fh:
     fh.write(json.dumps({'error': message}).encode() + b'\n')
 
 
@@ -444,10 +438,7 @@ def _unreadable_shard(out_dir: str, split: str, num_shards: int) -> Optional[str
 
 def write_run_info(out_dir: str, info: dict[str, Any]) -> None:
   """Records what producing the dataset cost (wall time, images/s, runner)."""
-  from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
-
-  with _fs().create(_fs().join(out_dir, RUN_FILE),
-                    compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+  with outputs.create_file(_fs().join(out_dir, RUN_FILE)) as fh:
     fh.write(json.dumps(info, indent=1, sort_keys=True).encode())
 
 
