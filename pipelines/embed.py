@@ -29,6 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 import clip_transfer
 from pipelines import reads
 from pipelines import summaries
+from pipelines import read_common
 from pipelines.read_common import DEAD, NAMESPACE
 from pipelines.jax_handler import ClipVisionModelHandler
 from clip_transfer import models
@@ -125,8 +126,7 @@ class Preprocess(beam.DoFn):
     self._cfg_json, self._split = preprocess_json, split
     self._threads, self._window, self._batch = threads, window, batch
     self._reader = reader
-    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')  # as CountedRead counts
+    self._read, self._dead = read_common.counters(split)  # the readers' counters
 
   def setup(self):
     from clip_transfer.data.preprocess import PreprocessConfig  # pylint: disable=g-import-not-at-top

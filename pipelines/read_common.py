@@ -26,6 +26,13 @@ class Read:
   found: beam.PCollection  # ints; their sum is the number of inputs the split holds
 
 
+def counters(split: str):
+  """(inputs read, inputs dead-lettered) of a split: what every reader counts, and embed's
+  ``Preprocess`` where it reads chunks itself."""
+  return (Metrics.counter(NAMESPACE, f'read_{split}'),
+          Metrics.counter(NAMESPACE, f'dead_lettered_{split}'))
+
+
 @dataclasses.dataclass(frozen=True)
 class EachPart:
   """A reader of a chunk (a list of parts): the source's ``reader`` over each part in turn."""
@@ -42,8 +49,7 @@ class CountedRead(beam.DoFn):
 
   def __init__(self, split: str):
     self._split = split
-    self._read = Metrics.counter(NAMESPACE, f'read_{split}')
-    self._dead = Metrics.counter(NAMESPACE, f'dead_lettered_{split}')
+    self._read, self._dead = counters(split)
 
   def _emit(self, item):
     """An Example → (id, label, image); a Dead input → the DEAD output."""
