@@ -6,10 +6,10 @@ Random base-size weights are made in PyTorch (CLIP ViT-B/32, SigLIP B/16-224,
 DINOv2 B/14 at 224 input: its 37x37 position grid interpolated), saved with
 save_pretrained and loaded with clip_transfer.models.load, so both sides run the
 same network, side by side in one process, calls alternating (JAX, torch, JAX, …;
-the figure is the ratio of the median times, each round's ratio beside it). Both take float32 NCHW/NHWC pixels
-already normalised (preprocessing excluded); the compared output is each
-family's pooled feature (CLIP: pooler_output; SigLIP: the MAP head; DINOv2:
-class token ‖ mean patch token). JAX runs as the product does: importing
+the figure is the ratio of the median times, each round's ratio beside it). Both
+take float32 NCHW/NHWC pixels already normalised (preprocessing excluded); the
+compared output is each family's pooled feature (CLIP: pooler_output; SigLIP: the
+MAP head; DINOv2: class token ‖ mean patch token). JAX runs as the product does: importing
 ``clip_transfer.models`` adds the project's XLA:CPU defaults
 (``clip_transfer.xla_defaults``) before the backend starts; the XLA_FLAGS it ran
 with are in the result.
@@ -134,7 +134,8 @@ def _one(family, args):
   result = dict(family=family, model=LABELS[family], batch_size=b,
                 jax_images_per_s=round(jax_ips, 2), torch_images_per_s=round(torch_ips, 2),
                 ratio=round(jax_ips / torch_ips, 3),
-                ratio_per_round=[round(r, 3) for r in round_ratios], jax_gflops=round(gflops(jax_ips), 1),
+                ratio_per_round=[round(r, 3) for r in round_ratios],
+                jax_gflops=round(gflops(jax_ips), 1),
                 torch_gflops=round(gflops(torch_ips), 1), max_abs_diff=err, dtype=args.dtype,
                 jax_device=str(jax.devices()[0].device_kind), torch_device=device,
                 torch_threads=torch.get_num_threads(), xla_flags=os.environ.get('XLA_FLAGS', ''))

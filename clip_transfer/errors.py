@@ -287,12 +287,19 @@ def _flag_names(parser: argparse.ArgumentParser) -> list[str]:
   return sorted({s[2:] for s in parser._option_string_actions if s.startswith('--')})  # pylint: disable=protected-access
 
 
+def flag_name(arg: str) -> Optional[str]:
+  """``name`` of a command-line word ``--name[=value]``; None for anything else."""
+  if not arg.startswith('--') or arg == '--':
+    return None
+  return arg[2:].split('=', 1)[0]
+
+
 def closest_flag(parser: argparse.ArgumentParser, arg: str, cutoff: float = 0.6) -> Optional[str]:
   """The parser's flag ``arg`` (``--name[=value]``) most likely meant, or None: one it
   abbreviates, else the closest spelling."""
-  if not arg.startswith('--') or arg == '--':
+  name = flag_name(arg)
+  if name is None:
     return None
-  name = arg[2:].split('=', 1)[0]
   ours = _flag_names(parser)
   longer = [f for f in ours if f.startswith(name)]
   if len(longer) == 1:

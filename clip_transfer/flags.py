@@ -26,7 +26,7 @@ import typing
 from typing import Any, Callable, Optional
 
 from clip_transfer import models
-from clip_transfer.errors import UserError, closest_flag
+from clip_transfer.errors import UserError, closest_flag, flag_name
 from clip_transfer.protocol import validation
 
 REQUIRED = dataclasses.MISSING
@@ -125,10 +125,8 @@ def refuse_near_misses(parser: argparse.ArgumentParser, rest: list[str],
   warning, and the run would go ahead with the default.
   """
   for arg in rest:
-    if not arg.startswith('--') or arg == '--':
-      continue
-    name = arg[2:].split('=', 1)[0]
-    if name.replace('-', '_') in passed_on:
+    name = flag_name(arg)
+    if name is None or name.replace('-', '_') in passed_on:
       continue
     close = closest_flag(parser, arg, cutoff=0.75)
     if close:

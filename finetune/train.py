@@ -32,7 +32,7 @@ def parse_args(argv=None):
   from finetune.config import Config  # pylint: disable=g-import-not-at-top
 
   p = Parser(prog='python -m finetune.train', description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--workdir', required=True, help='metrics.json and checkpoints go here')
   flags.add_flags(p, Config)
   p.add_argument('--smoke', action='store_true',
